@@ -1,0 +1,344 @@
+//! The `warren` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use warren_ipc::msg::{Activation, StatusInfo};
+
+use crate::exit;
+use crate::helper_client::{ClientError, HelperClient, socket_path};
+use crate::proxy::cli as proxy_cli;
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  failure not covered below
+  2  invalid command line
+  3  the helper could not be reached (no socket, nobody listening)
+  4  not authorized to use the helper (socket permissions or group)
+  5  helper protocol mismatch (different warren releases)
+  6  invalid configuration";
+
+/// warren: route chosen traffic through VPN exits without running a big
+/// program as root.
+#[derive(Debug, Parser)]
+#[command(name = "warren", version, after_help = EXIT_CODES)]
+pub struct Cli {
+    /// Path of the root helper's socket.
+    #[arg(
+        long,
+        global = true,
+        env = warren_ipc::SOCKET_ENV,
+        value_name = "PATH",
+        help = "Helper socket [default: /run/warren/helper.sock]"
+    )]
+    pub helper_socket: Option<PathBuf>,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Talk to the root helper (status, latency).
+    #[command(subcommand)]
+    Helper(HelperCommand),
+    /// Run a local SOCKS5 + HTTP proxy with routing rules (no root needed).
+    Proxy(proxy_cli::ProxyArgs),
+    /// Work with configuration files.
+    Config(proxy_cli::ConfigArgs),
+}
+
+/// `warren helper ...`
+#[derive(Debug, Subcommand)]
+pub enum HelperCommand {
+    /// Show whether the helper runs, its version, uptime, clients and resources.
+    #[command(after_help = EXIT_CODES)]
+    Status {
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure the round-trip time of Hello requests to the helper.
+    Ping {
+        /// Number of Hello round trips.
+        #[arg(short = 'n', long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+        count: u32,
+        /// Also time the same frames over an in-process socket pair (the
+        /// floor that no helper can beat), in the same run.
+        #[arg(long)]
+        baseline: bool,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Parses the command line and runs the command.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Helper(cmd) => run_helper(socket_path(cli.helper_socket.as_deref()), cmd),
+        Command::Proxy(args) => proxy_cli::run_proxy(args),
+        Command::Config(args) => proxy_cli::run_config(args),
+    }
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
+fn run_helper(path: PathBuf, cmd: HelperCommand) -> ExitCode {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("warren: cannot start the async runtime: {e}");
+            return exit::code(exit::FAILURE);
+        }
+    };
+    let res = rt.block_on(async {
+        match cmd {
+            HelperCommand::Status { json } => helper_status(&path, json).await,
+            HelperCommand::Ping {
+                count,
+                baseline,
+                json,
+            } => helper_ping(&path, count, baseline, json).await,
+        }
+    });
+    match res {
+        Ok(()) => exit::code(exit::OK),
+        Err(e) => report_client_error(&e),
+    }
+}
+
+/// Prints a helper error with its cause chain and hint; returns its exit code.
+pub fn report_client_error(e: &ClientError) -> ExitCode {
+    let mut msg = format!("warren: {e}");
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        msg.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    eprintln!("{msg}");
+    if let Some(h) = e.hint() {
+        for line in h.lines() {
+            eprintln!("  {line}");
+        }
+    }
+    exit::code(e.exit_code())
+}
+
+async fn helper_status(path: &std::path::Path, json: bool) -> Result<(), ClientError> {
+    let mut client = HelperClient::connect(path).await?;
+    let st = client.status().await?;
+    if json {
+        println!("{}", status_json(path, &st));
+    } else {
+        print!("{}", status_text(path, &st));
+    }
+    Ok(())
+}
+
+fn activation_name(a: Activation) -> &'static str {
+    match a {
+        Activation::Manual => "manual",
+        Activation::Socket => "socket",
+        Activation::Autostarted => "autostarted",
+        _ => "unknown",
+    }
+}
+
+fn status_json(path: &std::path::Path, st: &StatusInfo) -> serde_json::Value {
+    json!({
+        "running": true,
+        "socket": path.display().to_string(),
+        "helper_version": st.helper_version,
+        "protocol": st.protocol,
+        "uptime_ms": st.uptime_ms,
+        "connected_clients": st.connected_clients,
+        "resources": st.resources,
+        "activation": activation_name(st.activation),
+        "idle_timeout_secs": st.idle_timeout_secs,
+    })
+}
+
+fn status_text(path: &std::path::Path, st: &StatusInfo) -> String {
+    let idle = match st.idle_timeout_secs {
+        Some(s) => format!("after {s}s without clients"),
+        None => "never".into(),
+    };
+    format!(
+        "warren-helper {} (protocol {})\n  socket:     {}\n  started:    {}\n  uptime:     {}\n  clients:    {}\n  resources:  {}\n  idle exit:  {}\n",
+        st.helper_version,
+        st.protocol,
+        path.display(),
+        activation_name(st.activation),
+        fmt_duration(Duration::from_millis(st.uptime_ms)),
+        st.connected_clients,
+        st.resources,
+        idle
+    )
+}
+
+fn fmt_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..60 => format!("{}.{:01}s", s, d.subsec_millis() / 100),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+/// Latency summary in microseconds.
+#[derive(Debug, Clone, Copy)]
+struct Summary {
+    min: f64,
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    max: f64,
+}
+
+fn summarize(mut v: Vec<Duration>) -> Summary {
+    v.sort_unstable();
+    let us = |d: Duration| d.as_nanos() as f64 / 1000.0;
+    let pct = |p: f64| us(v[((v.len() - 1) as f64 * p).round() as usize]);
+    Summary {
+        min: us(v[0]),
+        p50: pct(0.50),
+        p90: pct(0.90),
+        p99: pct(0.99),
+        max: us(v[v.len() - 1]),
+    }
+}
+
+async fn helper_ping(
+    path: &std::path::Path,
+    count: u32,
+    baseline: bool,
+    json: bool,
+) -> Result<(), ClientError> {
+    let mut client = HelperClient::connect(path).await?;
+    // Warm up the connection and both processes' caches.
+    for _ in 0..count.min(200) {
+        client.hello().await?;
+    }
+    let mut samples = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let t = Instant::now();
+        client.hello().await?;
+        samples.push(t.elapsed());
+    }
+    let helper = summarize(samples);
+    let base = if baseline {
+        Some(summarize(baseline_samples(count).await?))
+    } else {
+        None
+    };
+    let row = |s: &Summary| {
+        json!({"min_us": s.min, "p50_us": s.p50, "p90_us": s.p90, "p99_us": s.p99, "max_us": s.max})
+    };
+    if json {
+        let mut v = json!({"count": count, "socket": path.display().to_string(), "hello": row(&helper)});
+        if let Some(b) = &base {
+            v["socketpair_baseline"] = row(b);
+        }
+        println!("{v}");
+    } else {
+        let line = |name: &str, s: &Summary| {
+            println!(
+                "{name:<22} min {:>7.1} µs  p50 {:>7.1} µs  p90 {:>7.1} µs  p99 {:>7.1} µs  max {:>8.1} µs",
+                s.min, s.p50, s.p90, s.p99, s.max
+            )
+        };
+        println!("{count} Hello round trips to {}", path.display());
+        line("helper Hello", &helper);
+        if let Some(b) = &base {
+            line("socketpair baseline", b);
+        }
+    }
+    Ok(())
+}
+
+/// The same request/reply frames over an in-process socket pair with a
+/// trivial echo task: what the transport costs with no helper work at all.
+async fn baseline_samples(count: u32) -> Result<Vec<Duration>, ClientError> {
+    use warren_ipc::msg::HelloInfo;
+    use warren_ipc::{ClientFrame, FramedConn, Request, Response, ServerFrame};
+    let (a, b) = tokio::net::UnixStream::pair().map_err(|e| ClientError::Connect {
+        path: "socketpair".into(),
+        source: e,
+    })?;
+    let mut server = FramedConn::new(b);
+    let echo = tokio::spawn(async move {
+        while let Ok((f, _)) = server.read_frame::<ClientFrame>(None).await {
+            let reply = ServerFrame::Reply {
+                id: f.id,
+                result: Ok(Response::Hello(HelloInfo {
+                    protocol: 1,
+                    helper_version: "baseline".into(),
+                    peer_uid: 0,
+                    peer_pid: 0,
+                })),
+            };
+            if server.write_frame(&reply, &[]).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut client = FramedConn::new(a);
+    let mut out = Vec::with_capacity(count as usize);
+    for i in 0..count.saturating_add(200) {
+        let t = Instant::now();
+        let req = ClientFrame {
+            id: i,
+            request: Request::Hello {
+                client: "baseline".into(),
+            },
+        };
+        client.write_frame(&req, &[]).await?;
+        client.read_frame::<ServerFrame>(None).await?;
+        if i >= 200 {
+            out.push(t.elapsed());
+        }
+    }
+    drop(client);
+    let _ = echo.await;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn percentiles() {
+        let v: Vec<Duration> = (1..=100).map(Duration::from_micros).collect();
+        let s = summarize(v);
+        assert_eq!(s.min, 1.0);
+        assert_eq!(s.max, 100.0);
+        assert!((s.p50 - 50.0).abs() <= 1.0);
+        assert!((s.p99 - 99.0).abs() <= 1.0);
+    }
+
+    #[test]
+    fn durations_read_well() {
+        assert_eq!(fmt_duration(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(fmt_duration(Duration::from_secs(192)), "3m12s");
+        assert_eq!(fmt_duration(Duration::from_secs(7260)), "2h01m");
+    }
+}

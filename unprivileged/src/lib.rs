@@ -1,0 +1,11 @@
+//! `warren`: the unprivileged half of warren.
+//!
+//! This crate never needs root. It holds the command-line interface, the
+//! typed client of the root helper ([`helper_client`]), and the proxy intake
+//! with its routing rules ([`proxy`]). The helper protocol itself lives in
+//! `warren-ipc`; see `docs/architecture.md` for how the pieces fit.
+
+pub mod cli;
+pub mod exit;
+pub mod helper_client;
+pub mod proxy;

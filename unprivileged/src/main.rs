@@ -1,0 +1,5 @@
+//! The `warren` binary: a thin shell around [`warren::cli`].
+
+fn main() -> std::process::ExitCode {
+    warren::cli::main()
+}
