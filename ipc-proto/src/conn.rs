@@ -142,7 +142,11 @@ impl FramedConn {
         stall: Option<Duration>,
     ) -> Result<(T, Vec<OwnedFd>), TransportError> {
         let deadline = self.fill(HEADER_LEN, stall).await?;
-        let head = self.rbuf.first_chunk::<HEADER_LEN>().copied().unwrap_or_default();
+        let head = self
+            .rbuf
+            .first_chunk::<HEADER_LEN>()
+            .copied()
+            .unwrap_or_default();
         let header = FrameHeader::decode(&head)?;
         let total = HEADER_LEN + header.len;
         self.fill_until(total, deadline).await?;
@@ -180,10 +184,8 @@ impl FramedConn {
         want: usize,
         stall: Option<Duration>,
     ) -> Result<Option<Instant>, TransportError> {
-        if self.rbuf.is_empty() {
-            if self.recv_some(None).await? == 0 {
-                return Err(TransportError::Closed);
-            }
+        if self.rbuf.is_empty() && self.recv_some(None).await? == 0 {
+            return Err(TransportError::Closed);
         }
         let deadline = stall.map(|d| Instant::now() + d);
         self.fill_until(want, deadline).await?;
@@ -280,6 +282,10 @@ impl FramedConn {
 /// One non-blocking `recvmsg`, queueing any descriptors that came with it.
 /// A truncated control message is reported as `InvalidData` after closing
 /// whatever did arrive.
+#[allow(
+    clippy::ptr_arg,
+    reason = "nix::recvmsg takes the cmsg buffer as &mut Vec"
+)]
 fn recv_with_fds(
     fd: RawFd,
     buf: &mut [u8],

@@ -234,7 +234,14 @@ mod tests {
             client: "x".repeat(MAX_FRAME_LEN + 10),
         };
         let mut out = vec![1, 2, 3];
-        let err = encode_frame(&ClientFrame { id: 1, request: big }, 0, &mut out);
+        let err = encode_frame(
+            &ClientFrame {
+                id: 1,
+                request: big,
+            },
+            0,
+            &mut out,
+        );
         assert!(matches!(err, Err(FrameError::TooLarge { .. })));
         assert_eq!(out, vec![1, 2, 3]);
     }

@@ -1,1 +1,195 @@
-fn main() {}
+//! `warren-helper`: the root helper's command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+use warren_helper::auth::Authorizer;
+use warren_helper::config::{DEFAULT_CONFIG_PATH, HelperConfig};
+use warren_helper::listener::{Notifier, bind_own, take_systemd_env};
+use warren_helper::privs::drop_privileges;
+use warren_helper::server::{ServerOptions, serve};
+use warren_ipc::msg::Activation;
+
+/// Default idle exit for an autostarted or socket-activated helper.
+const DEFAULT_IDLE_SECS: u64 = 60;
+
+/// warren's root helper: creates namespaces, TUN devices, routes, DNS and NAT
+/// for root and members of one group, over a Unix socket.
+#[derive(Debug, Parser)]
+#[command(name = "warren-helper", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve requests on the helper socket (must run as root).
+    ///
+    /// Under systemd socket activation the socket comes from systemd
+    /// (LISTEN_FDS) and --socket is ignored; otherwise the helper binds
+    /// --socket itself: parent directory root-owned and not writable by
+    /// others, socket mode 0660, group = the authorized group.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Socket to listen on.
+    #[arg(long, value_name = "PATH", default_value = warren_ipc::DEFAULT_SOCKET_PATH)]
+    socket: PathBuf,
+    /// Group whose members may use the helper (name or numeric gid)
+    /// [default: the config's `group`, else "warren"].
+    #[arg(long, value_name = "NAME")]
+    group: Option<String>,
+    /// Started on demand by a client (through sudo): exit when idle.
+    #[arg(long)]
+    autostarted: bool,
+    /// Exit after this many seconds without clients [default: 60 when
+    /// autostarted or socket-activated, never otherwise].
+    #[arg(long, value_name = "SECS")]
+    idle_timeout: Option<u64>,
+    /// Root-owned configuration file.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    /// Cap on simultaneous connections [default: config, else 256].
+    #[arg(long, value_name = "N")]
+    max_connections: Option<u32>,
+    /// Cap on simultaneous connections of one user [default: config, else 32].
+    #[arg(long, value_name = "N")]
+    max_connections_per_uid: Option<u32>,
+    /// Time a client has to finish a frame once it started one, in ms
+    /// (tests shorten it).
+    #[arg(long, value_name = "MS", default_value_t = 5000, hide = true)]
+    frame_timeout_ms: u64,
+    /// Log more (repeat for even more).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => match run_serve(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                error!("{e:#}");
+                eprintln!("warren-helper: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => tracing::Level::INFO,
+        1 => tracing::Level::DEBUG,
+        _ => tracing::Level::TRACE,
+    };
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+}
+
+fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    // Before any thread exists: read and scrub systemd's variables.
+    let systemd = take_systemd_env()?;
+    init_logging(args.verbose);
+    if !nix::unistd::geteuid().is_root() {
+        bail!("must run as root (it creates namespaces and network devices for its clients)");
+    }
+    let config = HelperConfig::load(&args.config)?;
+    let group = args
+        .group
+        .or(config.group)
+        .unwrap_or_else(|| "warren".to_string());
+    let authorizer = Authorizer::new(&group)?;
+    let activation = if systemd.listener.is_some() {
+        Activation::Socket
+    } else if args.autostarted {
+        Activation::Autostarted
+    } else {
+        Activation::Manual
+    };
+    let idle_secs = args
+        .idle_timeout
+        .or(config.idle_timeout_secs)
+        .or(match activation {
+            Activation::Manual => None,
+            _ => Some(DEFAULT_IDLE_SECS),
+        });
+    let (std_listener, own_socket) = match systemd.listener {
+        Some(l) => (l, None),
+        None => (
+            bind_own(&args.socket, authorizer.gid())?,
+            Some(args.socket.clone()),
+        ),
+    };
+    let dropped = drop_privileges()?;
+    info!(kept = ?dropped.kept, "capabilities dropped to what the helper needs; no_new_privs set");
+
+    let mut opts = ServerOptions::new(authorizer);
+    opts.activation = activation;
+    opts.idle_timeout = idle_secs.map(Duration::from_secs);
+    if let Some(n) = args.max_connections.or(config.max_connections) {
+        opts.max_connections = n;
+    }
+    if let Some(n) = args
+        .max_connections_per_uid
+        .or(config.max_connections_per_uid)
+    {
+        opts.max_connections_per_uid = n;
+    }
+    opts.frame_timeout = Duration::from_millis(args.frame_timeout_ms.max(1));
+    opts.handshake_timeout = opts.frame_timeout;
+    opts.notifier = Notifier::new(systemd.notify);
+    opts.watchdog = systemd.watchdog;
+
+    // One thread serves every connection: requests are short, kernel work
+    // runs on dedicated threads, and a single thread keeps the round trip
+    // free of cross-thread wake-ups (docs/benchmarks.md).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let reason = rt.block_on(async move {
+        std_listener
+            .set_nonblocking(true)
+            .context("cannot make the socket non-blocking")?;
+        let listener = tokio::net::UnixListener::from_std(std_listener)
+            .context("cannot register the socket")?;
+        let token = CancellationToken::new();
+        let signals = token.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                error!("cannot install signal handlers");
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => info!("SIGTERM received"),
+                _ = int.recv() => info!("SIGINT received"),
+            }
+            signals.cancel();
+        });
+        anyhow::Ok(serve(listener, opts, token).await)
+    })?;
+    if let Some(path) = own_socket {
+        // Only remove the socket if it is still ours (a successor may have
+        // replaced it).
+        let _ = std::fs::remove_file(&path);
+    }
+    info!(reason = ?reason, "stopped");
+    Ok(())
+}

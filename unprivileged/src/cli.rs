@@ -243,11 +243,10 @@ async fn helper_ping(
     } else {
         None
     };
-    let row = |s: &Summary| {
-        json!({"min_us": s.min, "p50_us": s.p50, "p90_us": s.p90, "p99_us": s.p99, "max_us": s.max})
-    };
+    let row = |s: &Summary| json!({"min_us": s.min, "p50_us": s.p50, "p90_us": s.p90, "p99_us": s.p99, "max_us": s.max});
     if json {
-        let mut v = json!({"count": count, "socket": path.display().to_string(), "hello": row(&helper)});
+        let mut v =
+            json!({"count": count, "socket": path.display().to_string(), "hello": row(&helper)});
         if let Some(b) = &base {
             v["socketpair_baseline"] = row(b);
         }

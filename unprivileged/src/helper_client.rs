@@ -52,9 +52,9 @@ impl ClientError {
     /// The process exit code this error maps to (see [`crate::exit`]).
     pub fn exit_code(&self) -> u8 {
         match self {
-            ClientError::NoSocket(_) | ClientError::NotListening(_) | ClientError::Connect { .. } => {
-                exit::HELPER_UNAVAILABLE
-            }
+            ClientError::NoSocket(_)
+            | ClientError::NotListening(_)
+            | ClientError::Connect { .. } => exit::HELPER_UNAVAILABLE,
             ClientError::PermissionDenied(_)
             | ClientError::Helper(HelperError::NotAuthorized { .. }) => exit::NOT_AUTHORIZED,
             ClientError::Transport(TransportError::Handshake(_)) | ClientError::UnexpectedReply => {
@@ -108,15 +108,17 @@ pub struct HelperClient {
 impl HelperClient {
     /// Connects and performs the version handshake.
     pub async fn connect(path: &Path) -> Result<Self, ClientError> {
-        let stream = UnixStream::connect(path).await.map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => ClientError::NoSocket(path.into()),
-            io::ErrorKind::ConnectionRefused => ClientError::NotListening(path.into()),
-            io::ErrorKind::PermissionDenied => ClientError::PermissionDenied(path.into()),
-            _ => ClientError::Connect {
-                path: path.into(),
-                source: e,
-            },
-        })?;
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound => ClientError::NoSocket(path.into()),
+                io::ErrorKind::ConnectionRefused => ClientError::NotListening(path.into()),
+                io::ErrorKind::PermissionDenied => ClientError::PermissionDenied(path.into()),
+                _ => ClientError::Connect {
+                    path: path.into(),
+                    source: e,
+                },
+            })?;
         let mut conn = FramedConn::new(stream);
         let protocol = conn.client_handshake().await?;
         Ok(HelperClient {

@@ -1,0 +1,191 @@
+//! The helper's own configuration: `/etc/warren/helper.toml`.
+//!
+//! Only root may write it: the helper refuses a file (or a directory on its
+//! path) that another user owns or can write, and refuses symlinks. The
+//! command line overrides the file; nothing comes from the environment.
+//!
+//! ```toml
+//! group = "warren"               # who may use the helper (besides root)
+//! max_connections = 256          # all clients together
+//! max_connections_per_uid = 32   # one user
+//! idle_timeout_secs = 60         # exit when idle (autostarted / socket-activated)
+//! ```
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+/// Default path of the helper's config file.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/warren/helper.toml";
+
+/// Settings from the file; `None` means "not set there".
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HelperConfig {
+    /// Authorized group (name or numeric gid).
+    pub group: Option<String>,
+    /// Cap on simultaneous connections.
+    pub max_connections: Option<u32>,
+    /// Cap on simultaneous connections of one uid.
+    pub max_connections_per_uid: Option<u32>,
+    /// Idle exit delay when autostarted or socket-activated.
+    pub idle_timeout_secs: Option<u64>,
+}
+
+/// Why the config could not be used.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// Reading failed.
+    #[error("cannot read {path}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file or a directory above it could be changed by someone other
+    /// than root.
+    #[error("{path} {reason}; only root may control the helper's configuration")]
+    Unsafe {
+        /// The offending path.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The file is not valid.
+    #[error("{path}: {message}")]
+    Parse {
+        /// File.
+        path: PathBuf,
+        /// What is wrong, with line and column.
+        message: String,
+    },
+}
+
+impl HelperConfig {
+    /// Loads the file at `path`. A missing file is an empty config.
+    pub fn load(path: &Path) -> Result<HelperConfig, ConfigError> {
+        match std::fs::symlink_metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(HelperConfig::default());
+            }
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.into(),
+                    source,
+                });
+            }
+            Ok(_) => {}
+        }
+        check_root_controlled(path)?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.into(),
+            message,
+        })
+    }
+
+    /// Parses config text; errors name the key, line and column.
+    pub fn parse(text: &str) -> Result<HelperConfig, String> {
+        toml::from_str(text).map_err(|e| {
+            let pos = e.span().map(|s| line_col(text, s.start));
+            match pos {
+                Some((l, c)) => format!("line {l}, column {c}: {}", e.message()),
+                None => e.message().to_string(),
+            }
+        })
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, col)
+}
+
+/// Checks that `path` and every directory above it are owned by root and
+/// writable by no one else (a sticky directory such as /tmp is accepted as
+/// a parent, since others cannot replace root's entries in it), and that
+/// `path` itself is not a symlink.
+pub fn check_root_controlled(path: &Path) -> Result<(), ConfigError> {
+    let unsafe_path = |p: &Path, reason| ConfigError::Unsafe {
+        path: p.into(),
+        reason,
+    };
+    let meta = std::fs::symlink_metadata(path).map_err(|source| ConfigError::Read {
+        path: path.into(),
+        source,
+    })?;
+    if meta.file_type().is_symlink() {
+        return Err(unsafe_path(path, "is a symlink"));
+    }
+    if meta.uid() != 0 {
+        return Err(unsafe_path(path, "is not owned by root"));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(unsafe_path(path, "is writable by group or others"));
+    }
+    let abs = path.canonicalize().map_err(|source| ConfigError::Read {
+        path: path.into(),
+        source,
+    })?;
+    for dir in abs.ancestors().skip(1) {
+        let m = std::fs::metadata(dir).map_err(|source| ConfigError::Read {
+            path: dir.into(),
+            source,
+        })?;
+        if m.uid() != 0 {
+            return Err(unsafe_path(dir, "is not owned by root"));
+        }
+        let sticky = m.mode() & 0o1000 != 0;
+        if m.mode() & 0o022 != 0 && !sticky {
+            return Err(unsafe_path(dir, "is writable by group or others"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_all_keys() {
+        let c = HelperConfig::parse(
+            "group = \"vpn\"\nmax_connections = 10\nmax_connections_per_uid = 2\nidle_timeout_secs = 5\n",
+        )
+        .expect("valid");
+        assert_eq!(c.group.as_deref(), Some("vpn"));
+        assert_eq!(c.max_connections, Some(10));
+        assert_eq!(c.max_connections_per_uid, Some(2));
+        assert_eq!(c.idle_timeout_secs, Some(5));
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_column() {
+        let err =
+            HelperConfig::parse("group = \"vpn\"\n  grup = \"x\"\n").expect_err("unknown key");
+        assert!(err.contains("line 2, column 3"), "{err}");
+        assert!(err.contains("grup"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_is_an_error() {
+        let err = HelperConfig::parse("max_connections = -1\n").expect_err("negative");
+        assert!(err.contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_is_empty_config() {
+        let c =
+            HelperConfig::load(Path::new("/nonexistent/warren/helper.toml")).expect("missing ok");
+        assert_eq!(c, HelperConfig::default());
+    }
+}

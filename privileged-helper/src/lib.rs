@@ -1,0 +1,13 @@
+//! `warren-helper`: the small root helper of warren.
+//!
+//! It alone creates TUN devices, routes, DNS settings, NAT and network
+//! namespaces, on behalf of root and members of one authorized group, behind
+//! intent-level operations (see `docs/architecture.md` and
+//! `docs/security.md`). This library holds the helper's pieces so tests and
+//! examples can drive them; the binary is a thin shell.
+
+pub mod auth;
+pub mod config;
+pub mod listener;
+pub mod privs;
+pub mod server;
