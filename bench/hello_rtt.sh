@@ -17,12 +17,18 @@ trap 'kill $helper 2>/dev/null; wait $helper 2>/dev/null; rm -rf "$dir"' EXIT
 for _ in $(seq 100); do [[ -S $dir/h.sock ]] && break; sleep 0.05; done
 for _ in $(seq "$RUNS"); do
   ./target/release/warren --helper-socket "$dir/h.sock" helper ping -n "$N" --baseline --json
+  ./target/release/warren --helper-socket "$dir/h.sock" helper ping -n "$N" --no-spin --json
 done | tee "$dir/runs.jsonl"
 python3 - "$dir/runs.jsonl" <<'PY'
 import json, statistics, sys
 runs = [json.loads(l) for l in open(sys.argv[1])]
-def med(k, f): return statistics.median(r[k][f] for r in runs)
-for k in ("hello", "socketpair_baseline"):
-    print(f"{k:20s} median of {len(runs)} runs: p50 {med(k,'p50_us'):.1f} us  p99 {med(k,'p99_us'):.1f} us")
-print(f"ratio hello/baseline p50: {med('hello','p50_us')/med('socketpair_baseline','p50_us'):.2f}")
+spin = [r for r in runs if r["spin"]]
+nospin = [r for r in runs if not r["spin"]]
+def med(rs, k, f): return statistics.median(r[k][f] for r in rs)
+rows = [("helper Hello (client polls 100us)", spin, "hello"),
+        ("helper Hello (client sleeps)", nospin, "hello"),
+        ("in-process socketpair baseline", spin, "socketpair_baseline")]
+for name, rs, k in rows:
+    print(f"{name:36s} median of {len(rs)} runs: p50 {med(rs,k,'p50_us'):6.1f} us  p99 {med(rs,k,'p99_us'):6.1f} us")
+print(f"ratio hello(polls)/baseline p50: {med(spin,'hello','p50_us')/med(spin,'socketpair_baseline','p50_us'):.2f}")
 PY

@@ -82,6 +82,7 @@ pub struct FramedConn {
     wbuf: Vec<u8>,
     fds: VecDeque<OwnedFd>,
     cmsg: Vec<u8>,
+    spin: Option<Duration>,
 }
 
 impl FramedConn {
@@ -93,7 +94,18 @@ impl FramedConn {
             wbuf: Vec::new(),
             fds: VecDeque::new(),
             cmsg: nix::cmsg_space!([RawFd; MAX_FDS_PER_FRAME]),
+            spin: None,
         }
+    }
+
+    /// Before sleeping on a read, poll the socket for up to `spin` first.
+    ///
+    /// For a client waiting on a reply that usually comes within tens of
+    /// microseconds: it saves the cross-core wake-up of its own thread (about
+    /// 15 µs on small VMs) at the cost of at most `spin` of CPU per read. The
+    /// helper never spins.
+    pub fn set_spin(&mut self, spin: Option<Duration>) {
+        self.spin = spin;
     }
 
     /// The underlying stream (for peer credentials).
@@ -217,7 +229,42 @@ impl FramedConn {
     async fn recv_once(&mut self) -> Result<usize, TransportError> {
         let start = self.rbuf.len();
         self.rbuf.resize(start + READ_CHUNK, 0);
-        let res = loop {
+        let res = match self.spin_recv(start) {
+            Some(r) => r,
+            None => self.wait_recv(start).await,
+        };
+        let n = *res.as_ref().unwrap_or(&0);
+        self.rbuf.truncate(start + n);
+        if self.fds.len() > MAX_QUEUED_FDS {
+            return Err(TransportError::UnexpectedFds);
+        }
+        res
+    }
+
+    /// Polls without sleeping for up to `self.spin`; `None` if nothing came.
+    fn spin_recv(&mut self, start: usize) -> Option<Result<usize, TransportError>> {
+        let spin = self.spin?;
+        let began = std::time::Instant::now();
+        let fd = self.stream.as_raw_fd();
+        loop {
+            match recv_with_fds(fd, &mut self.rbuf[start..], &mut self.cmsg, &mut self.fds) {
+                Ok(n) => return Some(Ok(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if began.elapsed() >= spin {
+                        return None;
+                    }
+                    std::hint::spin_loop();
+                }
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                    return Some(Err(TransportError::UnexpectedFds));
+                }
+                Err(e) => return Some(Err(TransportError::Io(e))),
+            }
+        }
+    }
+
+    async fn wait_recv(&mut self, start: usize) -> Result<usize, TransportError> {
+        loop {
             if let Err(e) = self.stream.readable().await {
                 break Err(TransportError::Io(e));
             }
@@ -232,13 +279,7 @@ impl FramedConn {
                 }
                 Err(e) => break Err(TransportError::Io(e)),
             }
-        };
-        let n = *res.as_ref().unwrap_or(&0);
-        self.rbuf.truncate(start + n);
-        if self.fds.len() > MAX_QUEUED_FDS {
-            return Err(TransportError::UnexpectedFds);
         }
-        res
     }
 
     async fn write_all_with_fds(
@@ -373,6 +414,42 @@ mod tests {
             assert_eq!(m.id, id);
             assert!(fds.is_empty());
         }
+    }
+
+    #[tokio::test]
+    async fn spinning_reader_gets_frames_and_fds_and_falls_back_to_sleeping() {
+        let (mut a, mut b) = pair();
+        b.set_spin(Some(Duration::from_micros(200)));
+        let file = tempfile_with(b"x");
+        let writer = tokio::spawn(async move {
+            for id in 0..3 {
+                // The second frame comes after the spin window: the reader
+                // must fall back to waiting for readiness.
+                if id == 1 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                a.write_frame(
+                    &ClientFrame {
+                        id,
+                        request: Request::Status,
+                    },
+                    &[file.as_fd()],
+                )
+                .await
+                .expect("write");
+            }
+            a
+        });
+        for id in 0..3 {
+            let (m, fds): (ClientFrame, _) = b.read_frame(None).await.expect("read");
+            assert_eq!(m.id, id);
+            assert_eq!(fds.len(), 1);
+        }
+        drop(writer.await.expect("join"));
+        assert!(matches!(
+            b.read_frame::<ClientFrame>(None).await,
+            Err(TransportError::Closed)
+        ));
     }
 
     #[tokio::test]

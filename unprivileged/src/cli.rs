@@ -73,6 +73,9 @@ pub enum HelperCommand {
         /// floor that no helper can beat), in the same run.
         #[arg(long)]
         baseline: bool,
+        /// Sleep on every reply instead of polling briefly first.
+        #[arg(long)]
+        no_spin: bool,
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
@@ -109,8 +112,9 @@ fn run_helper(path: PathBuf, cmd: HelperCommand) -> ExitCode {
             HelperCommand::Ping {
                 count,
                 baseline,
+                no_spin,
                 json,
-            } => helper_ping(&path, count, baseline, json).await,
+            } => helper_ping(&path, count, baseline, !no_spin, json).await,
         }
     });
     match res {
@@ -224,9 +228,13 @@ async fn helper_ping(
     path: &std::path::Path,
     count: u32,
     baseline: bool,
+    spin: bool,
     json: bool,
 ) -> Result<(), ClientError> {
     let mut client = HelperClient::connect(path).await?;
+    if !spin {
+        client.set_spin(None);
+    }
     // Warm up the connection and both processes' caches.
     for _ in 0..count.min(200) {
         client.hello().await?;
@@ -245,8 +253,7 @@ async fn helper_ping(
     };
     let row = |s: &Summary| json!({"min_us": s.min, "p50_us": s.p50, "p90_us": s.p90, "p99_us": s.p99, "max_us": s.max});
     if json {
-        let mut v =
-            json!({"count": count, "socket": path.display().to_string(), "hello": row(&helper)});
+        let mut v = json!({"count": count, "spin": spin, "socket": path.display().to_string(), "hello": row(&helper)});
         if let Some(b) = &base {
             v["socketpair_baseline"] = row(b);
         }
@@ -258,7 +265,11 @@ async fn helper_ping(
                 s.min, s.p50, s.p90, s.p99, s.max
             )
         };
-        println!("{count} Hello round trips to {}", path.display());
+        println!(
+            "{count} Hello round trips to {}{}",
+            path.display(),
+            if spin { "" } else { " (no spin)" }
+        );
         line("helper Hello", &helper);
         if let Some(b) = &base {
             line("socketpair baseline", b);

@@ -97,6 +97,10 @@ pub fn socket_path(explicit: Option<&Path>) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(warren_ipc::DEFAULT_SOCKET_PATH))
 }
 
+/// How long the client polls for a reply before sleeping (see
+/// [`FramedConn::set_spin`]): the helper answers most requests within this.
+pub const REPLY_SPIN: std::time::Duration = std::time::Duration::from_micros(100);
+
 /// A connection to the helper.
 #[derive(Debug)]
 pub struct HelperClient {
@@ -120,12 +124,18 @@ impl HelperClient {
                 },
             })?;
         let mut conn = FramedConn::new(stream);
+        conn.set_spin(Some(REPLY_SPIN));
         let protocol = conn.client_handshake().await?;
         Ok(HelperClient {
             conn,
             next_id: 1,
             protocol,
         })
+    }
+
+    /// Changes how long a read polls before sleeping (`None`: never polls).
+    pub fn set_spin(&mut self, spin: Option<std::time::Duration>) {
+        self.conn.set_spin(spin);
     }
 
     /// The protocol version negotiated with the helper.
