@@ -101,6 +101,8 @@ pub struct StatusInfo {
     pub protocol: u16,
     /// The helper's release.
     pub helper_version: String,
+    /// The helper's process id.
+    pub pid: u32,
     /// Milliseconds since the helper started.
     pub uptime_ms: u64,
     /// Connections currently open (this one included).
@@ -222,7 +224,7 @@ mod tests {
             ),
             (
                 any::<u16>(),
-                ".{0,16}",
+                (".{0,16}", any::<u32>()),
                 any::<u64>(),
                 any::<u32>(),
                 any::<u32>(),
@@ -233,10 +235,11 @@ mod tests {
                 ],
                 any::<Option<u64>>()
             )
-                .prop_map(|(protocol, v, up, c, r, activation, idle)| {
+                .prop_map(|(protocol, (v, pid), up, c, r, activation, idle)| {
                     Response::Status(StatusInfo {
                         protocol,
                         helper_version: v,
+                        pid,
                         uptime_ms: up,
                         connected_clients: c,
                         resources: r,

@@ -62,16 +62,9 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> L
     }
 }
 
-/// Binds the helper's own socket at `path`, owned by root and group `gid`,
-/// mode 0660.
-pub fn bind_own(path: &Path, gid: u32) -> Result<UnixListener, ListenError> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .ok_or(ListenError::Occupied {
-            path: path.into(),
-            reason: "has no parent directory",
-        })?;
+/// Creates the socket's directory (0755, root) if missing, and checks that
+/// it and every directory above it are root's alone.
+pub fn ensure_socket_dir(dir: &Path) -> Result<(), ListenError> {
     match std::fs::symlink_metadata(dir) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             std::fs::DirBuilder::new()
@@ -86,6 +79,20 @@ pub fn bind_own(path: &Path, gid: u32) -> Result<UnixListener, ListenError> {
         Ok(_) => {}
     }
     check_root_controlled(dir)?;
+    Ok(())
+}
+
+/// Binds the helper's own socket at `path`, owned by root and group `gid`,
+/// mode 0660.
+pub fn bind_own(path: &Path, gid: u32) -> Result<UnixListener, ListenError> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .ok_or(ListenError::Occupied {
+            path: path.into(),
+            reason: "has no parent directory",
+        })?;
+    ensure_socket_dir(dir)?;
     match std::fs::symlink_metadata(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err("cannot inspect", path)(e)),

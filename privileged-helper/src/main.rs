@@ -4,6 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use std::os::fd::FromRawFd;
+
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
@@ -99,6 +101,39 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
+/// An autostarted helper was started by sudo on behalf of a client: it must
+/// not keep the client's pipes open (the client waits for their end), so its
+/// stdin and stdout go to /dev/null and its log to `helper.log` beside its
+/// socket (root-only, truncated at each start).
+fn detach_stdio(socket: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = socket.parent().context("socket path has no directory")?;
+    warren_helper::listener::ensure_socket_dir(dir)?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(dir.join("helper.log"))
+        .with_context(|| format!("cannot open {}/helper.log", dir.display()))?;
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .context("cannot open /dev/null")?;
+    for (src, target) in [(null.as_fd(), 0), (null.as_fd(), 1), (log.as_fd(), 2)] {
+        // SAFETY: dup2 onto the standard descriptors, which this process
+        // owns; nothing holds Rust-side ownership of fds 0-2 as OwnedFd.
+        let mut std_fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(target) };
+        let r = nix::unistd::dup2(src, &mut std_fd);
+        std::mem::forget(std_fd);
+        r.context("cannot redirect standard descriptors")?;
+    }
+    Ok(())
+}
+
 fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     // Before any thread exists: read and scrub systemd's variables.
     let systemd = take_systemd_env()?;
@@ -126,6 +161,9 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             Activation::Manual => None,
             _ => Some(DEFAULT_IDLE_SECS),
         });
+    if activation == Activation::Autostarted {
+        detach_stdio(&args.socket)?;
+    }
     let (std_listener, own_socket) = match systemd.listener {
         Some(l) => (l, None),
         None => (

@@ -443,6 +443,7 @@ fn dispatch(
         Request::Status => Ok(Response::Status(StatusInfo {
             protocol: version,
             helper_version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
             uptime_ms: shared.started.elapsed().as_millis() as u64,
             connected_clients: shared.total.load(Ordering::SeqCst),
             resources: shared.resources.load(Ordering::SeqCst),

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 use warren_ipc::msg::{Activation, StatusInfo};
 
+use crate::autostart::{AutostartPolicy, connect_or_autostart};
 use crate::exit;
 use crate::helper_client::{ClientError, HelperClient, socket_path};
 use crate::proxy::cli as proxy_cli;
@@ -37,6 +38,14 @@ pub struct Cli {
     )]
     pub helper_socket: Option<PathBuf>,
 
+    /// Never start the helper through sudo when it is not running.
+    #[arg(long, global = true)]
+    pub no_autostart: bool,
+
+    /// How long to wait for an autostarted helper to answer, in ms.
+    #[arg(long, global = true, default_value_t = 10_000, hide = true)]
+    pub autostart_timeout_ms: u64,
+
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -57,6 +66,15 @@ pub enum Command {
 /// `warren helper ...`
 #[derive(Debug, Subcommand)]
 pub enum HelperCommand {
+    /// Make sure the helper runs: if its socket is missing, start it through
+    /// sudo with the command line /etc/sudoers.d/warren allows (exits by
+    /// itself when idle), then show its status. `status` never starts it.
+    #[command(after_help = EXIT_CODES)]
+    Start {
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show whether the helper runs, its version, uptime, clients and resources.
     #[command(after_help = EXIT_CODES)]
     Status {
@@ -86,7 +104,12 @@ pub enum HelperCommand {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Helper(cmd) => run_helper(socket_path(cli.helper_socket.as_deref()), cmd),
+        Command::Helper(cmd) => {
+            let mut policy = AutostartPolicy::from_current_exe();
+            policy.enabled &= !cli.no_autostart;
+            policy.timeout = Duration::from_millis(cli.autostart_timeout_ms);
+            run_helper(socket_path(cli.helper_socket.as_deref()), &policy, cmd)
+        }
         Command::Proxy(args) => proxy_cli::run_proxy(args),
         Command::Config(args) => proxy_cli::run_config(args),
     }
@@ -98,7 +121,7 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-fn run_helper(path: PathBuf, cmd: HelperCommand) -> ExitCode {
+fn run_helper(path: PathBuf, policy: &AutostartPolicy, cmd: HelperCommand) -> ExitCode {
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
@@ -108,7 +131,14 @@ fn run_helper(path: PathBuf, cmd: HelperCommand) -> ExitCode {
     };
     let res = rt.block_on(async {
         match cmd {
-            HelperCommand::Status { json } => helper_status(&path, json).await,
+            HelperCommand::Status { json } => {
+                let client = HelperClient::connect(&path).await;
+                helper_status(&path, client, json).await
+            }
+            HelperCommand::Start { json } => {
+                let client = connect_or_autostart(&path, policy).await;
+                helper_status(&path, client, json).await
+            }
             HelperCommand::Ping {
                 count,
                 baseline,
@@ -140,8 +170,12 @@ pub fn report_client_error(e: &ClientError) -> ExitCode {
     exit::code(e.exit_code())
 }
 
-async fn helper_status(path: &std::path::Path, json: bool) -> Result<(), ClientError> {
-    let mut client = HelperClient::connect(path).await?;
+async fn helper_status(
+    path: &std::path::Path,
+    client: Result<HelperClient, ClientError>,
+    json: bool,
+) -> Result<(), ClientError> {
+    let mut client = client?;
     let st = client.status().await?;
     if json {
         println!("{}", status_json(path, &st));
@@ -166,6 +200,7 @@ fn status_json(path: &std::path::Path, st: &StatusInfo) -> serde_json::Value {
         "socket": path.display().to_string(),
         "helper_version": st.helper_version,
         "protocol": st.protocol,
+        "pid": st.pid,
         "uptime_ms": st.uptime_ms,
         "connected_clients": st.connected_clients,
         "resources": st.resources,
@@ -180,9 +215,10 @@ fn status_text(path: &std::path::Path, st: &StatusInfo) -> String {
         None => "never".into(),
     };
     format!(
-        "warren-helper {} (protocol {})\n  socket:     {}\n  started:    {}\n  uptime:     {}\n  clients:    {}\n  resources:  {}\n  idle exit:  {}\n",
+        "warren-helper {} (protocol {}), pid {}\n  socket:     {}\n  started:    {}\n  uptime:     {}\n  clients:    {}\n  resources:  {}\n  idle exit:  {}\n",
         st.helper_version,
         st.protocol,
+        st.pid,
         path.display(),
         activation_name(st.activation),
         fmt_duration(Duration::from_millis(st.uptime_ms)),

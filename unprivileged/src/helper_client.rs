@@ -46,6 +46,9 @@ pub enum ClientError {
     /// The helper answered something that does not fit the request.
     #[error("the helper sent an unexpected reply")]
     UnexpectedReply,
+    /// The helper was not running and could not be started.
+    #[error(transparent)]
+    Autostart(#[from] crate::autostart::AutostartError),
 }
 
 impl ClientError {
@@ -63,6 +66,10 @@ impl ClientError {
             ClientError::Transport(e) if !e.is_disconnect() => exit::PROTOCOL,
             ClientError::Transport(_) => exit::HELPER_UNAVAILABLE,
             ClientError::Helper(_) => exit::FAILURE,
+            ClientError::Autostart(crate::autostart::AutostartError::Refused(_)) => {
+                exit::NOT_AUTHORIZED
+            }
+            ClientError::Autostart(_) => exit::HELPER_UNAVAILABLE,
         }
     }
 
@@ -84,6 +91,7 @@ impl ClientError {
                 "the helper and this client come from different warren releases; install matching versions"
                     .into(),
             ),
+            ClientError::Autostart(e) => Some(e.hint().to_string()),
             _ => None,
         }
     }

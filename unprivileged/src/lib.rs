@@ -5,6 +5,7 @@
 //! with its routing rules ([`proxy`]). The helper protocol itself lives in
 //! `warren-ipc`; see `docs/architecture.md` for how the pieces fit.
 
+pub mod autostart;
 pub mod cli;
 pub mod exit;
 pub mod helper_client;
