@@ -16,6 +16,9 @@ WARREN_TEST_DEPS=(
   "visudo:sudo"
   "setpriv:util-linux"
   "python3:python3"
+  "dpkg-deb:dpkg"
+  "addgroup:adduser"
+  "unshare:util-linux"
 )
 
 install_missing_deps() {

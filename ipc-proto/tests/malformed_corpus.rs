@@ -40,7 +40,11 @@ fn corpus() -> Vec<(&'static str, Vec<u8>, Expect)> {
     let mut cases: Vec<(&'static str, Vec<u8>, Expect)> = vec![
         ("empty input", vec![], Expect::NeedMore),
         ("truncated header", v[..3].to_vec(), Expect::NeedMore),
-        ("truncated body", v[..v.len() - 1].to_vec(), Expect::NeedMore),
+        (
+            "truncated body",
+            v[..v.len() - 1].to_vec(),
+            Expect::NeedMore,
+        ),
         (
             "oversized length, one over the cap",
             header(MAX_FRAME_LEN as u32 + 1, 0, 0),

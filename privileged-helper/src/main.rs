@@ -38,6 +38,12 @@ enum Command {
     /// --socket itself: parent directory root-owned and not writable by
     /// others, socket mode 0660, group = the authorized group.
     Serve(ServeArgs),
+    /// Write the man pages into DIR (packaging).
+    #[command(hide = true)]
+    GenerateMan {
+        /// Output directory.
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -77,6 +83,16 @@ struct ServeArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::GenerateMan { dir } => match write_man_pages(&dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!(
+                    "warren-helper: cannot write man pages to {}: {e}",
+                    dir.display()
+                );
+                ExitCode::FAILURE
+            }
+        },
         Command::Serve(args) => match run_serve(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -86,6 +102,27 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+/// Section 8 (system administration) pages for the helper and `serve`.
+fn write_man_pages(dir: &std::path::Path) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir)?;
+    let mut cmd = Cli::command();
+    cmd.build();
+    let mut pages = vec![("warren-helper".to_string(), cmd.clone())];
+    for sub in cmd
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+    {
+        let name = format!("warren-helper-{}", sub.get_name());
+        pages.push((name.clone(), sub.clone().display_name(name)));
+    }
+    for (name, page) in pages {
+        let mut f = std::fs::File::create(dir.join(format!("{name}.8")))?;
+        clap_mangen::Man::new(page).section("8").render(&mut f)?;
+    }
+    Ok(())
 }
 
 fn init_logging(verbose: u8) {

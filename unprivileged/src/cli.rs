@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use serde_json::json;
 use warren_ipc::msg::{Activation, StatusInfo};
 
@@ -61,6 +61,17 @@ pub enum Command {
     Proxy(proxy_cli::ProxyArgs),
     /// Work with configuration files.
     Config(proxy_cli::ConfigArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages for warren and its subcommands into DIR (packaging).
+    #[command(hide = true)]
+    GenerateMan {
+        /// Output directory.
+        dir: PathBuf,
+    },
 }
 
 /// `warren helper ...`
@@ -112,6 +123,21 @@ pub fn main() -> ExitCode {
         }
         Command::Proxy(args) => proxy_cli::run_proxy(args),
         Command::Config(args) => proxy_cli::run_config(args),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "warren", &mut std::io::stdout());
+            exit::code(exit::OK)
+        }
+        Command::GenerateMan { dir } => {
+            match std::fs::create_dir_all(&dir)
+                .and_then(|()| clap_mangen::generate_to(Cli::command(), &dir))
+            {
+                Ok(()) => exit::code(exit::OK),
+                Err(e) => {
+                    eprintln!("warren: cannot write man pages to {}: {e}", dir.display());
+                    exit::code(exit::FAILURE)
+                }
+            }
+        }
     }
 }
 
@@ -364,7 +390,6 @@ async fn baseline_samples(count: u32) -> Result<Vec<Duration>, ClientError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     #[test]
     fn cli_is_consistent() {
