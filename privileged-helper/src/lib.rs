@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod journal;
 pub mod listener;
 pub mod privs;
 pub mod server;
