@@ -85,10 +85,11 @@ impl FakeEtc {
     }
 
     /// Runs `script` (bash) as root in a private mount namespace with this
-    /// /etc and an empty /run.
+    /// /etc and empty /run and /tmp (lock directories and scratch files stay
+/// in the namespace).
     fn run(&self, script: &str) -> std::process::Output {
         let prologue = format!(
-            "set -u\nmount --bind {etc} /etc\nmount -t tmpfs -o mode=0755 tmpfs /run\n",
+            "set -u\nmount --bind {etc} /etc\nmount -t tmpfs -o mode=0755 tmpfs /run\nmount -t tmpfs -o mode=1777 tmpfs /tmp\n",
             etc = self.dir.join("etc").display()
         );
         run_limited(
