@@ -168,64 +168,50 @@ fn missing_helper_is_explained() {
     assert!(err.contains("warren-helper.socket"), "{err}");
 }
 
+/// Runs `warren-helper serve --socket SOCKET ARGS...` and asserts it fails
+/// with `needle` in its message.
+fn serve_fails(socket: &std::path::Path, args: &[&str], needle: &str) {
+    let out = run_limited(
+        Command::new(bin("warren-helper"))
+            .args(["serve", "--socket", socket.to_str().expect("utf-8")])
+            .args(args),
+        LIMIT,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "helper started: {out:?}");
+    assert!(err.contains(needle), "expected {needle:?} in: {err}");
+}
+
+const TEST_GROUP_ARGS: &[&str] = &["--group", "60100", "--config", "/nonexistent/x.toml"];
+
 #[test]
 fn unsafe_socket_paths_are_refused() {
     if !require_root("unsafe_socket_paths_are_refused") {
         return;
     }
-    let run = |socket: &std::path::Path| {
-        run_limited(
-            Command::new(bin("warren-helper")).args([
-                "serve",
-                "--socket",
-                socket.to_str().expect("utf-8"),
-                "--group",
-                "60100",
-                "--config",
-                "/nonexistent/x.toml",
-            ]),
-            LIMIT,
-        )
-    };
     // A symlink where the socket should be.
     let d = TestDir::new("symlink");
     std::os::unix::fs::symlink("/tmp/elsewhere", d.join("helper.sock")).expect("symlink");
-    let out = run(&d.join("helper.sock"));
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("symlink"),
-        "{out:?}"
-    );
+    serve_fails(&d.join("helper.sock"), TEST_GROUP_ARGS, "symlink");
 
     // A directory someone else owns.
     let d = TestDir::new("owner");
     std::os::unix::fs::chown(d.path(), Some(ids::MEMBER), None).expect("chown");
-    let out = run(&d.join("helper.sock"));
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("not owned by root"),
-        "{out:?}"
-    );
+    serve_fails(&d.join("helper.sock"), TEST_GROUP_ARGS, "not owned by root");
 
     // A directory anyone may write to.
     let d = TestDir::new("worldw");
     std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o777)).expect("chmod");
-    let out = run(&d.join("helper.sock"));
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("writable by group or others"),
-        "{out:?}"
+    serve_fails(
+        &d.join("helper.sock"),
+        TEST_GROUP_ARGS,
+        "writable by group or others",
     );
 
     // A regular file in the way.
     let d = TestDir::new("file");
     std::fs::write(d.join("helper.sock"), b"x").expect("write");
-    let out = run(&d.join("helper.sock"));
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("not a socket"),
-        "{out:?}"
-    );
+    serve_fails(&d.join("helper.sock"), TEST_GROUP_ARGS, "not a socket");
 }
 
 #[test]
@@ -597,23 +583,7 @@ fn second_helper_on_a_live_socket_refuses_to_start() {
         return;
     }
     let h = Helper::start("twice", &[]);
-    let out = run_limited(
-        Command::new(bin("warren-helper")).args([
-            "serve",
-            "--socket",
-            h.socket.to_str().expect("utf-8"),
-            "--group",
-            "60100",
-            "--config",
-            "/nonexistent/x.toml",
-        ]),
-        LIMIT,
-    );
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("already listening"),
-        "{out:?}"
-    );
+    serve_fails(&h.socket, TEST_GROUP_ARGS, "already listening");
     hello_ok(&h.socket);
 }
 
@@ -624,40 +594,20 @@ fn config_file_must_be_root_controlled() {
     }
     let d = TestDir::new("config");
     let conf = d.join("helper.toml");
+    let conf_arg = conf.to_str().expect("utf-8").to_string();
     std::fs::write(&conf, "group = \"60100\"\n").expect("write");
     std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o666)).expect("chmod");
-    let out = run_limited(
-        Command::new(bin("warren-helper")).args([
-            "serve",
-            "--socket",
-            d.join("h.sock").to_str().expect("utf-8"),
-            "--config",
-            conf.to_str().expect("utf-8"),
-        ]),
-        LIMIT,
-    );
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("writable by group or others"),
-        "{out:?}"
+    serve_fails(
+        &d.join("h.sock"),
+        &["--config", &conf_arg],
+        "writable by group or others",
     );
     // An unknown key is named with its line and column.
     std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o644)).expect("chmod");
     std::fs::write(&conf, "group = \"60100\"\nmax_conections = 3\n").expect("write");
-    let out = run_limited(
-        Command::new(bin("warren-helper")).args([
-            "serve",
-            "--socket",
-            d.join("h.sock").to_str().expect("utf-8"),
-            "--config",
-            conf.to_str().expect("utf-8"),
-        ]),
-        LIMIT,
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        err.contains("line 2, column 1") && err.contains("max_conections"),
-        "{err}"
+    serve_fails(
+        &d.join("h.sock"),
+        &["--config", &conf_arg],
+        "line 2, column 1: unknown field `max_conections`",
     );
 }

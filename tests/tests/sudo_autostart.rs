@@ -86,7 +86,7 @@ impl FakeEtc {
 
     /// Runs `script` (bash) as root in a private mount namespace with this
     /// /etc and empty /run and /tmp (lock directories and scratch files stay
-/// in the namespace).
+    /// in the namespace).
     fn run(&self, script: &str) -> std::process::Output {
         let prologue = format!(
             "set -u\nmount --bind {etc} /etc\nmount -t tmpfs -o mode=0755 tmpfs /run\nmount -t tmpfs -o mode=1777 tmpfs /tmp\n",
