@@ -10,3 +10,4 @@ pub mod cli;
 pub mod exit;
 pub mod helper_client;
 pub mod proxy;
+pub mod transport;

@@ -1,0 +1,13 @@
+//! warren's own transports to its own exit (`warren server` / `warren client`):
+//! TLS 1.3 that looks like HTTPS, one connection per stream (`tls`) or one
+//! multiplexed session (`tls-mux`), with shared-secret authentication,
+//! replay protection and a decoy web page for everyone else.
+//! See docs/transports.md.
+
+pub mod auth;
+pub mod client;
+pub mod http;
+pub mod io;
+pub mod server;
+pub mod tlsconf;
+pub mod wire;
