@@ -12,6 +12,7 @@ use crate::autostart::{AutostartPolicy, connect_or_autostart};
 use crate::exit;
 use crate::helper_client::{ClientError, HelperClient, socket_path};
 use crate::proxy::cli as proxy_cli;
+use crate::transport::cli as transport_cli;
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -61,6 +62,10 @@ pub enum Command {
     Proxy(proxy_cli::ProxyArgs),
     /// Work with configuration files.
     Config(proxy_cli::ConfigArgs),
+    /// Run an exit for warren's own TLS transports (the far end of `warren client`).
+    Server(transport_cli::ServerArgs),
+    /// Write a self-signed certificate and key for `warren server`, and print its pin.
+    Cert(transport_cli::CertArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell.
@@ -123,6 +128,8 @@ pub fn main() -> ExitCode {
         }
         Command::Proxy(args) => proxy_cli::run_proxy(args),
         Command::Config(args) => proxy_cli::run_config(args),
+        Command::Server(args) => transport_cli::run_server(args),
+        Command::Cert(args) => transport_cli::run_cert(args),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "warren", &mut std::io::stdout());
             exit::code(exit::OK)

@@ -5,6 +5,7 @@
 //! See docs/transports.md.
 
 pub mod auth;
+pub mod cli;
 pub mod client;
 pub mod http;
 pub mod io;

@@ -1,0 +1,256 @@
+//! `warren server` and `warren cert`.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::auth::{AuthKey, Mode};
+use super::http::Decoy;
+use super::server::{ServerSettings, serve};
+use super::tlsconf;
+use crate::exit;
+
+/// Transport modes on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModeArg {
+    /// One TLS 1.3 connection per proxied stream.
+    Tls,
+    /// One TLS 1.3 session multiplexing every stream.
+    TlsMux,
+}
+
+impl From<ModeArg> for Mode {
+    fn from(m: ModeArg) -> Mode {
+        match m {
+            ModeArg::Tls => Mode::Tls,
+            ModeArg::TlsMux => Mode::TlsMux,
+        }
+    }
+}
+
+/// Arguments of `warren server`.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "\
+The shared secret comes from the environment variable WARREN_PASSWORD or from
+--password-file (never from the command line). Clients that fail to
+authenticate, and anyone else, see an ordinary web server serving --decoy.
+
+Example:
+  warren cert --name vpn.example.org --out-dir /etc/warren
+  WARREN_PASSWORD=... warren server --mode tls-mux --listen 0.0.0.0:443 \\
+      --cert /etc/warren/cert.pem --key /etc/warren/key.pem")]
+pub struct ServerArgs {
+    /// Transport to serve.
+    #[arg(long, value_enum)]
+    pub mode: ModeArg,
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    pub listen: SocketAddr,
+    /// Certificate chain (PEM).
+    #[arg(long)]
+    pub cert: PathBuf,
+    /// Private key (PEM).
+    #[arg(long)]
+    pub key: PathBuf,
+    /// File holding the shared secret (instead of WARREN_PASSWORD).
+    #[arg(long)]
+    pub password_file: Option<PathBuf>,
+    /// HTML page shown to everyone who does not authenticate.
+    #[arg(long)]
+    pub decoy: Option<PathBuf>,
+    /// Let clients reach this server's own loopback and link-local
+    /// addresses (off: such targets are refused).
+    #[arg(long)]
+    pub allow_local_targets: bool,
+    /// Most TLS handshakes in progress at once.
+    #[arg(long, default_value_t = 256)]
+    pub max_pending_handshakes: usize,
+    /// Log every stream (debug level).
+    #[arg(short, long)]
+    pub verbose: bool,
+}
+
+/// Arguments of `warren cert`.
+#[derive(Debug, clap::Args)]
+pub struct CertArgs {
+    /// Name(s) the certificate is for (DNS names or IP addresses).
+    #[arg(long = "name", required = true)]
+    pub names: Vec<String>,
+    /// Directory to write cert.pem and key.pem into.
+    #[arg(long, default_value = ".")]
+    pub out_dir: PathBuf,
+    /// Overwrite existing files.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Reads the shared secret: `--password-file`, else `WARREN_PASSWORD`.
+/// Warns when the file is readable by group or others.
+pub fn read_secret(file: Option<&Path>, env: Option<String>) -> Result<Vec<u8>, String> {
+    let secret = match file {
+        Some(p) => {
+            let meta = std::fs::metadata(p).map_err(|e| format!("{}: {e}", p.display()))?;
+            if meta.mode() & 0o044 != 0 {
+                warn!(
+                    file = %p.display(),
+                    "secret file is readable by group or others; chmod 600 it"
+                );
+            }
+            let text = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+            text.trim_end_matches(['\r', '\n']).as_bytes().to_vec()
+        }
+        None => env
+            .ok_or("no shared secret: set WARREN_PASSWORD or pass --password-file")?
+            .into_bytes(),
+    };
+    if secret.len() < 16 {
+        return Err("the shared secret must be at least 16 bytes long".into());
+    }
+    Ok(secret)
+}
+
+fn init_logging(verbose: bool) {
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(if verbose {
+            tracing::Level::DEBUG
+        } else {
+            tracing::Level::INFO
+        })
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Runs `warren server`.
+pub fn run_server(args: ServerArgs) -> ExitCode {
+    init_logging(args.verbose);
+    let fail = |msg: String| {
+        eprintln!("warren server: {msg}");
+        exit::code(exit::CONFIG)
+    };
+    let secret = match read_secret(
+        args.password_file.as_deref(),
+        std::env::var("WARREN_PASSWORD").ok(),
+    ) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    let certs = match tlsconf::load_certs(&args.cert) {
+        Ok(c) => c,
+        Err(e) => return fail(e.to_string()),
+    };
+    let key = match tlsconf::load_key(&args.key) {
+        Ok(k) => k,
+        Err(e) => return fail(e.to_string()),
+    };
+    let tls = match tlsconf::server_config(certs, key) {
+        Ok(t) => t,
+        Err(e) => {
+            return fail(format!(
+                "{e}: {}",
+                std::error::Error::source(&e)
+                    .map(|s| s.to_string())
+                    .unwrap_or_default()
+            ));
+        }
+    };
+    let mut settings = ServerSettings::new(args.mode.into(), tls, AuthKey::derive(&secret));
+    settings.allow_local_targets = args.allow_local_targets;
+    settings.max_pending_handshakes = args.max_pending_handshakes.max(1);
+    if let Some(p) = &args.decoy {
+        match std::fs::read(p) {
+            Ok(page) => settings.decoy = Decoy::with_page(page),
+            Err(e) => return fail(format!("{}: {e}", p.display())),
+        }
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("cannot start the runtime: {e}")),
+    };
+    rt.block_on(async move {
+        let listener = match tokio::net::TcpListener::bind(args.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("warren server: cannot listen on {}: {e}", args.listen);
+                return exit::code(exit::FAILURE);
+            }
+        };
+        let stop = CancellationToken::new();
+        let signals = stop.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            if let (Ok(mut t), Ok(mut i)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) {
+                tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
+            }
+            signals.cancel();
+        });
+        info!(listen = %args.listen, mode = ?args.mode, "serving");
+        serve(listener, Arc::new(settings), stop).await;
+        info!("stopped");
+        exit::code(exit::OK)
+    })
+}
+
+/// Runs `warren cert`.
+pub fn run_cert(args: CertArgs) -> ExitCode {
+    let (cert, key) = match tlsconf::generate_self_signed(&args.names) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("warren cert: {e}");
+            return exit::code(exit::FAILURE);
+        }
+    };
+    let write = |name: &str, text: &str, mode: u32| -> std::io::Result<PathBuf> {
+        let path = args.out_dir.join(name);
+        let mut o = std::fs::OpenOptions::new();
+        o.write(true).mode(mode);
+        if args.force {
+            o.create(true).truncate(true);
+        } else {
+            o.create_new(true);
+        }
+        std::io::Write::write_all(&mut o.open(&path)?, text.as_bytes())?;
+        Ok(path)
+    };
+    let res = write("key.pem", &key, 0o600).and_then(|k| Ok((k, write("cert.pem", &cert, 0o644)?)));
+    match res {
+        Ok((k, c)) => {
+            let der = rustls::pki_types::pem::PemObject::from_pem_slice(cert.as_bytes())
+                .map(|d: rustls::pki_types::CertificateDer<'_>| tlsconf::fingerprint(&d))
+                .unwrap_or_default();
+            println!(
+                "certificate: {}\nprivate key: {} (mode 0600)\npin:         {der}",
+                c.display(),
+                k.display()
+            );
+            println!(
+                "clients can trust it with: --pin {der}   (or --ca {})",
+                c.display()
+            );
+            exit::code(exit::OK)
+        }
+        Err(e) => {
+            eprintln!(
+                "warren cert: cannot write into {}: {e}{}",
+                args.out_dir.display(),
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    " (use --force to overwrite)"
+                } else {
+                    ""
+                }
+            );
+            exit::code(exit::FAILURE)
+        }
+    }
+}
