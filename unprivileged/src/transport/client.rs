@@ -83,7 +83,11 @@ pub struct ClientSettings {
     pub connect_timeout: Duration,
 }
 
-type TlsStream = tokio_rustls::client::TlsStream<TcpStream>;
+/// rustls reads at most 4 KiB per `read_tls`; a buffer under TLS turns
+/// four system calls per 16 KiB record into one.
+const SOCKET_READ_BUFFER: usize = 64 * 1024;
+
+type TlsStream = tokio_rustls::client::TlsStream<tokio::io::BufReader<TcpStream>>;
 
 fn unix_now() -> u64 {
     SystemTime::now()
@@ -118,7 +122,10 @@ async fn open_session(
         let _ = tcp.set_nodelay(true);
         let connector = tokio_rustls::TlsConnector::from(s.tls.clone());
         let mut tls = connector
-            .connect(s.server_name.clone(), tcp)
+            .connect(
+                s.server_name.clone(),
+                tokio::io::BufReader::with_capacity(SOCKET_READ_BUFFER, tcp),
+            )
             .await
             .map_err(TransportError::Tls)?;
         let mut nonce = [0u8; 16];

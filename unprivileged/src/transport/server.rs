@@ -119,7 +119,10 @@ async fn handle(
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(s.tls.clone());
     let opened = tokio::time::timeout(s.handshake_timeout, async {
-        let mut tls = acceptor.accept(sock).await?;
+        // rustls reads at most 4 KiB at a time: buffer below it (see client).
+        let mut tls = acceptor
+            .accept(tokio::io::BufReader::with_capacity(64 * 1024, sock))
+            .await?;
         let head = read_until(&mut tls, MAX_HEAD, http::parse_head).await?;
         Ok::<_, std::io::Error>((tls, head))
     })
