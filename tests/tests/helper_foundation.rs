@@ -166,6 +166,10 @@ fn missing_helper_is_explained() {
     assert!(err.contains(&sock.display().to_string()), "{err}");
     assert!(err.contains("warren-helper serve"), "{err}");
     assert!(err.contains("warren-helper.socket"), "{err}");
+    // --json still answers on stdout, for scripts.
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json on stdout");
+    assert_eq!(v["running"], false);
+    assert_eq!(v["exit_code"], 3);
 }
 
 /// Runs `warren-helper serve --socket SOCKET ARGS...` and asserts it fails

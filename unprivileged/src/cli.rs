@@ -208,8 +208,25 @@ async fn helper_status(
     client: Result<HelperClient, ClientError>,
     json: bool,
 ) -> Result<(), ClientError> {
-    let mut client = client?;
-    let st = client.status().await?;
+    let st = async { client?.status().await }.await;
+    let st = match st {
+        Ok(st) => st,
+        Err(e) => {
+            if json {
+                // Scripts get an answer on stdout too (the exit code says why).
+                println!(
+                    "{}",
+                    json!({
+                        "running": false,
+                        "socket": path.display().to_string(),
+                        "error": e.to_string(),
+                        "exit_code": e.exit_code(),
+                    })
+                );
+            }
+            return Err(e);
+        }
+    };
     if json {
         println!("{}", status_json(path, &st));
     } else {
