@@ -226,15 +226,14 @@ impl FramedConn {
         }
     }
 
+    /// Receives once. Cancel-safe: the buffer only grows inside the
+    /// synchronous receive, so dropping this future (a `select!` that took
+    /// another branch) never leaves unfilled bytes behind.
     async fn recv_once(&mut self) -> Result<usize, TransportError> {
-        let start = self.rbuf.len();
-        self.rbuf.resize(start + READ_CHUNK, 0);
-        let res = match self.spin_recv(start) {
+        let res = match self.spin_recv() {
             Some(r) => r,
-            None => self.wait_recv(start).await,
+            None => self.wait_recv().await,
         };
-        let n = *res.as_ref().unwrap_or(&0);
-        self.rbuf.truncate(start + n);
         if self.fds.len() > MAX_QUEUED_FDS {
             return Err(TransportError::UnexpectedFds);
         }
@@ -242,12 +241,12 @@ impl FramedConn {
     }
 
     /// Polls without sleeping for up to `self.spin`; `None` if nothing came.
-    fn spin_recv(&mut self, start: usize) -> Option<Result<usize, TransportError>> {
+    fn spin_recv(&mut self) -> Option<Result<usize, TransportError>> {
         let spin = self.spin?;
         let began = std::time::Instant::now();
         let fd = self.stream.as_raw_fd();
         loop {
-            match recv_with_fds(fd, &mut self.rbuf[start..], &mut self.cmsg, &mut self.fds) {
+            match recv_into(fd, &mut self.rbuf, &mut self.cmsg, &mut self.fds) {
                 Ok(n) => return Some(Ok(n)),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if began.elapsed() >= spin {
@@ -255,29 +254,23 @@ impl FramedConn {
                     }
                     std::hint::spin_loop();
                 }
-                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-                    return Some(Err(TransportError::UnexpectedFds));
-                }
-                Err(e) => return Some(Err(TransportError::Io(e))),
+                Err(e) => return Some(Err(map_recv_err(e))),
             }
         }
     }
 
-    async fn wait_recv(&mut self, start: usize) -> Result<usize, TransportError> {
+    async fn wait_recv(&mut self) -> Result<usize, TransportError> {
         loop {
-            if let Err(e) = self.stream.readable().await {
-                break Err(TransportError::Io(e));
-            }
+            self.stream.readable().await?;
             let (rbuf, cmsg, fds) = (&mut self.rbuf, &mut self.cmsg, &mut self.fds);
-            match self.stream.try_io(Interest::READABLE, || {
-                recv_with_fds(self.stream.as_raw_fd(), &mut rbuf[start..], cmsg, fds)
-            }) {
-                Ok(n) => break Ok(n),
+            let fd = self.stream.as_raw_fd();
+            match self
+                .stream
+                .try_io(Interest::READABLE, || recv_into(fd, rbuf, cmsg, fds))
+            {
+                Ok(n) => return Ok(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-                    break Err(TransportError::UnexpectedFds);
-                }
-                Err(e) => break Err(TransportError::Io(e)),
+                Err(e) => return Err(map_recv_err(e)),
             }
         }
     }
@@ -318,6 +311,32 @@ impl FramedConn {
         }
         Ok(())
     }
+}
+
+fn map_recv_err(e: io::Error) -> TransportError {
+    if e.kind() == io::ErrorKind::InvalidData {
+        TransportError::UnexpectedFds
+    } else {
+        TransportError::Io(e)
+    }
+}
+
+/// Appends what one non-blocking `recvmsg` returns to `rbuf`.
+#[allow(
+    clippy::ptr_arg,
+    reason = "nix::recvmsg takes the cmsg buffer as &mut Vec"
+)]
+fn recv_into(
+    fd: RawFd,
+    rbuf: &mut Vec<u8>,
+    cmsg: &mut Vec<u8>,
+    fds: &mut VecDeque<OwnedFd>,
+) -> io::Result<usize> {
+    let start = rbuf.len();
+    rbuf.resize(start + READ_CHUNK, 0);
+    let r = recv_with_fds(fd, &mut rbuf[start..], cmsg, fds);
+    rbuf.truncate(start + *r.as_ref().unwrap_or(&0));
+    r
 }
 
 /// One non-blocking `recvmsg`, queueing any descriptors that came with it.
@@ -393,6 +412,51 @@ mod tests {
         got.read_to_string(&mut s).expect("read");
         assert_eq!(s, "hello through SCM_RIGHTS");
         file.flush().expect("flush");
+    }
+
+    #[tokio::test]
+    async fn read_frame_is_cancel_safe() {
+        let (mut a, mut b) = pair();
+        // Cancel a read that is waiting, many times, then read for real.
+        for _ in 0..5 {
+            let r =
+                tokio::time::timeout(Duration::from_millis(5), b.read_frame::<ClientFrame>(None))
+                    .await;
+            assert!(r.is_err(), "nothing to read yet");
+        }
+        a.write_frame(
+            &ClientFrame {
+                id: 9,
+                request: Request::Status,
+            },
+            &[],
+        )
+        .await
+        .expect("write");
+        let (m, _): (ClientFrame, _) = b.read_frame(None).await.expect("read");
+        assert_eq!(m.id, 9);
+    }
+
+    #[tokio::test]
+    async fn back_to_back_frames_with_several_fds() {
+        let (mut a, mut b) = pair();
+        let f = tempfile_with(b"x");
+        for id in 0..4 {
+            a.write_frame(
+                &ClientFrame {
+                    id,
+                    request: Request::Status,
+                },
+                &[f.as_fd(), f.as_fd(), f.as_fd()],
+            )
+            .await
+            .expect("write");
+        }
+        for id in 0..4 {
+            let (m, fds): (ClientFrame, _) = b.read_frame(None).await.expect("read");
+            assert_eq!(m.id, id);
+            assert_eq!(fds.len(), 3);
+        }
     }
 
     #[tokio::test]

@@ -18,6 +18,7 @@
 pub mod conn;
 pub mod frame;
 pub mod handshake;
+pub mod instance;
 pub mod msg;
 
 pub use conn::{FramedConn, TransportError};

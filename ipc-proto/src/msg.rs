@@ -9,6 +9,8 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::instance::{ExitStatus, InstanceInfo, InstanceName, InstanceSpec, SpawnSpec};
+
 /// Longest client description accepted in [`Request::Hello`].
 pub const MAX_CLIENT_NAME: usize = 128;
 
@@ -47,6 +49,21 @@ pub enum Request {
     },
     /// The helper's state: version, uptime, clients, resources.
     Status,
+    /// Create namespace instance `warren-NAME` with a TUN device, addresses,
+    /// routes and DNS; the reply carries the TUN device's descriptor. The
+    /// instance is leased to this connection until a program spawned with
+    /// `bind_lease` takes the lease over.
+    CreateInstance(InstanceSpec),
+    /// Remove an instance the caller owns (root: any).
+    DestroyInstance {
+        /// Which one.
+        name: InstanceName,
+    },
+    /// The caller's instances (root: all).
+    ListInstances,
+    /// Run a program inside an instance the caller owns, as the caller; the
+    /// frame carries `n_fds` descriptors for its 0, 1, 2...
+    Spawn(SpawnSpec),
 }
 
 impl Request {
@@ -55,6 +72,10 @@ impl Request {
         match self {
             Request::Hello { .. } => "hello",
             Request::Status => "status",
+            Request::CreateInstance(_) => "create-instance",
+            Request::DestroyInstance { .. } => "destroy-instance",
+            Request::ListInstances => "list-instances",
+            Request::Spawn(_) => "spawn",
         }
     }
 }
@@ -79,6 +100,19 @@ pub enum Response {
     Hello(HelloInfo),
     /// Answer to [`Request::Status`].
     Status(StatusInfo),
+    /// Answer to [`Request::CreateInstance`]; the TUN descriptor comes with
+    /// the frame.
+    InstanceCreated(InstanceInfo),
+    /// Answer to [`Request::DestroyInstance`].
+    Destroyed,
+    /// Answer to [`Request::ListInstances`].
+    Instances(Vec<InstanceInfo>),
+    /// Answer to [`Request::Spawn`]: the program runs. An
+    /// [`Event::Exited`] follows when it ends.
+    Spawned {
+        /// Its pid (in the helper's pid namespace).
+        pid: i32,
+    },
 }
 
 /// The helper's answer to Hello.
@@ -122,6 +156,19 @@ pub enum Event {
     /// The helper is shutting down and will close this connection once the
     /// request in flight (if any) is answered.
     ShuttingDown,
+    /// A program this connection spawned has ended.
+    Exited {
+        /// Its pid.
+        pid: i32,
+        /// How it ended.
+        status: ExitStatus,
+    },
+    /// An instance this connection created was removed (its worker ended,
+    /// or root removed it).
+    InstanceGone {
+        /// Which one.
+        name: InstanceName,
+    },
 }
 
 /// Errors the helper returns. They say what went wrong in terms the client
@@ -174,6 +221,18 @@ pub enum HelperError {
     /// The operation is not supported by this helper.
     #[error("operation not supported by this helper")]
     Unsupported,
+    /// A resource of that name exists already.
+    #[error("{what} already exists")]
+    Exists {
+        /// What.
+        what: String,
+    },
+    /// The caller holds as many resources as allowed.
+    #[error("too many instances for this user (limit {limit})")]
+    TooManyResources {
+        /// The per-user limit.
+        limit: u32,
+    },
     /// The operation failed inside the helper; its log has the details under
     /// this incident number.
     #[error("the helper failed to carry out the request (incident {incident} in the helper's log)")]
@@ -208,6 +267,8 @@ mod tests {
                 .prop_map(|(field, reason)| HelperError::InvalidArgument { field, reason }),
             ".{0,16}".prop_map(|what| HelperError::NotFound { what }),
             Just(HelperError::Unsupported),
+            ".{0,16}".prop_map(|what| HelperError::Exists { what }),
+            any::<u32>().prop_map(|limit| HelperError::TooManyResources { limit }),
             any::<u64>().prop_map(|incident| HelperError::Internal { incident }),
         ]
     }

@@ -8,7 +8,10 @@
 
 pub mod auth;
 pub mod config;
+pub mod instances;
 pub mod journal;
 pub mod listener;
+pub mod netns;
 pub mod privs;
+pub mod runas;
 pub mod server;

@@ -38,6 +38,15 @@ enum Command {
     /// --socket itself: parent directory root-owned and not writable by
     /// others, socket mode 0660, group = the authorized group.
     Serve(ServeArgs),
+    /// Remove every namespace instance a helper that is no longer running
+    /// left behind (from its journal beside the socket). Run by the systemd
+    /// unit after the helper stops, crashes included; `serve` does the same
+    /// at start. Refuses while a helper answers on the socket.
+    Cleanup {
+        /// The socket whose journal to read.
+        #[arg(long, value_name = "PATH", default_value = warren_ipc::DEFAULT_SOCKET_PATH)]
+        socket: PathBuf,
+    },
     /// Write the man pages into DIR (packaging).
     #[command(hide = true)]
     GenerateMan {
@@ -93,6 +102,16 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Cleanup { socket } => {
+            init_logging(0);
+            match run_cleanup(&socket) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("warren-helper: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Serve(args) => match run_serve(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -171,6 +190,37 @@ fn detach_stdio(socket: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The journal lives beside the socket.
+fn journal_path(socket: &std::path::Path) -> anyhow::Result<PathBuf> {
+    let dir = socket.parent().context("socket path has no directory")?;
+    Ok(dir.join("state.json"))
+}
+
+fn run_cleanup(socket: &std::path::Path) -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("must run as root");
+    }
+    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+        bail!(
+            "a helper is serving {}; it removes its own resources",
+            socket.display()
+        );
+    }
+    let path = journal_path(socket)?;
+    let (mut journal, corrupt) =
+        warren_helper::journal::Journal::<warren_helper::instances::JournalEntry>::open(&path)?;
+    if let Some(e) = corrupt {
+        tracing::warn!(error = %e, "journal set aside");
+    }
+    let removed = warren_helper::instances::reconcile(&mut journal);
+    let left = journal.entries().len();
+    info!(removed, left, "cleanup done");
+    if left > 0 {
+        bail!("{left} orphaned resource(s) could not be removed; see the log");
+    }
+    Ok(())
+}
+
 fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     // Before any thread exists: read and scrub systemd's variables.
     let systemd = take_systemd_env()?;
@@ -208,6 +258,12 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             Some(args.socket.clone()),
         ),
     };
+    warren_helper::listener::ensure_socket_dir(
+        args.socket
+            .parent()
+            .context("socket path has no directory")?,
+    )?;
+    let registry = warren_helper::instances::Registry::open(journal_path(&args.socket)?)?;
     let dropped = drop_privileges()?;
     info!(kept = ?dropped.kept, "capabilities dropped to what the helper needs; no_new_privs set");
 
@@ -227,6 +283,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     opts.handshake_timeout = opts.frame_timeout;
     opts.notifier = Notifier::new(systemd.notify);
     opts.watchdog = systemd.watchdog;
+    opts.registry = Some(registry);
 
     // One thread serves every connection: requests are short, kernel work
     // runs on dedicated threads, and a single thread keeps the round trip

@@ -32,6 +32,7 @@ use warren_ipc::{
 };
 
 use crate::auth::{Authorizer, PeerCred};
+use crate::instances::Registry;
 use crate::listener::Notifier;
 
 /// How long a shutdown waits for in-flight requests before giving up.
@@ -58,6 +59,9 @@ pub struct ServerOptions {
     pub notifier: Notifier,
     /// Watchdog interval requested by systemd.
     pub watchdog: Option<Duration>,
+    /// Instances and their journal (None: this helper creates none, as in
+    /// tests of the protocol alone).
+    pub registry: Option<Registry>,
 }
 
 impl ServerOptions {
@@ -73,6 +77,7 @@ impl ServerOptions {
             frame_timeout: Duration::from_secs(5),
             notifier: Notifier::default(),
             watchdog: None,
+            registry: None,
         }
     }
 }
@@ -91,7 +96,7 @@ struct Shared {
     started: Instant,
     per_uid: Mutex<HashMap<u32, u32>>,
     total: AtomicU32,
-    resources: AtomicU32,
+    next_conn: AtomicU64,
     incidents: AtomicU64,
     count_tx: watch::Sender<u32>,
 }
@@ -155,6 +160,10 @@ impl Shared {
     fn incident(&self) -> u64 {
         self.incidents.fetch_add(1, Ordering::Relaxed) + 1
     }
+
+    fn resources(&self) -> usize {
+        self.opts.registry.as_ref().map_or(0, Registry::count)
+    }
 }
 
 /// Serves `listener` until `shutdown` is cancelled or the idle timeout
@@ -170,7 +179,7 @@ pub async fn serve(
         started: Instant::now(),
         per_uid: Mutex::new(HashMap::new()),
         total: AtomicU32::new(0),
-        resources: AtomicU32::new(0),
+        next_conn: AtomicU64::new(1),
         incidents: AtomicU64::new(0),
         count_tx,
     });
@@ -205,7 +214,7 @@ pub async fn serve(
     let mut idle_since = Instant::now();
     let reason = loop {
         let idle_deadline = match opts.idle_timeout {
-            Some(t) if *count_rx.borrow() == 0 && shared.resources.load(Ordering::SeqCst) == 0 => {
+            Some(t) if *count_rx.borrow() == 0 && shared.resources() == 0 => {
                 Some(tokio::time::Instant::from_std(idle_since + t))
             }
             _ => None,
@@ -248,6 +257,9 @@ pub async fn serve(
         .is_err()
     {
         warn!("some connections did not finish within {DRAIN_TIMEOUT:?}");
+    }
+    if let Some(r) = &shared.opts.registry {
+        r.remove_all().await;
     }
     reason
 }
@@ -340,19 +352,27 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, stop: CancellationToken
         }
     };
     debug!(uid, pid, version, "client connected");
+    let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+    let (ev_tx, mut ev_rx) = tokio::sync::mpsc::channel::<Event>(64);
+    if let Some(r) = &opts.registry {
+        r.connect(conn_id, ev_tx);
+    }
     loop {
         let read = tokio::select! {
             _ = stop.cancelled() => {
                 let _ = conn.write_frame(&ServerFrame::Event(Event::ShuttingDown), &[]).await;
                 break;
             }
+            Some(ev) = ev_rx.recv() => {
+                if conn.write_frame(&ServerFrame::Event(ev), &[]).await.is_err() {
+                    break;
+                }
+                continue;
+            }
             r = conn.read_frame::<ClientFrame>(Some(opts.frame_timeout)) => r,
         };
-        let frame = match read {
-            Ok((frame, fds)) => {
-                drop(fds); // no operation of this version takes descriptors
-                frame
-            }
+        let (frame, fds) = match read {
+            Ok(x) => x,
             Err(TransportError::Closed) => break,
             Err(e) => {
                 warn!(uid, pid, error = %e, cause = ?std::error::Error::source(&e).map(|s| s.to_string()), "bad input from client; closing");
@@ -372,7 +392,8 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, stop: CancellationToken
         };
         let op = frame.request.op_name();
         info!(uid, pid, op, id = frame.id, "request");
-        let result = dispatch(&shared, &cred, version, frame.request);
+        let (result, reply_fd) =
+            dispatch(&shared, &cred, conn_id, version, frame.request, fds).await;
         if let Err(e) = &result {
             info!(uid, pid, op, error = %e, "request failed");
         }
@@ -380,10 +401,14 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, stop: CancellationToken
             id: frame.id,
             result,
         };
-        if let Err(e) = conn.write_frame(&reply, &[]).await {
+        let sent_fds: Vec<_> = reply_fd.iter().map(AsFd::as_fd).collect();
+        if let Err(e) = conn.write_frame(&reply, &sent_fds).await {
             debug!(uid, pid, error = %e, "cannot answer; closing");
             break;
         }
+    }
+    if let Some(r) = &opts.registry {
+        r.disconnect(conn_id).await;
     }
     debug!(uid, pid, "client disconnected");
 }
@@ -419,7 +444,41 @@ fn reply_for(e: &TransportError) -> Option<HelperError> {
     }
 }
 
-fn dispatch(
+/// Carries out one request; some answers come with a descriptor.
+async fn dispatch(
+    shared: &Shared,
+    cred: &PeerCred,
+    conn_id: u64,
+    version: u16,
+    request: Request,
+    fds: Vec<std::os::fd::OwnedFd>,
+) -> (Result<Response, HelperError>, Option<std::os::fd::OwnedFd>) {
+    let registry = match (&request, &shared.opts.registry) {
+        (Request::Hello { .. } | Request::Status, _) => None,
+        (_, Some(r)) => Some(r),
+        (_, None) => return (Err(HelperError::Unsupported), None),
+    };
+    match (request, registry) {
+        (Request::CreateInstance(spec), Some(r)) => match r.create(spec, cred, conn_id).await {
+            Ok((info, tun)) => (Ok(Response::InstanceCreated(info)), Some(tun)),
+            Err(e) => (Err(e), None),
+        },
+        (Request::DestroyInstance { name }, Some(r)) => (
+            r.destroy(&name, cred).await.map(|()| Response::Destroyed),
+            None,
+        ),
+        (Request::ListInstances, Some(r)) => (Ok(Response::Instances(r.list(cred))), None),
+        (Request::Spawn(spec), Some(r)) => (
+            r.spawn(spec, cred, conn_id, fds)
+                .await
+                .map(|pid| Response::Spawned { pid }),
+            None,
+        ),
+        (request, _) => (simple(shared, cred, version, request), None),
+    }
+}
+
+fn simple(
     shared: &Shared,
     cred: &PeerCred,
     version: u16,
@@ -446,7 +505,7 @@ fn dispatch(
             pid: std::process::id(),
             uptime_ms: shared.started.elapsed().as_millis() as u64,
             connected_clients: shared.total.load(Ordering::SeqCst),
-            resources: shared.resources.load(Ordering::SeqCst),
+            resources: shared.resources() as u32,
             activation: shared.opts.activation,
             idle_timeout_secs: shared.opts.idle_timeout.map(|d| d.as_secs()),
         })),

@@ -215,6 +215,20 @@ impl Helper {
     }
 }
 
+impl Drop for Helper {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- helper log ----\n{}", self.proc.log());
+        }
+        // Stop it the graceful way, so it removes what it created even when
+        // the test failed half-way (Proc's drop then has nothing to kill).
+        if self.proc.running() {
+            self.proc.signal(nix::sys::signal::Signal::SIGTERM);
+            let _ = self.proc.wait_timeout(Duration::from_secs(15));
+        }
+    }
+}
+
 /// A command that runs `program` as `uid`/`gid` with exactly the
 /// supplementary `groups`, no capabilities (via `setpriv`).
 pub fn as_user(uid: u32, gid: u32, groups: &[u32], program: &Path) -> Command {

@@ -98,6 +98,13 @@ pub enum HelperCommand {
         #[arg(long)]
         json: bool,
     },
+    /// List the namespace instances the helper holds for you (root: all).
+    #[command(after_help = EXIT_CODES)]
+    List {
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure the round-trip time of Hello requests to the helper.
     Ping {
         /// Number of Hello round trips.
@@ -168,6 +175,7 @@ fn run_helper(path: PathBuf, policy: &AutostartPolicy, cmd: HelperCommand) -> Ex
                 let client = HelperClient::connect(&path).await;
                 helper_status(&path, client, json).await
             }
+            HelperCommand::List { json } => helper_list(&path, json).await,
             HelperCommand::Start { json } => {
                 let client = connect_or_autostart(&path, policy).await;
                 helper_status(&path, client, json).await
@@ -231,6 +239,46 @@ async fn helper_status(
         println!("{}", status_json(path, &st));
     } else {
         print!("{}", status_text(path, &st));
+    }
+    Ok(())
+}
+
+async fn helper_list(path: &std::path::Path, json: bool) -> Result<(), ClientError> {
+    let mut client = HelperClient::connect(path).await?;
+    let list = client.list_instances().await?;
+    if json {
+        let v: Vec<serde_json::Value> = list
+            .iter()
+            .map(|i| {
+                json!({
+                    "name": i.name.as_str(),
+                    "netns": i.netns,
+                    "tun": i.tun,
+                    "owner_uid": i.owner_uid,
+                    "lease": i.lease,
+                    "addresses": i.addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(v));
+    } else if list.is_empty() {
+        println!("no instances");
+    } else {
+        println!(
+            "{:<16} {:<22} {:>6}  {:<14} ADDRESSES",
+            "NAME", "NETNS", "OWNER", "LEASE"
+        );
+        for i in &list {
+            let addrs: Vec<String> = i.addresses.iter().map(ToString::to_string).collect();
+            println!(
+                "{:<16} {:<22} {:>6}  {:<14} {}",
+                i.name.as_str(),
+                i.netns,
+                i.owner_uid,
+                i.lease,
+                addrs.join(", ")
+            );
+        }
     }
     Ok(())
 }

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 use tokio::net::UnixStream;
+use warren_ipc::instance::{InstanceInfo, InstanceName, InstanceSpec, SpawnSpec};
 use warren_ipc::msg::{HelloInfo, StatusInfo};
 use warren_ipc::{
     ClientFrame, Event, FramedConn, HelperError, Request, Response, ServerFrame, TransportError,
@@ -115,6 +116,7 @@ pub struct HelperClient {
     conn: FramedConn,
     next_id: u32,
     protocol: u16,
+    events: std::collections::VecDeque<Event>,
 }
 
 impl HelperClient {
@@ -131,6 +133,11 @@ impl HelperClient {
                     source: e,
                 },
             })?;
+        Self::from_stream(stream).await
+    }
+
+    /// Performs the handshake on an already connected stream.
+    pub async fn from_stream(stream: UnixStream) -> Result<Self, ClientError> {
         let mut conn = FramedConn::new(stream);
         conn.set_spin(Some(REPLY_SPIN));
         let protocol = conn.client_handshake().await?;
@@ -138,6 +145,7 @@ impl HelperClient {
             conn,
             next_id: 1,
             protocol,
+            events: Default::default(),
         })
     }
 
@@ -153,17 +161,28 @@ impl HelperClient {
 
     /// Sends one request and waits for its reply.
     pub async fn call(&mut self, request: Request) -> Result<Response, ClientError> {
+        Ok(self.call_with_fds(request, &[]).await?.0)
+    }
+
+    /// Sends one request with descriptors; returns the reply and the
+    /// descriptors that came with it. Events that arrive meanwhile are kept
+    /// for [`HelperClient::next_event`].
+    pub async fn call_with_fds(
+        &mut self,
+        request: Request,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> Result<(Response, Vec<std::os::fd::OwnedFd>), ClientError> {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
         let sent = self
             .conn
-            .write_frame(&ClientFrame { id, request }, &[])
+            .write_frame(&ClientFrame { id, request }, fds)
             .await;
         loop {
             // Even if the write failed (the helper may have refused us and
             // closed), a reply explaining why may be waiting.
-            let frame = match self.conn.read_frame::<ServerFrame>(None).await {
-                Ok((frame, _fds)) => frame,
+            let (frame, got) = match self.conn.read_frame::<ServerFrame>(None).await {
+                Ok(x) => x,
                 Err(e) => {
                     sent?;
                     return Err(e.into());
@@ -171,14 +190,79 @@ impl HelperClient {
             };
             match frame {
                 ServerFrame::Reply { id: rid, result } if rid == id || rid == 0 => {
-                    return Ok(result?);
+                    return Ok((result?, got));
                 }
                 ServerFrame::Reply { .. } => return Err(ClientError::UnexpectedReply),
                 ServerFrame::Event(Event::ShuttingDown) => {
                     return Err(HelperError::ShuttingDown.into());
                 }
-                ServerFrame::Event(_) => continue,
+                ServerFrame::Event(ev) => self.events.push_back(ev),
             }
+        }
+    }
+
+    /// Waits for the next event (a spawned program ended, an instance went
+    /// away, the helper is stopping).
+    pub async fn next_event(&mut self) -> Result<Event, ClientError> {
+        if let Some(ev) = self.events.pop_front() {
+            return Ok(ev);
+        }
+        loop {
+            match self.conn.read_frame::<ServerFrame>(None).await?.0 {
+                ServerFrame::Event(ev) => return Ok(ev),
+                ServerFrame::Reply { .. } => continue,
+            }
+        }
+    }
+
+    /// Creates a namespace instance; returns its description and its TUN
+    /// device. It lives until this connection closes, or until a program
+    /// spawned with `bind_lease` ends.
+    pub async fn create_instance(
+        &mut self,
+        spec: InstanceSpec,
+    ) -> Result<(InstanceInfo, std::os::fd::OwnedFd), ClientError> {
+        match self
+            .call_with_fds(Request::CreateInstance(spec), &[])
+            .await?
+        {
+            (Response::InstanceCreated(info), mut fds) if fds.len() == 1 => {
+                Ok((info, fds.remove(0)))
+            }
+            _ => Err(ClientError::UnexpectedReply),
+        }
+    }
+
+    /// Removes an instance.
+    pub async fn destroy_instance(&mut self, name: &InstanceName) -> Result<(), ClientError> {
+        match self
+            .call(Request::DestroyInstance { name: name.clone() })
+            .await?
+        {
+            Response::Destroyed => Ok(()),
+            _ => Err(ClientError::UnexpectedReply),
+        }
+    }
+
+    /// The caller's instances (root: all).
+    pub async fn list_instances(&mut self) -> Result<Vec<InstanceInfo>, ClientError> {
+        match self.call(Request::ListInstances).await? {
+            Response::Instances(v) => Ok(v),
+            _ => Err(ClientError::UnexpectedReply),
+        }
+    }
+
+    /// Runs a program in an instance as the caller, with `fds` as its
+    /// 0, 1, 2...; returns its pid ([`Event::Exited`] follows).
+    pub async fn spawn(
+        &mut self,
+        mut spec: SpawnSpec,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> Result<i32, ClientError> {
+        spec.n_fds = u8::try_from(fds.len()).map_err(|_| ClientError::UnexpectedReply)?;
+        match self.call_with_fds(Request::Spawn(spec), fds).await? {
+            (Response::Spawned { pid }, _) => Ok(pid),
+            _ => Err(ClientError::UnexpectedReply),
         }
     }
 

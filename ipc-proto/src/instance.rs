@@ -1,0 +1,422 @@
+//! Types of the namespace-instance operations: validated names and
+//! prefixes, what an instance is made of, what to spawn in it.
+//!
+//! Everything here is validated on construction *and* on deserialization
+//! (`serde(try_from)`), so the helper never sees an invalid value, whatever
+//! bytes a client sends.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Most addresses, routes or DNS servers in one request.
+pub const MAX_LIST: usize = 32;
+/// Most arguments, environment entries or bytes of one of them in a spawn.
+pub const MAX_ARGS: usize = 256;
+/// Longest argument, environment entry or path in a spawn.
+pub const MAX_ARG_LEN: usize = 4096;
+
+/// A value failed validation.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[error("{field}: {reason}")]
+pub struct Invalid {
+    /// Which field.
+    pub field: &'static str,
+    /// Why.
+    pub reason: String,
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> Invalid {
+    Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// An instance name: 1 to 15 of `a-z 0-9 -`, starting with a letter or
+/// digit. The helper derives every kernel name from it (`warren-NAME`
+/// namespace, `/etc/netns/warren-NAME`), so it can never name anything
+/// warren did not create.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct InstanceName(String);
+
+impl InstanceName {
+    /// Validates a name.
+    pub fn new(s: &str) -> Result<Self, Invalid> {
+        let ok_len = (1..=15).contains(&s.len());
+        let ok_chars = s
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !ok_len || !ok_chars || s.starts_with('-') {
+            return Err(invalid(
+                "name",
+                "1 to 15 characters a-z, 0-9 and '-', not starting with '-'",
+            ));
+        }
+        Ok(InstanceName(s.to_string()))
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The network namespace's name: `warren-NAME`.
+    pub fn netns(&self) -> String {
+        format!("warren-{}", self.0)
+    }
+}
+
+impl TryFrom<String> for InstanceName {
+    type Error = Invalid;
+    fn try_from(s: String) -> Result<Self, Invalid> {
+        InstanceName::new(&s)
+    }
+}
+
+impl From<InstanceName> for String {
+    fn from(n: InstanceName) -> String {
+        n.0
+    }
+}
+
+impl std::fmt::Display for InstanceName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An address with a prefix length (`198.18.0.2/32`, `fd00::2/128`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "(IpAddr, u8)", into = "(IpAddr, u8)")]
+pub struct IpPrefix {
+    addr: IpAddr,
+    len: u8,
+}
+
+impl IpPrefix {
+    /// Validates the prefix length for the address family.
+    pub fn new(addr: IpAddr, len: u8) -> Result<Self, Invalid> {
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        if len > max {
+            return Err(invalid("prefix", format!("/{len} is longer than /{max}")));
+        }
+        Ok(IpPrefix { addr, len })
+    }
+
+    /// The address.
+    pub fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    /// The prefix length.
+    pub fn len(&self) -> u8 {
+        self.len
+    }
+
+    /// Whether this is a zero-length (default) prefix.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl TryFrom<(IpAddr, u8)> for IpPrefix {
+    type Error = Invalid;
+    fn try_from((a, l): (IpAddr, u8)) -> Result<Self, Invalid> {
+        IpPrefix::new(a, l)
+    }
+}
+
+impl From<IpPrefix> for (IpAddr, u8) {
+    fn from(p: IpPrefix) -> (IpAddr, u8) {
+        (p.addr, p.len)
+    }
+}
+
+impl std::fmt::Display for IpPrefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl std::str::FromStr for IpPrefix {
+    type Err = Invalid;
+    fn from_str(s: &str) -> Result<Self, Invalid> {
+        let (a, l) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let addr: IpAddr = a
+            .trim()
+            .parse()
+            .map_err(|_| invalid("prefix", format!("{a:?} is not an IP address")))?;
+        let len = match l {
+            Some(l) => l
+                .trim()
+                .parse()
+                .map_err(|_| invalid("prefix", format!("{l:?} is not a prefix length")))?,
+            None if addr.is_ipv4() => 32,
+            None => 128,
+        };
+        IpPrefix::new(addr, len)
+    }
+}
+
+/// What a namespace instance is made of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "RawInstanceSpec")]
+pub struct InstanceSpec {
+    /// Its name.
+    pub name: InstanceName,
+    /// The TUN device's MTU (576..=9000).
+    pub mtu: u16,
+    /// The tunnel's inner addresses (at least one).
+    pub addresses: Vec<IpPrefix>,
+    /// What is routed into the tunnel (the peers' allowed IPs).
+    pub routes: Vec<IpPrefix>,
+    /// DNS servers for the namespace's resolv.conf.
+    pub dns: Vec<IpAddr>,
+}
+
+#[derive(Deserialize)]
+struct RawInstanceSpec {
+    name: InstanceName,
+    mtu: u16,
+    addresses: Vec<IpPrefix>,
+    routes: Vec<IpPrefix>,
+    dns: Vec<IpAddr>,
+}
+
+impl TryFrom<RawInstanceSpec> for InstanceSpec {
+    type Error = Invalid;
+    fn try_from(r: RawInstanceSpec) -> Result<Self, Invalid> {
+        InstanceSpec::new(r.name, r.mtu, r.addresses, r.routes, r.dns)
+    }
+}
+
+impl InstanceSpec {
+    /// Validates a spec.
+    pub fn new(
+        name: InstanceName,
+        mtu: u16,
+        addresses: Vec<IpPrefix>,
+        routes: Vec<IpPrefix>,
+        dns: Vec<IpAddr>,
+    ) -> Result<Self, Invalid> {
+        if !(576..=9000).contains(&mtu) {
+            return Err(invalid("mtu", "must be between 576 and 9000"));
+        }
+        if addresses.is_empty() {
+            return Err(invalid("addresses", "at least one address is needed"));
+        }
+        for (field, n) in [
+            ("addresses", addresses.len()),
+            ("routes", routes.len()),
+            ("dns", dns.len()),
+        ] {
+            if n > MAX_LIST {
+                return Err(invalid(field, format!("at most {MAX_LIST} entries")));
+            }
+        }
+        if mtu < 1280 && addresses.iter().any(|a| a.addr().is_ipv6()) {
+            return Err(invalid("mtu", "IPv6 needs an MTU of at least 1280"));
+        }
+        Ok(InstanceSpec {
+            name,
+            mtu,
+            addresses,
+            routes,
+            dns,
+        })
+    }
+
+    /// Whether the instance has any IPv6 address.
+    pub fn has_ipv6(&self) -> bool {
+        self.addresses.iter().any(|a| a.addr().is_ipv6())
+    }
+}
+
+/// A program to run inside an instance, as the caller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "RawSpawnSpec")]
+pub struct SpawnSpec {
+    /// The instance to run in.
+    pub instance: InstanceName,
+    /// Program and arguments (`argv[0]` is the program, found via `PATH`
+    /// in `env` if it has no slash).
+    pub argv: Vec<String>,
+    /// The whole environment, `KEY=VALUE`.
+    pub env: Vec<String>,
+    /// Working directory (entered after dropping to the caller's ids).
+    pub cwd: String,
+    /// The descriptors sent with the request become the program's 0, 1, 2,
+    /// 3...: this many of them.
+    pub n_fds: u8,
+    /// Give the program a private mount namespace in which /etc/resolv.conf
+    /// is the instance's.
+    pub private_resolv: bool,
+    /// The instance lives as long as this program: when it exits, the
+    /// helper removes the instance (a worker's lease).
+    pub bind_lease: bool,
+}
+
+#[derive(Deserialize)]
+struct RawSpawnSpec {
+    instance: InstanceName,
+    argv: Vec<String>,
+    env: Vec<String>,
+    cwd: String,
+    n_fds: u8,
+    private_resolv: bool,
+    bind_lease: bool,
+}
+
+impl TryFrom<RawSpawnSpec> for SpawnSpec {
+    type Error = Invalid;
+    fn try_from(r: RawSpawnSpec) -> Result<Self, Invalid> {
+        let s = SpawnSpec {
+            instance: r.instance,
+            argv: r.argv,
+            env: r.env,
+            cwd: r.cwd,
+            n_fds: r.n_fds,
+            private_resolv: r.private_resolv,
+            bind_lease: r.bind_lease,
+        };
+        s.validate()?;
+        Ok(s)
+    }
+}
+
+impl SpawnSpec {
+    /// Checks sizes and shapes (no NUL bytes, `KEY=VALUE`, absolute cwd).
+    pub fn validate(&self) -> Result<(), Invalid> {
+        if self.argv.is_empty() || self.argv[0].is_empty() {
+            return Err(invalid("argv", "a program is needed"));
+        }
+        if self.argv.len() > MAX_ARGS || self.env.len() > MAX_ARGS {
+            return Err(invalid("argv", format!("at most {MAX_ARGS} entries")));
+        }
+        let all = self
+            .argv
+            .iter()
+            .chain(&self.env)
+            .chain(std::iter::once(&self.cwd));
+        for s in all {
+            if s.len() > MAX_ARG_LEN || s.contains('\0') {
+                return Err(invalid(
+                    "argv",
+                    format!("entries must be under {MAX_ARG_LEN} bytes without NUL"),
+                ));
+            }
+        }
+        if self
+            .env
+            .iter()
+            .any(|e| !e.contains('=') || e.starts_with('='))
+        {
+            return Err(invalid("env", "entries must be KEY=VALUE"));
+        }
+        if !self.cwd.starts_with('/') {
+            return Err(invalid("cwd", "must be an absolute path"));
+        }
+        if usize::from(self.n_fds) > crate::MAX_FDS_PER_FRAME {
+            return Err(invalid("n_fds", "too many descriptors"));
+        }
+        Ok(())
+    }
+}
+
+/// What `List` reports per instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceInfo {
+    /// Its name.
+    pub name: InstanceName,
+    /// Its network namespace (`warren-NAME`).
+    pub netns: String,
+    /// The TUN device inside it.
+    pub tun: String,
+    /// The owner's uid.
+    pub owner_uid: u32,
+    /// What keeps it alive: `connection` or `worker PID`.
+    pub lease: String,
+    /// Addresses (details are shown to the owner and root only).
+    pub addresses: Vec<IpPrefix>,
+}
+
+/// How a spawned program ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExitStatus {
+    /// Exited with this code.
+    Code(i32),
+    /// Killed by this signal.
+    Signal(i32),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(InstanceName::new("work-1").is_ok());
+        for bad in [
+            "",
+            "-x",
+            "UPPER",
+            "a/b",
+            "../etc",
+            "sixteen-chars-xx",
+            "a b",
+        ] {
+            assert!(InstanceName::new(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            InstanceName::new("exit").expect("valid").netns(),
+            "warren-exit"
+        );
+    }
+
+    #[test]
+    fn invalid_values_do_not_deserialize() {
+        let bad = postcard::to_allocvec(&("../x".to_string(),)).expect("encode");
+        assert!(postcard::from_bytes::<(InstanceName,)>(&bad).is_err());
+        let p: (IpAddr, u8) = ("198.18.0.1".parse().expect("ip"), 33);
+        let enc = postcard::to_allocvec(&p).expect("encode");
+        assert!(postcard::from_bytes::<IpPrefix>(&enc).is_err());
+    }
+
+    #[test]
+    fn prefixes_parse() {
+        let p: IpPrefix = "198.18.0.2/24".parse().expect("prefix");
+        assert_eq!((p.addr().to_string(), p.len()), ("198.18.0.2".into(), 24));
+        let p: IpPrefix = "fd00::2".parse().expect("prefix");
+        assert_eq!(p.len(), 128);
+        assert!("198.18.0.2/40".parse::<IpPrefix>().is_err());
+    }
+
+    #[test]
+    fn spawn_specs_validate() {
+        let ok = SpawnSpec {
+            instance: InstanceName::new("a").expect("name"),
+            argv: vec!["id".into()],
+            env: vec!["PATH=/usr/bin:/bin".into()],
+            cwd: "/".into(),
+            n_fds: 3,
+            private_resolv: true,
+            bind_lease: false,
+        };
+        assert!(ok.validate().is_ok());
+        let mut bad = ok.clone();
+        bad.env = vec!["NOEQUALS".into()];
+        assert!(bad.validate().is_err());
+        let mut bad = ok.clone();
+        bad.cwd = "relative".into();
+        assert!(bad.validate().is_err());
+        let mut bad = ok;
+        bad.argv = vec![];
+        assert!(bad.validate().is_err());
+    }
+}

@@ -1,0 +1,468 @@
+//! Namespace instances the helper holds: who owns them, what keeps them
+//! alive (a lease), the programs spawned in them, and the journal that lets
+//! a restarted helper remove what a crashed one left.
+//!
+//! Leases: an instance is leased to the connection that created it and is
+//! removed when that connection closes (a `kill -9`ed client included),
+//! unless a program spawned in it with `bind_lease` took the lease over:
+//! then it is removed when that program exits. Programs are tracked by
+//! pidfd.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+use warren_ipc::Event;
+use warren_ipc::HelperError;
+use warren_ipc::instance::{InstanceInfo, InstanceName, InstanceSpec, SpawnSpec};
+
+use crate::auth::PeerCred;
+use crate::journal::Journal;
+use crate::{netns, runas};
+
+/// Most instances one user may hold.
+pub const MAX_INSTANCES_PER_UID: usize = 16;
+
+/// What the journal records: enough to remove it after a crash.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum JournalEntry {
+    /// A namespace instance (namespace, /etc/netns entry).
+    Instance {
+        /// Its name.
+        name: String,
+        /// Its owner.
+        owner: u32,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lease {
+    Connection(u64),
+    Worker(i32),
+}
+
+#[derive(Debug)]
+struct Instance {
+    spec: InstanceSpec,
+    owner: u32,
+    lease: Lease,
+    creator: u64,
+    journal_id: u64,
+}
+
+#[derive(Debug)]
+struct Proc {
+    pidfd: Arc<OwnedFd>,
+    conn: u64,
+    instance: InstanceName,
+}
+
+#[derive(Debug)]
+struct State {
+    instances: HashMap<InstanceName, Instance>,
+    procs: HashMap<i32, Proc>,
+    events: HashMap<u64, mpsc::Sender<Event>>,
+    journal: Journal<JournalEntry>,
+    incidents: u64,
+}
+
+/// The helper's instances.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    state: Arc<Mutex<State>>,
+}
+
+fn internal(state: &mut State, what: &str, err: &dyn std::fmt::Display) -> HelperError {
+    state.incidents += 1;
+    error!(incident = state.incidents, "{what}: {err}");
+    HelperError::Internal {
+        incident: state.incidents,
+    }
+}
+
+impl Registry {
+    /// Opens the journal at `journal_path` and removes everything a previous
+    /// helper recorded there (its leases died with it).
+    pub fn open(journal_path: PathBuf) -> Result<Registry, crate::journal::JournalError> {
+        let (mut journal, corrupt) = Journal::<JournalEntry>::open(&journal_path)?;
+        if let Some(e) = corrupt {
+            warn!(error = %e, "journal set aside; orphans it named cannot be removed automatically");
+        }
+        reconcile(&mut journal);
+        Ok(Registry {
+            state: Arc::new(Mutex::new(State {
+                instances: HashMap::new(),
+                procs: HashMap::new(),
+                events: HashMap::new(),
+                journal,
+                incidents: 0,
+            })),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Number of resources held (instances).
+    pub fn count(&self) -> usize {
+        self.lock().instances.len()
+    }
+
+    /// Registers a connection's event channel.
+    pub fn connect(&self, conn: u64, events: mpsc::Sender<Event>) {
+        self.lock().events.insert(conn, events);
+    }
+
+    /// Creates an instance leased to `conn`; returns its description and
+    /// the TUN descriptor.
+    pub async fn create(
+        &self,
+        spec: InstanceSpec,
+        peer: &PeerCred,
+        conn: u64,
+    ) -> Result<(InstanceInfo, OwnedFd), HelperError> {
+        let name = spec.name.clone();
+        let journal_id = {
+            let mut st = self.lock();
+            if st.instances.contains_key(&name) || netns::exists(&name) {
+                return Err(HelperError::Exists {
+                    what: format!("instance {name}"),
+                });
+            }
+            let mine = st
+                .instances
+                .values()
+                .filter(|i| i.owner == peer.uid)
+                .count();
+            if peer.uid != 0 && mine >= MAX_INSTANCES_PER_UID {
+                return Err(HelperError::TooManyResources {
+                    limit: MAX_INSTANCES_PER_UID as u32,
+                });
+            }
+            // Written before anything is created: a crash from here on
+            // leaves an orphan the next start removes.
+            let entry = JournalEntry::Instance {
+                name: name.to_string(),
+                owner: peer.uid,
+            };
+            match st.journal.add(entry) {
+                Ok(id) => id,
+                Err(e) => return Err(internal(&mut st, "journal", &e)),
+            }
+        };
+        let spec2 = spec.clone();
+        let made = tokio::task::spawn_blocking(move || {
+            let ns = netns::create_netns(&spec2.name)?;
+            netns::write_resolv_conf(&spec2.name, &spec2.dns)?;
+            netns::create_tun_and_configure(&ns, &spec2)
+        })
+        .await;
+        let tun = match made {
+            Ok(Ok(tun)) => tun,
+            other => {
+                let why = match other {
+                    Ok(Err(e)) => format!(
+                        "{e}: {}",
+                        std::error::Error::source(&e)
+                            .map(|s| s.to_string())
+                            .unwrap_or_default()
+                    ),
+                    _ => "creation task failed".to_string(),
+                };
+                let errs = netns::destroy(&name);
+                let mut st = self.lock();
+                if errs.is_empty() {
+                    let _ = st.journal.remove(journal_id);
+                }
+                return Err(internal(&mut st, &format!("create instance {name}"), &why));
+            }
+        };
+        let mut st = self.lock();
+        st.instances.insert(
+            name.clone(),
+            Instance {
+                spec,
+                owner: peer.uid,
+                lease: Lease::Connection(conn),
+                creator: conn,
+                journal_id,
+            },
+        );
+        let info = describe(&name, st.instances.get(&name).expect("just inserted"));
+        info!(instance = %name, uid = peer.uid, "instance created");
+        Ok((info, tun))
+    }
+
+    /// Destroys an instance the caller owns (root: any).
+    pub async fn destroy(&self, name: &InstanceName, peer: &PeerCred) -> Result<(), HelperError> {
+        {
+            let st = self.lock();
+            match st.instances.get(name) {
+                None => {
+                    return Err(HelperError::NotFound {
+                        what: format!("instance {name}"),
+                    });
+                }
+                Some(i) if i.owner != peer.uid && peer.uid != 0 => {
+                    // Same answer as for a missing one: others' instances
+                    // are not the caller's business.
+                    return Err(HelperError::NotFound {
+                        what: format!("instance {name}"),
+                    });
+                }
+                Some(_) => {}
+            }
+        }
+        self.remove(name, "destroyed on request").await;
+        Ok(())
+    }
+
+    /// The caller's instances (root: all).
+    pub fn list(&self, peer: &PeerCred) -> Vec<InstanceInfo> {
+        let st = self.lock();
+        let mut v: Vec<InstanceInfo> = st
+            .instances
+            .iter()
+            .filter(|(_, i)| peer.uid == 0 || i.owner == peer.uid)
+            .map(|(n, i)| describe(n, i))
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Spawns a program in an instance the caller owns, as the caller.
+    pub async fn spawn(
+        &self,
+        spec: SpawnSpec,
+        peer: &PeerCred,
+        conn: u64,
+        fds: Vec<OwnedFd>,
+    ) -> Result<i32, HelperError> {
+        if fds.len() != usize::from(spec.n_fds) {
+            return Err(HelperError::InvalidArgument {
+                field: "n_fds".into(),
+                reason: format!("{} announced, {} sent", spec.n_fds, fds.len()),
+            });
+        }
+        {
+            let st = self.lock();
+            match st.instances.get(&spec.instance) {
+                Some(i) if i.owner == peer.uid || peer.uid == 0 => {}
+                _ => {
+                    return Err(HelperError::NotFound {
+                        what: format!("instance {}", spec.instance),
+                    });
+                }
+            }
+        }
+        let name = spec.instance.clone();
+        let peer2 = peer.clone();
+        let spawned = tokio::task::spawn_blocking(move || {
+            let ns = netns::open_netns(&spec.instance)?;
+            let resolv = spec
+                .private_resolv
+                .then(|| netns::paths(&spec.instance).1.join("resolv.conf"));
+            runas::spawn(
+                &ns,
+                resolv.as_deref(),
+                &peer2,
+                &spec.argv,
+                &spec.env,
+                &spec.cwd,
+                fds,
+            )
+            .map(|s| (s, spec.bind_lease))
+        })
+        .await;
+        let (sp, bind) = match spawned {
+            Ok(Ok(x)) => x,
+            Ok(Err(e)) => {
+                // The program could not be started (not found, cwd not
+                // accessible to the user...): say so, it is the caller's.
+                return Err(HelperError::InvalidArgument {
+                    field: "argv".into(),
+                    reason: format!("cannot start the program: {e}"),
+                });
+            }
+            Err(e) => {
+                let mut st = self.lock();
+                return Err(internal(&mut st, "spawn task", &e));
+            }
+        };
+        let pid = sp.pid;
+        let pidfd = Arc::new(sp.pidfd);
+        {
+            let mut st = self.lock();
+            if bind && let Some(i) = st.instances.get_mut(&name) {
+                i.lease = Lease::Worker(pid);
+            }
+            st.procs.insert(
+                pid,
+                Proc {
+                    pidfd: pidfd.clone(),
+                    conn,
+                    instance: name.clone(),
+                },
+            );
+        }
+        info!(instance = %name, uid = peer.uid, pid, bind, "program spawned");
+        let reg = self.clone();
+        tokio::spawn(async move { reg.watch(pid, pidfd).await });
+        Ok(pid)
+    }
+
+    /// Waits for a spawned program to end, reports it, and ends the
+    /// instance if the program held its lease.
+    async fn watch(&self, pid: i32, pidfd: Arc<OwnedFd>) {
+        // SAFETY: the AsyncFd owns a clone of the Arc, so the pidfd stays
+        // open and unchanged for the AsyncFd's whole life.
+        let registered = unsafe {
+            AsyncFd::register_with_interest(pidfd.clone(), tokio::io::Interest::READABLE)
+        };
+        match registered {
+            // A pidfd becomes readable when the process exits.
+            Ok(afd) => {
+                let _ = afd.readable().await;
+            }
+            Err(e) => warn!(pid, error = %e, "cannot watch a spawned program"),
+        }
+        let status = runas::reap(&pidfd);
+        let (conn, instance, leased) = {
+            let mut st = self.lock();
+            let Some(p) = st.procs.remove(&pid) else {
+                return;
+            };
+            let leased = st
+                .instances
+                .get(&p.instance)
+                .is_some_and(|i| i.lease == Lease::Worker(pid));
+            (p.conn, p.instance, leased)
+        };
+        info!(pid, instance = %instance, status = ?status, "program ended");
+        if let Ok(status) = status {
+            self.send_event(conn, Event::Exited { pid, status });
+        }
+        if leased {
+            self.remove(&instance, "its worker ended").await;
+        }
+    }
+
+    fn send_event(&self, conn: u64, ev: Event) {
+        let st = self.lock();
+        if let Some(tx) = st.events.get(&conn)
+            && tx.try_send(ev).is_err()
+        {
+            warn!(conn, "client not reading its events; one dropped");
+        }
+    }
+
+    /// A connection closed: remove the instances leased to it.
+    pub async fn disconnect(&self, conn: u64) {
+        let leased: Vec<InstanceName> = {
+            let mut st = self.lock();
+            st.events.remove(&conn);
+            st.instances
+                .iter()
+                .filter(|(_, i)| i.lease == Lease::Connection(conn))
+                .map(|(n, _)| n.clone())
+                .collect()
+        };
+        for name in leased {
+            self.remove(&name, "its client disconnected").await;
+        }
+    }
+
+    /// Removes everything (shutdown).
+    pub async fn remove_all(&self) {
+        let names: Vec<InstanceName> = self.lock().instances.keys().cloned().collect();
+        for n in names {
+            self.remove(&n, "helper stopping").await;
+        }
+    }
+
+    /// Ends the programs in `name`, removes its kernel objects, forgets it.
+    async fn remove(&self, name: &InstanceName, why: &str) {
+        let (inst, procs) = {
+            let mut st = self.lock();
+            let Some(inst) = st.instances.remove(name) else {
+                return;
+            };
+            let procs: Vec<Arc<OwnedFd>> = st
+                .procs
+                .values()
+                .filter(|p| &p.instance == name)
+                .map(|p| p.pidfd.clone())
+                .collect();
+            (inst, procs)
+        };
+        for p in &procs {
+            let _ = runas::signal(p, libc::SIGKILL);
+        }
+        let n = name.clone();
+        let errs = tokio::task::spawn_blocking(move || netns::destroy(&n))
+            .await
+            .unwrap_or_default();
+        let mut st = self.lock();
+        if errs.is_empty() {
+            if let Err(e) = st.journal.remove(inst.journal_id) {
+                warn!(error = %e, "cannot update the journal");
+            }
+            info!(instance = %name, reason = why, "instance removed");
+        } else {
+            for e in &errs {
+                error!(instance = %name, error = %e, cause = ?std::error::Error::source(e).map(|s| s.to_string()), "removal step failed; left in the journal for the next start");
+            }
+        }
+        let creator = inst.creator;
+        drop(st);
+        self.send_event(creator, Event::InstanceGone { name: name.clone() });
+    }
+}
+
+fn describe(name: &InstanceName, i: &Instance) -> InstanceInfo {
+    InstanceInfo {
+        name: name.clone(),
+        netns: name.netns(),
+        tun: netns::TUN_NAME.into(),
+        owner_uid: i.owner,
+        lease: match i.lease {
+            Lease::Connection(_) => "connection".into(),
+            Lease::Worker(pid) => format!("worker {pid}"),
+        },
+        addresses: i.spec.addresses.clone(),
+    }
+}
+
+/// Removes everything the journal names (after a crash, or from
+/// `warren-helper cleanup`), keeping entries whose removal failed.
+pub fn reconcile(journal: &mut Journal<JournalEntry>) -> usize {
+    let entries: Vec<(u64, JournalEntry)> = journal.entries().to_vec();
+    let mut removed = 0;
+    for (id, e) in entries {
+        match e {
+            JournalEntry::Instance { name, owner } => {
+                let Ok(n) = InstanceName::new(&name) else {
+                    let _ = journal.remove(id);
+                    continue;
+                };
+                let errs = netns::destroy(&n);
+                if errs.is_empty() {
+                    info!(instance = %n, owner, "removed an orphan left by a previous helper");
+                    let _ = journal.remove(id);
+                    removed += 1;
+                } else {
+                    for err in errs {
+                        error!(instance = %n, error = %err, "cannot remove orphan");
+                    }
+                }
+            }
+        }
+    }
+    removed
+}

@@ -1,0 +1,216 @@
+//! Running a program inside an instance's namespace as the requesting user:
+//! their uid, gid and supplementary groups (from `SO_PEERCRED` and
+//! `SO_PEERGROUPS`, never anyone else's), no capabilities, `no_new_privs`,
+//! only the descriptors they passed.
+//!
+//! Between fork and exec only async-signal-safe system calls run (the
+//! helper is multi-threaded): everything the child needs is prepared before
+//! the fork. Order in the child: enter the network namespace, optionally a
+//! private mount namespace with the instance's resolv.conf bound over
+//! /etc/resolv.conf, descriptors into place, then supplementary groups,
+//! gid, uid (and a check that none can be regained), ambient capabilities
+//! cleared, no_new_privs, and only then the working directory.
+//!
+//! The child is tracked by a pidfd (taken before it can be reaped, so its
+//! pid can't have been reused), never by its pid number alone.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+
+use warren_ipc::instance::ExitStatus;
+
+use crate::auth::PeerCred;
+
+/// A spawned program: its pid and a pidfd to wait on or signal it.
+#[derive(Debug)]
+pub struct Spawned {
+    /// Its pid.
+    pub pid: i32,
+    /// A descriptor for the process itself.
+    pub pidfd: OwnedFd,
+}
+
+/// Everything the child needs, prepared before fork.
+struct Prepared {
+    netns: RawFd,
+    resolv: Option<(CString, CString)>,
+    fds: Vec<RawFd>,
+    groups: Vec<libc::gid_t>,
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+    cwd: CString,
+}
+
+/// Spawns `argv` in the namespace `netns` as `peer`.
+pub fn spawn(
+    netns: &File,
+    resolv_conf: Option<&std::path::Path>,
+    peer: &PeerCred,
+    argv: &[String],
+    env: &[String],
+    cwd: &str,
+    fds: Vec<OwnedFd>,
+) -> io::Result<Spawned> {
+    let cs = |s: &str| CString::new(s).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput));
+    let prep = Prepared {
+        netns: netns.as_raw_fd(),
+        resolv: match resolv_conf {
+            Some(p) => Some((
+                cs(p.to_str().ok_or(io::ErrorKind::InvalidInput)?)?,
+                cs("/etc/resolv.conf")?,
+            )),
+            None => None,
+        },
+        fds: fds.iter().map(|f| f.as_raw_fd()).collect(),
+        groups: peer.groups.clone(),
+        uid: peer.uid,
+        gid: peer.gid,
+        cwd: cs(cwd)?,
+    };
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]).env_clear();
+    for e in env {
+        if let Some((k, v)) = e.split_once('=') {
+            cmd.env(k, v);
+        }
+    }
+    // Standard streams are set up in pre_exec from the passed descriptors;
+    // whatever the helper has on 0-2 must not leak in.
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: the closure only makes async-signal-safe system calls on
+    // memory prepared before the fork (see `child_setup`).
+    unsafe {
+        cmd.pre_exec(move || child_setup(&prep));
+    }
+    let child = cmd.spawn()?;
+    let pid = child.id() as i32;
+    // The child is ours and not yet reaped, so `pid` still names it.
+    // SAFETY: plain system call with integer arguments.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as RawFd;
+    if raw < 0 {
+        let e = io::Error::last_os_error();
+        // SAFETY: signalling and reaping our own unreaped child by pid is
+        // race-free: the pid cannot be reused before we reap it.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+        }
+        return Err(e);
+    }
+    drop(fds);
+    // `child` is dropped without waiting: the pidfd is used to reap it.
+    drop(child);
+    // SAFETY: `raw` was just returned by pidfd_open.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(raw) };
+    Ok(Spawned { pid, pidfd })
+}
+
+/// Runs in the child between fork and exec: raw system calls only.
+fn child_setup(p: &Prepared) -> io::Result<()> {
+    fn check(rc: libc::c_int) -> io::Result<()> {
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+    // SAFETY: each call is an async-signal-safe system call
+    // whose pointer arguments point into `p`, which lives until exec.
+    unsafe {
+        check(libc::setns(p.netns, libc::CLONE_NEWNET))?;
+        if let Some((src, dst)) = &p.resolv {
+            check(libc::unshare(libc::CLONE_NEWNS))?;
+            check(libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_SLAVE,
+                std::ptr::null(),
+            ))?;
+            check(libc::mount(
+                src.as_ptr(),
+                dst.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            ))?;
+        }
+        // Move the passed descriptors out of the way of 0..n first, then
+        // into place (dup2 clears close-on-exec on the copies).
+        let base = 100;
+        for (i, fd) in p.fds.iter().enumerate() {
+            check(libc::dup2(*fd, base + i as libc::c_int))?;
+        }
+        for i in 0..p.fds.len() {
+            check(libc::dup2(base + i as libc::c_int, i as libc::c_int))?;
+            libc::close(base + i as libc::c_int);
+        }
+        check(libc::setgroups(p.groups.len(), p.groups.as_ptr()))?;
+        check(libc::setresgid(p.gid, p.gid, p.gid))?;
+        check(libc::setresuid(p.uid, p.uid, p.uid))?;
+        if p.uid != 0 && (libc::setuid(0) == 0 || libc::setgid(0) == 0 && p.gid != 0) {
+            return Err(io::Error::other("privileges could be regained"));
+        }
+        check(libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        ))?;
+        check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+        check(libc::chdir(p.cwd.as_ptr()))?;
+    }
+    Ok(())
+}
+
+/// Reaps the process behind `pidfd` (it must have exited: the pidfd is
+/// readable) and says how it ended.
+pub fn reap(pidfd: &OwnedFd) -> io::Result<ExitStatus> {
+    // SAFETY: siginfo_t is plain data; waitid fills it.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: P_PIDFD (3) with our pidfd; `info` is writable.
+    let rc = unsafe {
+        libc::waitid(
+            3, // P_PIDFD
+            pidfd.as_raw_fd() as libc::id_t,
+            &mut info,
+            libc::WEXITED,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: after a successful waitid with WEXITED these fields are set.
+    let (code, status) = unsafe { (info.si_code, info.si_status()) };
+    Ok(if code == libc::CLD_EXITED {
+        ExitStatus::Code(status)
+    } else {
+        ExitStatus::Signal(status)
+    })
+}
+
+/// Sends `sig` through the pidfd (never to a recycled pid).
+pub fn signal(pidfd: &OwnedFd, sig: libc::c_int) -> io::Result<()> {
+    // SAFETY: plain system call; a null siginfo means "as kill()".
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}

@@ -1,0 +1,606 @@
+//! Namespace instances through a real helper, as root (CI runs it as root;
+//! it fails, never skips, there otherwise): kernel state as intended, the
+//! TUN descriptor carries packets both ways, programs run as the caller and
+//! cannot regain privileges, ownership, leases, and crash clean-up.
+
+use std::io::Read;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use warren::helper_client::{ClientError, HelperClient};
+use warren_ipc::instance::{ExitStatus, InstanceName, InstanceSpec, SpawnSpec};
+use warren_ipc::{Event, HelperError};
+use warren_tests::{Helper, Proc, bin, ids, require_root, run_limited, wait_for};
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// A unique instance name for this test process.
+fn name(tag: &str) -> InstanceName {
+    InstanceName::new(&format!("{tag}{}", std::process::id() % 1_000_000)).expect("name")
+}
+
+fn spec(n: &InstanceName, v4: bool, v6: bool) -> InstanceSpec {
+    let mut addrs = Vec::new();
+    let mut routes = Vec::new();
+    let mut dns = Vec::new();
+    if v4 {
+        addrs.push("198.19.77.2/32".parse().expect("p"));
+        routes.push("0.0.0.0/0".parse().expect("p"));
+        dns.push("198.19.77.53".parse().expect("ip"));
+    }
+    if v6 {
+        addrs.push("fd00:77::2/128".parse().expect("p"));
+        routes.push("::/0".parse().expect("p"));
+        dns.push("fd00:77::53".parse().expect("ip"));
+    }
+    InstanceSpec::new(n.clone(), 1420, addrs, routes, dns).expect("spec")
+}
+
+fn ip_json(args: &[&str]) -> serde_json::Value {
+    let out = run_limited(Command::new("ip").args(args), Duration::from_secs(10));
+    assert!(out.status.success(), "ip {args:?}: {out:?}");
+    serde_json::from_slice(&out.stdout).expect("ip -j output")
+}
+
+fn netns_exists(n: &InstanceName) -> bool {
+    std::path::Path::new("/run/netns").join(n.netns()).exists()
+}
+
+async fn connect(h: &Helper) -> HelperClient {
+    HelperClient::connect(&h.socket).await.expect("connect")
+}
+
+/// Connects as another user: a thread switches only its own credentials
+/// (raw system calls affect the calling thread alone), connects, and ends;
+/// the kernel records those credentials for the connection.
+async fn connect_as(h: &Helper, uid: u32, gid: u32, groups: &[u32]) -> HelperClient {
+    let sock = h.socket.clone();
+    let groups = groups.to_vec();
+    let stream = std::thread::spawn(move || {
+        // SAFETY: thread-local credential changes with valid arguments; the
+        // thread exits right after connecting.
+        unsafe {
+            assert_eq!(
+                libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()),
+                0
+            );
+            assert_eq!(libc::syscall(libc::SYS_setresgid, gid, gid, gid), 0);
+            assert_eq!(libc::syscall(libc::SYS_setresuid, uid, uid, uid), 0);
+        }
+        StdUnixStream::connect(&sock).expect("connect as user")
+    })
+    .join()
+    .expect("thread");
+    stream.set_nonblocking(true).expect("nonblocking");
+    let stream = tokio::net::UnixStream::from_std(stream).expect("tokio stream");
+    HelperClient::from_stream(stream).await.expect("handshake")
+}
+
+#[test]
+fn dual_stack_instance_is_configured_exactly() {
+    if !require_root("dual_stack_instance_is_configured_exactly") {
+        return;
+    }
+    let h = Helper::start("inst-ds", &[]);
+    let n = name("ds");
+    rt().block_on(async {
+        let mut c = connect(&h).await;
+        let (info, _tun) = c
+            .create_instance(spec(&n, true, true))
+            .await
+            .expect("create");
+        assert_eq!(info.netns, n.netns());
+        let ns = n.netns();
+        let addrs = ip_json(&["-j", "-n", &ns, "addr", "show", "dev", "wr0"]);
+        let locals: Vec<String> = addrs[0]["addr_info"]
+            .as_array()
+            .expect("addr_info")
+            .iter()
+            .filter(|a| a["scope"] == "global")
+            .map(|a| format!("{}/{}", a["local"].as_str().expect("local"), a["prefixlen"]))
+            .collect();
+        assert_eq!(locals, vec!["198.19.77.2/32", "fd00:77::2/128"]);
+        assert_eq!(addrs[0]["mtu"], 1420);
+        assert!(addrs[0]["flags"].to_string().contains("UP"));
+        let r4 = ip_json(&["-j", "-n", &ns, "route", "show"]);
+        assert!(
+            r4.as_array()
+                .expect("routes")
+                .iter()
+                .any(|r| r["dst"] == "default" && r["dev"] == "wr0"),
+            "{r4}"
+        );
+        let r6 = ip_json(&["-j", "-6", "-n", &ns, "route", "show", "default"]);
+        assert!(
+            r6.as_array()
+                .expect("routes")
+                .iter()
+                .any(|r| r["dev"] == "wr0"),
+            "{r6}"
+        );
+        let lo = ip_json(&["-j", "-n", &ns, "link", "show", "lo"]);
+        assert!(lo[0]["flags"].to_string().contains("UP"), "loopback up");
+        let resolv =
+            std::fs::read_to_string(format!("/etc/netns/{ns}/resolv.conf")).expect("resolv.conf");
+        let servers: Vec<&str> = resolv
+            .lines()
+            .filter(|l| l.starts_with("nameserver"))
+            .collect();
+        assert_eq!(
+            servers,
+            vec!["nameserver 198.19.77.53", "nameserver fd00:77::53"]
+        );
+        // `ip netns` sees it.
+        let list = run_limited(
+            Command::new("ip").args(["netns", "list"]),
+            Duration::from_secs(10),
+        );
+        assert!(String::from_utf8_lossy(&list.stdout).contains(&ns));
+        let listed = c.list_instances().await.expect("list");
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].lease, "connection");
+        c.destroy_instance(&n).await.expect("destroy");
+    });
+    assert!(!netns_exists(&n));
+    assert!(!std::path::Path::new(&format!("/etc/netns/{}", n.netns())).exists());
+}
+
+#[test]
+fn ipv4_only_instance_has_ipv6_disabled_and_ipv6_only_works() {
+    if !require_root("ipv4_only_instance_has_ipv6_disabled_and_ipv6_only_works") {
+        return;
+    }
+    let h = Helper::start("inst-46", &[]);
+    let n4 = name("v4o");
+    let n6 = name("v6o");
+    rt().block_on(async {
+        let mut c = connect(&h).await;
+        // The TUN devices live while their descriptors are open.
+        let _t4 = c
+            .create_instance(spec(&n4, true, false))
+            .await
+            .expect("v4 only");
+        let _t6 = c
+            .create_instance(spec(&n6, false, true))
+            .await
+            .expect("v6 only");
+        let out = run_limited(
+            Command::new("ip").args([
+                "netns",
+                "exec",
+                &n4.netns(),
+                "cat",
+                "/proc/sys/net/ipv6/conf/all/disable_ipv6",
+            ]),
+            Duration::from_secs(10),
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "1",
+            "no IPv6 leaks around an IPv4-only tunnel"
+        );
+        let a6 = ip_json(&["-j", "-n", &n6.netns(), "-6", "addr", "show", "dev", "wr0"]);
+        assert!(a6.to_string().contains("fd00:77::2"), "{a6}");
+        let a4 = ip_json(&["-j", "-n", &n6.netns(), "-4", "addr", "show", "dev", "wr0"]);
+        assert!(!a4.to_string().contains("198.19"), "{a4}");
+    });
+    // The connection closed: both leases ended.
+    assert!(wait_for(Duration::from_secs(10), || !netns_exists(&n4)
+        && !netns_exists(&n6)));
+}
+
+fn checksum(b: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    for c in b.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn icmp_echo(src: [u8; 4], dst: [u8; 4], ty: u8, id: u16) -> Vec<u8> {
+    let mut icmp = vec![ty, 0, 0, 0];
+    icmp.extend_from_slice(&id.to_be_bytes());
+    icmp.extend_from_slice(&1u16.to_be_bytes());
+    icmp.extend_from_slice(b"warren-tun-test!");
+    let c = checksum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let total = (20 + icmp.len()) as u16;
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&total.to_be_bytes());
+    ip.extend_from_slice(&[0, 0, 0x40, 0, 64, 1, 0, 0]);
+    ip.extend_from_slice(&src);
+    ip.extend_from_slice(&dst);
+    let c = checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    ip.extend_from_slice(&icmp);
+    ip
+}
+
+/// Reads packets from the TUN until `want` matches one (10 s at most).
+fn read_until(tun: &OwnedFd, want: impl Fn(&[u8]) -> bool) -> Vec<u8> {
+    let mut buf = [0u8; 2048];
+    for _ in 0..200 {
+        let mut fds = [nix::poll::PollFd::new(
+            tun.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(50u16));
+        match nix::unistd::read(tun, &mut buf) {
+            Ok(n) if want(&buf[..n]) => return buf[..n].to_vec(),
+            _ => continue,
+        }
+    }
+    panic!("no matching packet from the TUN device");
+}
+
+#[test]
+fn tun_descriptor_carries_packets_both_ways() {
+    if !require_root("tun_descriptor_carries_packets_both_ways") {
+        return;
+    }
+    let h = Helper::start("inst-tun", &[]);
+    let n = name("tun");
+    rt().block_on(async {
+        let mut c = connect(&h).await;
+        let (_info, tun) = c
+            .create_instance(spec(&n, true, false))
+            .await
+            .expect("create");
+        // From inside the namespace out through the TUN: a UDP datagram to
+        // an address routed into the tunnel arrives on the descriptor.
+        let out = run_limited(
+            Command::new("ip").args([
+                "netns",
+                "exec",
+                &n.netns(),
+                "bash",
+                "-c",
+                "echo warren >/dev/udp/198.19.77.9/9",
+            ]),
+            Duration::from_secs(10),
+        );
+        assert!(out.status.success(), "{out:?}");
+        let pkt = read_until(&tun, |p| {
+            p.len() >= 28 && p[9] == 17 && p[16..20] == [198, 19, 77, 9]
+        });
+        assert_eq!(
+            &pkt[12..16],
+            &[198, 19, 77, 2],
+            "source is the instance's address"
+        );
+        assert_eq!(&pkt[28..34], b"warren");
+        // From the descriptor in: an echo request to the instance's address
+        // is answered by its kernel, back out through the TUN.
+        let req = icmp_echo([198, 19, 77, 9], [198, 19, 77, 2], 8, 0x5757);
+        nix::unistd::write(&tun, &req).expect("write packet");
+        let reply = read_until(&tun, |p| {
+            p.len() >= 28 && p[9] == 1 && p[20] == 0 && p[24..26] == [0x57, 0x57]
+        });
+        assert_eq!(&reply[12..16], &[198, 19, 77, 2]);
+        assert_eq!(&reply[16..20], &[198, 19, 77, 9]);
+    });
+}
+
+/// Spawns `argv` in `n` through `c` with a pipe as stdout/stderr; returns
+/// the output and the exit status.
+async fn run_in(
+    c: &mut HelperClient,
+    n: &InstanceName,
+    argv: &[&str],
+    private_resolv: bool,
+) -> (String, ExitStatus) {
+    let (r, w) = nix::unistd::pipe().expect("pipe");
+    let null = std::fs::File::open("/dev/null").expect("null");
+    let spec = SpawnSpec {
+        instance: n.clone(),
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env: vec!["PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin".into()],
+        cwd: "/".into(),
+        n_fds: 0,
+        private_resolv,
+        bind_lease: false,
+    };
+    let pid = c
+        .spawn(spec, &[null.as_fd(), w.as_fd(), w.as_fd()])
+        .await
+        .expect("spawn");
+    drop(w);
+    let mut out = String::new();
+    let reader = std::thread::spawn(move || {
+        let mut f = std::fs::File::from(r);
+        let mut s = String::new();
+        let _ = f.read_to_string(&mut s);
+        s
+    });
+    let status = loop {
+        match tokio::time::timeout(Duration::from_secs(20), c.next_event())
+            .await
+            .expect("exit event")
+            .expect("event")
+        {
+            Event::Exited { pid: p, status } if p == pid => break status,
+            _ => continue,
+        }
+    };
+    out.push_str(&reader.join().expect("reader"));
+    (out, status)
+}
+
+#[test]
+fn spawned_program_runs_as_the_caller_and_cannot_regain_privileges() {
+    if !require_root("spawned_program_runs_as_the_caller_and_cannot_regain_privileges") {
+        return;
+    }
+    let h = Helper::start("inst-spawn", &[]);
+    let n = name("sp");
+    // A setuid-root copy of `id`: under no_new_privs the bit must not work.
+    let suid = h.dir.join("suid-id");
+    std::fs::copy("/usr/bin/id", &suid).expect("copy id");
+    std::os::unix::fs::chown(&suid, Some(0), Some(0)).expect("chown");
+    std::fs::set_permissions(&suid, std::os::unix::fs::PermissionsExt::from_mode(0o4755))
+        .expect("chmod");
+    rt().block_on(async {
+        let mut c = connect_as(
+            &h,
+            ids::SUPPLEMENTARY,
+            ids::SUPPLEMENTARY,
+            &[ids::GROUP, ids::OTHER_GROUP],
+        )
+        .await;
+        let (_i, _tun) = c
+            .create_instance(spec(&n, true, false))
+            .await
+            .expect("create as a member");
+        let (out, st) = run_in(&mut c, &n, &["id"], false).await;
+        assert_eq!(st, ExitStatus::Code(0));
+        assert_eq!(
+            out.trim(),
+            format!(
+                "uid={u} gid={u} groups={u},{g},{o}",
+                u = ids::SUPPLEMENTARY,
+                g = ids::GROUP,
+                o = ids::OTHER_GROUP
+            ),
+        );
+        let (out, _) = run_in(&mut c, &n, &[suid.to_str().expect("utf-8")], false).await;
+        assert!(!out.contains("euid=0"), "setuid bit ignored: {out}");
+        let (out, _) = run_in(&mut c, &n, &["cat", "/proc/self/status"], false).await;
+        for field in [
+            "CapEff:\t0000000000000000",
+            "CapPrm:\t0000000000000000",
+            "CapAmb:\t0000000000000000",
+            "NoNewPrivs:\t1",
+        ] {
+            assert!(out.contains(field), "{field} in {out}");
+        }
+        // Inside the instance's network namespace, with its resolv.conf
+        // when asked for.
+        let (out, _) = run_in(
+            &mut c,
+            &n,
+            &["ip", "-o", "addr", "show", "dev", "wr0"],
+            false,
+        )
+        .await;
+        assert!(out.contains("198.19.77.2"), "{out}");
+        let (out, _) = run_in(&mut c, &n, &["cat", "/etc/resolv.conf"], true).await;
+        assert!(out.contains("nameserver 198.19.77.53"), "{out}");
+        // Exit codes come back.
+        let (_, st) = run_in(&mut c, &n, &["sh", "-c", "exit 7"], false).await;
+        assert_eq!(st, ExitStatus::Code(7));
+    });
+}
+
+#[test]
+fn other_users_cannot_touch_an_instance() {
+    if !require_root("other_users_cannot_touch_an_instance") {
+        return;
+    }
+    let h = Helper::start("inst-own", &[]);
+    let n = name("own");
+    rt().block_on(async {
+        let mut owner = connect_as(&h, ids::MEMBER, ids::GROUP, &[]).await;
+        owner
+            .create_instance(spec(&n, true, false))
+            .await
+            .expect("create");
+        let mut other = connect_as(&h, ids::SUPPLEMENTARY, ids::SUPPLEMENTARY, &[ids::GROUP]).await;
+        assert!(
+            other.list_instances().await.expect("list").is_empty(),
+            "others' instances are not listed"
+        );
+        let err = other.destroy_instance(&n).await.expect_err("not theirs");
+        assert!(
+            matches!(err, ClientError::Helper(HelperError::NotFound { .. })),
+            "{err:?}"
+        );
+        let null = std::fs::File::open("/dev/null").expect("null");
+        let err = other
+            .spawn(
+                SpawnSpec {
+                    instance: n.clone(),
+                    argv: vec!["true".into()],
+                    env: vec![],
+                    cwd: "/".into(),
+                    n_fds: 0,
+                    private_resolv: false,
+                    bind_lease: false,
+                },
+                &[null.as_fd()],
+            )
+            .await
+            .expect_err("not theirs");
+        assert!(
+            matches!(err, ClientError::Helper(HelperError::NotFound { .. })),
+            "{err:?}"
+        );
+        // Names outside warren's own are impossible to express at all.
+        assert!(InstanceName::new("../../etc").is_err());
+        // Root sees and may remove everything.
+        let mut root = connect(&h).await;
+        assert_eq!(root.list_instances().await.expect("list").len(), 1);
+        root.destroy_instance(&n).await.expect("root removes");
+    });
+    assert!(!netns_exists(&n));
+}
+
+#[test]
+fn kill_9_of_the_client_removes_its_instance() {
+    if !require_root("kill_9_of_the_client_removes_its_instance") {
+        return;
+    }
+    let h = Helper::start("inst-k9c", &[]);
+    let n = name("k9c");
+    let mut child = Command::new(bin("examples/hold_instance"))
+        .arg(&h.socket)
+        .arg(n.as_str())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("holder");
+    let mut line = [0u8; 6];
+    child
+        .stdout
+        .as_mut()
+        .expect("stdout")
+        .read_exact(&mut line)
+        .expect("ready");
+    assert_eq!(&line, b"ready\n");
+    let holder = Proc::new(child, None);
+    assert!(netns_exists(&n));
+    holder.signal(nix::sys::signal::Signal::SIGKILL);
+    assert!(
+        wait_for(Duration::from_secs(10), || !netns_exists(&n)),
+        "instance removed when its client died"
+    );
+    assert!(!std::path::Path::new(&format!("/etc/netns/{}", n.netns())).exists());
+    drop(holder);
+}
+
+#[test]
+fn kill_9_of_the_helper_then_restart_removes_orphans() {
+    if !require_root("kill_9_of_the_helper_then_restart_removes_orphans") {
+        return;
+    }
+    let mut h = Helper::start("inst-k9h", &[]);
+    let n = name("k9h");
+    rt().block_on(async {
+        let mut c = connect(&h).await;
+        c.create_instance(spec(&n, true, true))
+            .await
+            .expect("create");
+        h.proc.signal(nix::sys::signal::Signal::SIGKILL);
+        assert!(h.proc.wait_timeout(Duration::from_secs(10)).is_some());
+    });
+    assert!(
+        netns_exists(&n),
+        "a killed helper leaves its namespace behind..."
+    );
+    // ...until a helper starts again on the same directory (journal).
+    let log = h.dir.join("helper2.log");
+    let child = Command::new(bin("warren-helper"))
+        .args([
+            "serve",
+            "--socket",
+            h.socket.to_str().expect("utf-8"),
+            "--group",
+            "60100",
+            "--config",
+            "/nonexistent/x.toml",
+        ])
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("restart");
+    let _second = Proc::new(child, Some(log));
+    assert!(
+        wait_for(Duration::from_secs(10), || !netns_exists(&n)),
+        "orphan removed at start"
+    );
+    assert!(!std::path::Path::new(&format!("/etc/netns/{}", n.netns())).exists());
+}
+
+#[test]
+fn cleanup_command_removes_orphans_and_refuses_while_serving() {
+    if !require_root("cleanup_command_removes_orphans_and_refuses_while_serving") {
+        return;
+    }
+    let mut h = Helper::start("inst-clean", &[]);
+    let n = name("cln");
+    let sock = h.socket.to_str().expect("utf-8").to_string();
+    let out = run_limited(
+        Command::new(bin("warren-helper")).args(["cleanup", "--socket", &sock]),
+        Duration::from_secs(20),
+    );
+    assert!(!out.status.success(), "refuses while a helper serves");
+    rt().block_on(async {
+        let mut c = connect(&h).await;
+        c.create_instance(spec(&n, true, false))
+            .await
+            .expect("create");
+        h.proc.signal(nix::sys::signal::Signal::SIGKILL);
+        assert!(h.proc.wait_timeout(Duration::from_secs(10)).is_some());
+    });
+    let _ = std::fs::remove_file(&h.socket);
+    let out = run_limited(
+        Command::new(bin("warren-helper")).args(["cleanup", "--socket", &sock]),
+        Duration::from_secs(20),
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(!netns_exists(&n));
+}
+
+#[test]
+fn worker_lease_ends_the_instance_with_the_worker() {
+    if !require_root("worker_lease_ends_the_instance_with_the_worker") {
+        return;
+    }
+    let h = Helper::start("inst-lease", &[]);
+    let n = name("wl");
+    rt().block_on(async {
+        let mut c = connect(&h).await;
+        c.create_instance(spec(&n, true, false))
+            .await
+            .expect("create");
+        let null = std::fs::File::open("/dev/null").expect("null");
+        let pid = c
+            .spawn(
+                SpawnSpec {
+                    instance: n.clone(),
+                    argv: vec!["sleep".into(), "30".into()],
+                    env: vec!["PATH=/usr/bin:/bin".into()],
+                    cwd: "/".into(),
+                    n_fds: 0,
+                    private_resolv: false,
+                    bind_lease: true,
+                },
+                &[null.as_fd(), null.as_fd(), null.as_fd()],
+            )
+            .await
+            .expect("spawn worker");
+        let listed = c.list_instances().await.expect("list");
+        assert_eq!(listed[0].lease, format!("worker {pid}"));
+        // The worker's lease outlives our connection...
+        drop(c);
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            netns_exists(&n),
+            "worker-leased instance survives its creator's connection"
+        );
+        // ...and ends with the worker.
+        // SAFETY: plain kill of the worker the helper spawned for this test.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        assert!(
+            wait_for(Duration::from_secs(10), || !netns_exists(&n)),
+            "removed with its worker"
+        );
+    });
+}
