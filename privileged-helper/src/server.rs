@@ -402,7 +402,14 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, stop: CancellationToken
             result,
         };
         let sent_fds: Vec<_> = reply_fd.iter().map(AsFd::as_fd).collect();
-        if let Err(e) = conn.write_frame(&reply, &sent_fds).await {
+        let written = conn.write_frame(&reply, &sent_fds).await;
+        if let Some(fd) = reply_fd {
+            // Our copy of a TUN device: if the client has already closed
+            // its copy, this close unregisters the device and waits for an
+            // RCU grace period (~30 ms); never on the event loop.
+            tokio::task::spawn_blocking(move || drop(fd));
+        }
+        if let Err(e) = written {
             debug!(uid, pid, error = %e, "cannot answer; closing");
             break;
         }
