@@ -49,6 +49,7 @@ enum Lease {
 #[derive(Debug)]
 struct Instance {
     spec: InstanceSpec,
+    netns: Arc<std::fs::File>,
     owner: u32,
     lease: Lease,
     creator: u64,
@@ -160,11 +161,12 @@ impl Registry {
         let made = tokio::task::spawn_blocking(move || {
             let ns = netns::create_netns(&spec2.name)?;
             netns::write_resolv_conf(&spec2.name, &spec2.dns)?;
-            netns::create_tun_and_configure(&ns, &spec2)
+            let tun = netns::create_tun_and_configure(&ns, &spec2)?;
+            Ok::<_, netns::NetError>((ns, tun))
         })
         .await;
-        let tun = match made {
-            Ok(Ok(tun)) => tun,
+        let (ns, tun) = match made {
+            Ok(Ok(x)) => x,
             other => {
                 let why = match other {
                     Ok(Err(e)) => format!(
@@ -188,6 +190,7 @@ impl Registry {
             name.clone(),
             Instance {
                 spec,
+                netns: Arc::new(ns),
                 owner: peer.uid,
                 lease: Lease::Connection(conn),
                 creator: conn,
@@ -250,21 +253,20 @@ impl Registry {
                 reason: format!("{} announced, {} sent", spec.n_fds, fds.len()),
             });
         }
-        {
+        let ns = {
             let st = self.lock();
             match st.instances.get(&spec.instance) {
-                Some(i) if i.owner == peer.uid || peer.uid == 0 => {}
+                Some(i) if i.owner == peer.uid || peer.uid == 0 => i.netns.clone(),
                 _ => {
                     return Err(HelperError::NotFound {
                         what: format!("instance {}", spec.instance),
                     });
                 }
             }
-        }
+        };
         let name = spec.instance.clone();
         let peer2 = peer.clone();
         let spawned = tokio::task::spawn_blocking(move || {
-            let ns = netns::open_netns(&spec.instance)?;
             let resolv = spec
                 .private_resolv
                 .then(|| netns::paths(&spec.instance).1.join("resolv.conf"));

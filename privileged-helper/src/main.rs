@@ -264,6 +264,10 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             .context("socket path has no directory")?,
     )?;
     let registry = warren_helper::instances::Registry::open(journal_path(&args.socket)?)?;
+    // Before dropping privileges: /proc/1/ns/mnt needs them.
+    if warren_helper::netns::detect_host_mount_ns().context("cannot inspect mount namespaces")? {
+        info!("running in a private mount namespace: named namespaces are published to the host's");
+    }
     let dropped = drop_privileges()?;
     info!(kept = ?dropped.kept, "capabilities dropped to what the helper needs; no_new_privs set");
 

@@ -14,6 +14,7 @@ use std::net::IpAddr;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use futures::TryStreamExt;
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
@@ -103,47 +104,107 @@ fn prepare_netns_dir() -> io::Result<()> {
     Ok(())
 }
 
-/// Creates the named namespace `warren-NAME` without forking: a thread
-/// unshares its network namespace and bind-mounts it onto the name.
-pub fn create_netns(name: &InstanceName) -> Result<File, NetError> {
-    prepare_netns_dir().map_err(step("prepare /run/netns"))?;
-    let (path, _) = paths(name);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o444)
-        .open(&path)
-        .map_err(step(format!("create {}", path.display())))?;
-    let bound = std::thread::scope(|s| {
+/// The host's mount namespace, when the helper runs in a private one (the
+/// hardened systemd unit: `ProtectSystem=`, `PrivateMounts=`...). Bind mounts
+/// the helper makes in its own mount namespace never reach the host, so
+/// named namespaces are published from a thread that entered the host's
+/// (docs/adr/0002-netns-visibility.md). "The host's" is the mount namespace
+/// of the process that started the helper — systemd (PID 1) under the unit,
+/// sudo or a shell otherwise. Opened once at start, before capabilities are
+/// dropped (reading another process's /proc/PID/ns needs them).
+static HOST_MNT: OnceLock<Option<File>> = OnceLock::new();
+
+/// Records the host's mount namespace if it differs from ours. Call once at
+/// start, before dropping privileges. Returns whether it differs.
+pub fn detect_host_mount_ns() -> io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let ours = std::fs::metadata("/proc/self/ns/mnt")?;
+    let parent = nix::unistd::getppid().as_raw();
+    let host = match File::open(format!("/proc/{parent}/ns/mnt")) {
+        Ok(f) => f,
+        // No access to the parent's (e.g. a restricted container): use ours.
+        Err(_) => {
+            let _ = HOST_MNT.set(None);
+            return Ok(false);
+        }
+    };
+    let hm = host.metadata()?;
+    let differs = (hm.dev(), hm.ino()) != (ours.dev(), ours.ino());
+    let _ = HOST_MNT.set(differs.then_some(host));
+    Ok(differs)
+}
+
+/// The host mount namespace's descriptor, if the helper is not in it.
+pub fn host_mount_ns() -> Option<&'static File> {
+    HOST_MNT.get().and_then(Option::as_ref)
+}
+
+/// On the calling (short-lived) thread: leave the shared file-system
+/// context and enter the host's mount namespace, if we are not in it.
+fn enter_host_mount_ns() -> io::Result<()> {
+    if let Some(host) = host_mount_ns() {
+        unshare(CloneFlags::CLONE_FS).map_err(nix_io)?;
+        setns(host.as_fd(), CloneFlags::CLONE_NEWNS).map_err(nix_io)?;
+    }
+    Ok(())
+}
+
+/// Runs `f` on a fresh thread in the host's mount namespace.
+fn in_host_mount_ns<T: Send>(f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
+    std::thread::scope(|s| {
         s.spawn(|| {
-            unshare(CloneFlags::CLONE_NEWNET).map_err(nix_io)?;
-            mount(
+            enter_host_mount_ns()?;
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("mount namespace thread panicked")))
+    })
+}
+
+/// Creates the named namespace `warren-NAME` without forking: a thread
+/// unshares its network namespace, enters the host's mount namespace if
+/// the helper is not in it, and bind-mounts its network namespace onto
+/// `/run/netns/warren-NAME` there. Returns a descriptor of the namespace.
+pub fn create_netns(name: &InstanceName) -> Result<File, NetError> {
+    let (path, _) = paths(name);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            unshare(CloneFlags::CLONE_NEWNET)
+                .map_err(nix_io)
+                .map_err(step("create a network namespace"))?;
+            let ns = File::open("/proc/thread-self/ns/net")
+                .map_err(step("open the new network namespace"))?;
+            enter_host_mount_ns().map_err(step("enter the host's mount namespace"))?;
+            prepare_netns_dir().map_err(step("prepare /run/netns"))?;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o444)
+                .open(&path)
+                .map_err(step(format!("create {}", path.display())))?;
+            if let Err(e) = mount(
                 Some("/proc/thread-self/ns/net"),
                 &path,
                 None::<&str>,
                 MsFlags::MS_BIND,
                 None::<&str>,
-            )
-            .map_err(nix_io)
+            ) {
+                let _ = std::fs::remove_file(&path);
+                return Err(step(format!("bind namespace to {}", path.display()))(
+                    nix_io(e),
+                ));
+            }
+            Ok(ns)
         })
         .join()
-        .unwrap_or_else(|_| Err(io::Error::other("namespace thread panicked")))
-    });
-    if let Err(e) = bound {
-        let _ = std::fs::remove_file(&path);
-        return Err(step(format!("bind namespace to {}", path.display()))(e));
-    }
-    File::open(&path).map_err(step(format!("open {}", path.display())))
+        .unwrap_or_else(|_| Err(step("namespace thread")(io::Error::other("panicked"))))
+    })
 }
 
-/// Opens an existing instance's namespace.
-pub fn open_netns(name: &InstanceName) -> io::Result<File> {
-    File::open(paths(name).0)
-}
-
-/// Whether the instance's namespace exists.
+/// Whether the instance's namespace exists (as the host sees it).
 pub fn exists(name: &InstanceName) -> bool {
-    paths(name).0.exists()
+    let path = paths(name).0;
+    in_host_mount_ns(|| Ok(path.exists())).unwrap_or(true)
 }
 
 #[repr(C)]
@@ -285,8 +346,15 @@ pub fn create_tun_and_configure(ns: &File, spec: &InstanceSpec) -> Result<OwnedF
 }
 
 /// Writes `/etc/netns/warren-NAME/resolv.conf` with only the tunnel's DNS
-/// servers (so names never resolve outside the tunnel), readable by all.
+/// servers (so names never resolve outside the tunnel), readable by all, in
+/// the host's mount namespace (where `ip netns exec` and users look).
 pub fn write_resolv_conf(name: &InstanceName, dns: &[IpAddr]) -> Result<(), NetError> {
+    let (name, dns) = (name.clone(), dns.to_vec());
+    in_host_mount_ns(move || Ok(write_resolv_conf_here(&name, &dns)))
+        .map_err(step("enter the host's mount namespace"))?
+}
+
+fn write_resolv_conf_here(name: &InstanceName, dns: &[IpAddr]) -> Result<(), NetError> {
     let (_, dir) = paths(name);
     for d in [Path::new(ETC_NETNS_DIR), dir.as_path()] {
         match std::fs::DirBuilder::new().mode(0o755).create(d) {
@@ -319,6 +387,12 @@ pub fn write_resolv_conf(name: &InstanceName, dns: &[IpAddr]) -> Result<(), NetE
 /// Removes an instance's namespace and configuration. Keeps going after an
 /// error and returns every error. Removing what is already gone is fine.
 pub fn destroy(name: &InstanceName) -> Vec<NetError> {
+    let n = name.clone();
+    in_host_mount_ns(move || Ok(destroy_here(&n)))
+        .unwrap_or_else(|e| vec![step("enter the host's mount namespace")(e)])
+}
+
+fn destroy_here(name: &InstanceName) -> Vec<NetError> {
     let mut errs = Vec::new();
     let (ns, dir) = paths(name);
     if ns.exists() {

@@ -11,6 +11,7 @@
 //! | `CAP_SETUID`, `CAP_SETGID` | spawning an instance worker as the requesting user (never anyone else) |
 //! | `CAP_KILL` | signalling the workers it spawned, which run as other uids |
 //! | `CAP_CHOWN` | giving its own socket to the authorized group |
+//! | `CAP_SYS_CHROOT` | entering the host's mount namespace (with `CAP_SYS_ADMIN`) to publish named namespaces when the unit gives the helper a private one |
 //!
 //! Everything else (`CAP_SYS_MODULE`, `CAP_SYS_PTRACE`, `CAP_SYS_RAWIO`,
 //! `CAP_SETPCAP` after use, `CAP_NET_RAW`, `CAP_FOWNER`, `CAP_DAC_OVERRIDE`...) is dropped from
@@ -27,6 +28,7 @@ pub const KEPT: &[Capability] = &[
     Capability::CAP_SETGID,
     Capability::CAP_KILL,
     Capability::CAP_CHOWN,
+    Capability::CAP_SYS_CHROOT,
 ];
 
 /// Why privileges could not be dropped.

@@ -11,6 +11,10 @@
 //! gid, uid (and a check that none can be regained), ambient capabilities
 //! cleared, no_new_privs, and only then the working directory.
 //!
+//! When the helper runs in a private mount namespace (its hardened unit),
+//! the child first enters the host's, so the program sees the user's real
+//! file system.
+//!
 //! The child is tracked by a pidfd (taken before it can be reaped, so its
 //! pid can't have been reused), never by its pid number alone.
 
@@ -36,6 +40,7 @@ pub struct Spawned {
 
 /// Everything the child needs, prepared before fork.
 struct Prepared {
+    host_mnt: Option<RawFd>,
     netns: RawFd,
     resolv: Option<(CString, CString)>,
     fds: Vec<RawFd>,
@@ -57,6 +62,7 @@ pub fn spawn(
 ) -> io::Result<Spawned> {
     let cs = |s: &str| CString::new(s).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput));
     let prep = Prepared {
+        host_mnt: crate::netns::host_mount_ns().map(AsRawFd::as_raw_fd),
         netns: netns.as_raw_fd(),
         resolv: match resolv_conf {
             Some(p) => Some((
@@ -123,6 +129,11 @@ fn child_setup(p: &Prepared) -> io::Result<()> {
     // SAFETY: each call is an async-signal-safe system call
     // whose pointer arguments point into `p`, which lives until exec.
     unsafe {
+        // The user's programs see the host's file system, not the helper's
+        // sandbox (ProtectHome, PrivateTmp... of its systemd unit).
+        if let Some(m) = p.host_mnt {
+            check(libc::setns(m, libc::CLONE_NEWNS))?;
+        }
         check(libc::setns(p.netns, libc::CLONE_NEWNET))?;
         if let Some((src, dst)) = &p.resolv {
             check(libc::unshare(libc::CLONE_NEWNS))?;

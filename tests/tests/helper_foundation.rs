@@ -528,8 +528,9 @@ fn capabilities_are_reduced_and_no_new_privs_is_set() {
     }
     let h = Helper::start("caps", &[]);
     let pid = h.proc.pid();
-    // CHOWN 0, KILL 5, SETGID 6, SETUID 7, NET_ADMIN 12, SYS_ADMIN 21.
-    let kept: u64 = [0u32, 5, 6, 7, 12, 21].iter().map(|b| 1u64 << b).sum();
+    // CHOWN 0, KILL 5, SETGID 6, SETUID 7, NET_ADMIN 12, SYS_CHROOT 18,
+    // SYS_ADMIN 21.
+    let kept: u64 = [0u32, 5, 6, 7, 12, 18, 21].iter().map(|b| 1u64 << b).sum();
     let hex = |f: &str| {
         u64::from_str_radix(&proc_status_field(pid, f).expect(f), 16).expect("hex capability mask")
     };

@@ -604,3 +604,78 @@ fn worker_lease_ends_the_instance_with_the_worker() {
         );
     });
 }
+
+/// The hardened unit gives the helper a private mount namespace (slave of
+/// the host's, with a read-only system and hidden homes). Simulated here
+/// with `unshare --mount --propagation slave` plus a tmpfs that hides a
+/// directory: named namespaces must still appear in the host's /run/netns,
+/// and spawned programs must see the host's file system.
+#[test]
+fn namespaces_are_published_to_the_host_from_a_private_mount_namespace() {
+    if !require_root("namespaces_are_published_to_the_host_from_a_private_mount_namespace") {
+        return;
+    }
+    let dir = warren_tests::TestDir::new("inst-mntns");
+    let hidden = dir.join("home");
+    std::fs::create_dir(&hidden).expect("mkdir");
+    std::fs::write(hidden.join("note"), "visible on the host\n").expect("write");
+    std::fs::set_permissions(&hidden, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let sock = dir.join("helper.sock");
+    let log = dir.join("helper.log");
+    let script = format!(
+        "mount -t tmpfs none {hidden} && exec {helper} serve --socket {sock} --group 60100 --config /nonexistent/x.toml",
+        hidden = hidden.display(),
+        helper = bin("warren-helper").display(),
+        sock = sock.display()
+    );
+    let child = Command::new("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "slave",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("helper in a private mount namespace");
+    let mut helper = Proc::new(child, Some(log));
+    assert!(
+        wait_for(Duration::from_secs(10), || StdUnixStream::connect(&sock)
+            .is_ok()),
+        "helper up: {}",
+        helper.log()
+    );
+    let n = name("mnt");
+    rt().block_on(async {
+        let mut c = HelperClient::connect(&sock).await.expect("connect");
+        let (_info, _tun) = c
+            .create_instance(spec(&n, true, false))
+            .await
+            .expect("create");
+        // Visible to `ip netns` in the host's mount namespace.
+        let list = run_limited(
+            Command::new("ip").args(["netns", "list"]),
+            Duration::from_secs(10),
+        );
+        assert!(
+            String::from_utf8_lossy(&list.stdout).contains(&n.netns()),
+            "published to the host: {}",
+            helper.log()
+        );
+        let a = ip_json(&["-j", "-n", &n.netns(), "addr", "show", "dev", "wr0"]);
+        assert!(a.to_string().contains("198.19.77.2"), "{a}");
+        // A spawned program sees the host's files, not the helper's tmpfs.
+        let note = hidden.join("note");
+        let (out, st) = run_in(&mut c, &n, &["cat", note.to_str().expect("utf-8")], false).await;
+        assert_eq!(st, ExitStatus::Code(0), "{out}");
+        assert_eq!(out, "visible on the host\n");
+        c.destroy_instance(&n).await.expect("destroy");
+    });
+    assert!(!netns_exists(&n), "removed from the host's /run/netns");
+    helper.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(helper.wait_timeout(Duration::from_secs(10)).is_some());
+}
