@@ -238,6 +238,67 @@ impl InstanceSpec {
     }
 }
 
+/// A server tunnel: a TUN device in the helper's own network namespace
+/// whose traffic is forwarded and masqueraded out of the host's default
+/// route (a WireGuard exit).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "RawServerTunnelSpec")]
+pub struct ServerTunnelSpec {
+    /// Its name (at most 12 characters: the TUN is `wrs` + name).
+    pub name: InstanceName,
+    /// The TUN's MTU.
+    pub mtu: u16,
+    /// The tunnel's addresses with their subnets (`198.19.5.1/24`): traffic
+    /// from these subnets is forwarded and masqueraded.
+    pub addresses: Vec<IpPrefix>,
+}
+
+#[derive(Deserialize)]
+struct RawServerTunnelSpec {
+    name: InstanceName,
+    mtu: u16,
+    addresses: Vec<IpPrefix>,
+}
+
+impl TryFrom<RawServerTunnelSpec> for ServerTunnelSpec {
+    type Error = Invalid;
+    fn try_from(r: RawServerTunnelSpec) -> Result<Self, Invalid> {
+        ServerTunnelSpec::new(r.name, r.mtu, r.addresses)
+    }
+}
+
+impl ServerTunnelSpec {
+    /// Validates a spec.
+    pub fn new(name: InstanceName, mtu: u16, addresses: Vec<IpPrefix>) -> Result<Self, Invalid> {
+        if name.as_str().len() > 12 {
+            return Err(invalid("name", "at most 12 characters for a server tunnel"));
+        }
+        // The same checks as an instance's.
+        InstanceSpec::new(name.clone(), mtu, addresses.clone(), vec![], vec![])?;
+        Ok(ServerTunnelSpec {
+            name,
+            mtu,
+            addresses,
+        })
+    }
+
+    /// The TUN device's name.
+    pub fn ifname(&self) -> String {
+        format!("wrs{}", self.name.as_str())
+    }
+}
+
+/// What CreateServerTunnel made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerTunnelInfo {
+    /// Its name.
+    pub name: InstanceName,
+    /// The TUN device.
+    pub ifname: String,
+    /// The interface traffic is masqueraded out of.
+    pub egress: String,
+}
+
 /// A program to run inside an instance, as the caller.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "RawSpawnSpec")]

@@ -9,7 +9,10 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::instance::{ExitStatus, InstanceInfo, InstanceName, InstanceSpec, SpawnSpec};
+use crate::instance::{
+    ExitStatus, InstanceInfo, InstanceName, InstanceSpec, ServerTunnelInfo, ServerTunnelSpec,
+    SpawnSpec,
+};
 
 /// Longest client description accepted in [`Request::Hello`].
 pub const MAX_CLIENT_NAME: usize = 128;
@@ -54,8 +57,9 @@ pub enum Request {
     /// instance is leased to this connection until a program spawned with
     /// `bind_lease` takes the lease over.
     CreateInstance(InstanceSpec),
-    /// Remove an instance the caller owns (root: any).
-    DestroyInstance {
+    /// Remove a resource (instance or server tunnel) the caller owns (root:
+    /// any).
+    Destroy {
         /// Which one.
         name: InstanceName,
     },
@@ -64,6 +68,10 @@ pub enum Request {
     /// Run a program inside an instance the caller owns, as the caller; the
     /// frame carries `n_fds` descriptors for its 0, 1, 2...
     Spawn(SpawnSpec),
+    /// Create a server tunnel (TUN + forwarding + masquerade NAT in warren's
+    /// own nftables table) in the helper's network namespace; the reply
+    /// carries the TUN descriptor. Leased like an instance.
+    CreateServerTunnel(ServerTunnelSpec),
 }
 
 impl Request {
@@ -73,9 +81,10 @@ impl Request {
             Request::Hello { .. } => "hello",
             Request::Status => "status",
             Request::CreateInstance(_) => "create-instance",
-            Request::DestroyInstance { .. } => "destroy-instance",
+            Request::Destroy { .. } => "destroy",
             Request::ListInstances => "list-instances",
             Request::Spawn(_) => "spawn",
+            Request::CreateServerTunnel(_) => "create-server-tunnel",
         }
     }
 }
@@ -103,8 +112,11 @@ pub enum Response {
     /// Answer to [`Request::CreateInstance`]; the TUN descriptor comes with
     /// the frame.
     InstanceCreated(InstanceInfo),
-    /// Answer to [`Request::DestroyInstance`].
+    /// Answer to [`Request::Destroy`].
     Destroyed,
+    /// Answer to [`Request::CreateServerTunnel`]; the TUN descriptor comes
+    /// with the frame.
+    ServerTunnelCreated(ServerTunnelInfo),
     /// Answer to [`Request::ListInstances`].
     Instances(Vec<InstanceInfo>),
     /// Answer to [`Request::Spawn`]: the program runs. An

@@ -19,7 +19,9 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 use warren_ipc::Event;
 use warren_ipc::HelperError;
-use warren_ipc::instance::{InstanceInfo, InstanceName, InstanceSpec, SpawnSpec};
+use warren_ipc::instance::{
+    InstanceInfo, InstanceName, InstanceSpec, ServerTunnelInfo, ServerTunnelSpec, SpawnSpec,
+};
 
 use crate::auth::PeerCred;
 use crate::journal::Journal;
@@ -38,6 +40,15 @@ pub enum JournalEntry {
         /// Its owner.
         owner: u32,
     },
+    /// A server tunnel (nftables table, forwarding sysctls).
+    ServerTunnel {
+        /// Its name.
+        name: String,
+        /// Its owner.
+        owner: u32,
+        /// What to undo.
+        record: crate::nat::ServerRecord,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,9 +58,21 @@ enum Lease {
 }
 
 #[derive(Debug)]
+enum Kind {
+    Instance {
+        spec: InstanceSpec,
+        netns: Arc<std::fs::File>,
+    },
+    Server {
+        spec: ServerTunnelSpec,
+        record: crate::nat::ServerRecord,
+        egress: String,
+    },
+}
+
+#[derive(Debug)]
 struct Instance {
-    spec: InstanceSpec,
-    netns: Arc<std::fs::File>,
+    kind: Kind,
     owner: u32,
     lease: Lease,
     creator: u64,
@@ -189,8 +212,10 @@ impl Registry {
         st.instances.insert(
             name.clone(),
             Instance {
-                spec,
-                netns: Arc::new(ns),
+                kind: Kind::Instance {
+                    spec,
+                    netns: Arc::new(ns),
+                },
                 owner: peer.uid,
                 lease: Lease::Connection(conn),
                 creator: conn,
@@ -199,6 +224,121 @@ impl Registry {
         );
         let info = describe(&name, st.instances.get(&name).expect("just inserted"));
         info!(instance = %name, uid = peer.uid, "instance created");
+        Ok((info, tun))
+    }
+
+    /// Creates a server tunnel leased to `conn`: TUN in the helper's
+    /// namespace, forwarding, warren's NAT table. Returns its description
+    /// and the TUN descriptor.
+    pub async fn create_server(
+        &self,
+        spec: ServerTunnelSpec,
+        peer: &PeerCred,
+        conn: u64,
+    ) -> Result<(ServerTunnelInfo, OwnedFd), HelperError> {
+        let name = spec.name.clone();
+        let table = crate::nat::table_name(&spec);
+        let (journal_id, first) = {
+            let mut st = self.lock();
+            if st.instances.contains_key(&name) {
+                return Err(HelperError::Exists {
+                    what: format!("resource {name}"),
+                });
+            }
+            let mine = st
+                .instances
+                .values()
+                .filter(|i| i.owner == peer.uid)
+                .count();
+            if peer.uid != 0 && mine >= MAX_INSTANCES_PER_UID {
+                return Err(HelperError::TooManyResources {
+                    limit: MAX_INSTANCES_PER_UID as u32,
+                });
+            }
+            let first = !st
+                .instances
+                .values()
+                .any(|i| matches!(i.kind, Kind::Server { .. }));
+            // Journal first (forwarding values are filled in once known).
+            let entry = JournalEntry::ServerTunnel {
+                name: name.to_string(),
+                owner: peer.uid,
+                record: crate::nat::ServerRecord {
+                    table: table.clone(),
+                    saved_forwarding: None,
+                },
+            };
+            match st.journal.add(entry) {
+                Ok(id) => (id, first),
+                Err(e) => return Err(internal(&mut st, "journal", &e)),
+            }
+        };
+        let spec2 = spec.clone();
+        let made = tokio::task::spawn_blocking(move || {
+            let saved = if first {
+                Some(crate::nat::enable_forwarding()?)
+            } else {
+                None
+            };
+            let (tun, egress, table) = crate::nat::create(&spec2)?;
+            Ok::<_, netns::NetError>((tun, egress, table, saved))
+        })
+        .await;
+        let (tun, egress, table, saved) = match made {
+            Ok(Ok(x)) => x,
+            other => {
+                let why = match other {
+                    Ok(Err(e)) => format!(
+                        "{e}: {}",
+                        std::error::Error::source(&e)
+                            .map(|s| s.to_string())
+                            .unwrap_or_default()
+                    ),
+                    _ => "creation task failed".into(),
+                };
+                let _ = crate::nat::delete_table(&table);
+                let mut st = self.lock();
+                let _ = st.journal.remove(journal_id);
+                return Err(internal(
+                    &mut st,
+                    &format!("create server tunnel {name}"),
+                    &why,
+                ));
+            }
+        };
+        let record = crate::nat::ServerRecord {
+            table,
+            saved_forwarding: saved,
+        };
+        let mut st = self.lock();
+        let _ = st.journal.update(
+            journal_id,
+            JournalEntry::ServerTunnel {
+                name: name.to_string(),
+                owner: peer.uid,
+                record: record.clone(),
+            },
+        );
+        let info = ServerTunnelInfo {
+            name: name.clone(),
+            ifname: spec.ifname(),
+            egress: egress.clone(),
+        };
+        st.instances.insert(
+            name.clone(),
+            Instance {
+                kind: Kind::Server {
+                    spec,
+                    record,
+                    egress,
+                },
+                owner: peer.uid,
+                lease: Lease::Connection(conn),
+                creator: conn,
+                journal_id,
+            },
+        );
+        info!(tunnel = %name, uid = peer.uid, "server tunnel created");
         Ok((info, tun))
     }
 
@@ -256,7 +396,11 @@ impl Registry {
         let ns = {
             let st = self.lock();
             match st.instances.get(&spec.instance) {
-                Some(i) if i.owner == peer.uid || peer.uid == 0 => i.netns.clone(),
+                Some(Instance {
+                    kind: Kind::Instance { netns, .. },
+                    owner,
+                    ..
+                }) if *owner == peer.uid || peer.uid == 0 => netns.clone(),
                 _ => {
                     return Err(HelperError::NotFound {
                         what: format!("instance {}", spec.instance),
@@ -407,9 +551,22 @@ impl Registry {
             let _ = runas::signal(p, libc::SIGKILL);
         }
         let n = name.clone();
-        let errs = tokio::task::spawn_blocking(move || netns::destroy(&n))
-            .await
-            .unwrap_or_default();
+        let server = match &inst.kind {
+            Kind::Server { record, .. } => Some(record.clone()),
+            Kind::Instance { .. } => None,
+        };
+        let last_server = server.is_some()
+            && !self
+                .lock()
+                .instances
+                .values()
+                .any(|i| matches!(i.kind, Kind::Server { .. }));
+        let errs = tokio::task::spawn_blocking(move || match server {
+            None => netns::destroy(&n),
+            Some(rec) => undo_server(&rec, last_server),
+        })
+        .await
+        .unwrap_or_default();
         let mut st = self.lock();
         if errs.is_empty() {
             if let Err(e) = st.journal.remove(inst.journal_id) {
@@ -427,17 +584,41 @@ impl Registry {
     }
 }
 
+/// Removes a server tunnel's table; the last one restores forwarding.
+fn undo_server(rec: &crate::nat::ServerRecord, last: bool) -> Vec<netns::NetError> {
+    let mut errs = Vec::new();
+    if let Err(e) = crate::nat::delete_table(&rec.table) {
+        errs.push(e);
+    }
+    if last && let Some(saved) = &rec.saved_forwarding {
+        errs.extend(crate::nat::restore_forwarding(saved));
+    }
+    errs
+}
+
 fn describe(name: &InstanceName, i: &Instance) -> InstanceInfo {
+    let (netns, tun, addresses) = match &i.kind {
+        Kind::Instance { spec, .. } => (
+            name.netns(),
+            netns::TUN_NAME.to_string(),
+            spec.addresses.clone(),
+        ),
+        Kind::Server { spec, egress, .. } => (
+            format!("(helper's, NAT out of {egress})"),
+            spec.ifname(),
+            spec.addresses.clone(),
+        ),
+    };
     InstanceInfo {
         name: name.clone(),
-        netns: name.netns(),
-        tun: netns::TUN_NAME.into(),
+        netns,
+        tun,
         owner_uid: i.owner,
         lease: match i.lease {
             Lease::Connection(_) => "connection".into(),
             Lease::Worker(pid) => format!("worker {pid}"),
         },
-        addresses: i.spec.addresses.clone(),
+        addresses,
     }
 }
 
@@ -461,6 +642,22 @@ pub fn reconcile(journal: &mut Journal<JournalEntry>) -> usize {
                 } else {
                     for err in errs {
                         error!(instance = %n, error = %err, "cannot remove orphan");
+                    }
+                }
+            }
+            JournalEntry::ServerTunnel {
+                name,
+                owner,
+                record,
+            } => {
+                let errs = undo_server(&record, true);
+                if errs.is_empty() {
+                    info!(tunnel = name, owner, "removed an orphaned server tunnel");
+                    let _ = journal.remove(id);
+                    removed += 1;
+                } else {
+                    for err in errs {
+                        error!(tunnel = name, error = %err, "cannot remove orphan");
                     }
                 }
             }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod instances;
 pub mod journal;
 pub mod listener;
+pub mod nat;
 pub mod netns;
 pub mod privs;
 pub mod runas;

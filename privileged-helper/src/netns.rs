@@ -216,10 +216,13 @@ struct IfReq {
 
 nix::ioctl_write_int!(tunsetiff, b'T', 202);
 
-/// Opens a TUN device named [`TUN_NAME`] (no packet information header,
-/// non-blocking, close-on-exec) on the calling thread's namespace. The
+/// Opens a TUN device named `name` (no packet information header,
+/// non-blocking, close-on-exec) in the calling thread's namespace. The
 /// device lives as long as a descriptor to it is open.
-fn open_tun() -> io::Result<OwnedFd> {
+pub fn open_tun_named(name: &str) -> io::Result<OwnedFd> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
     let path = CString::new("/dev/net/tun").map_err(io::Error::other)?;
     // SAFETY: a valid NUL-terminated path and plain flags.
     let fd = unsafe {
@@ -238,11 +241,58 @@ fn open_tun() -> io::Result<OwnedFd> {
         flags: (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short,
         _pad: [0; 22],
     };
-    req.name[..TUN_NAME.len()].copy_from_slice(TUN_NAME.as_bytes());
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
     // SAFETY: TUNSETIFF reads an ifreq; `req` is a properly laid out,
     // initialized ifreq that outlives the call.
     unsafe { tunsetiff(fd.as_raw_fd(), (&raw const req) as u64) }.map_err(nix_io)?;
     Ok(fd)
+}
+
+/// The index of link `name`.
+async fn link_index(handle: &rtnetlink::Handle, name: &str) -> io::Result<u32> {
+    let mut links = handle.link().get().match_name(name.to_string()).execute();
+    match links.try_next().await {
+        Ok(Some(l)) => Ok(l.header.index),
+        Ok(None) => Err(io::Error::other(format!("no link {name}"))),
+        Err(e) => Err(io::Error::other(e)),
+    }
+}
+
+/// Sets link `name`'s MTU, brings it up and adds `addrs` (IPv6 without
+/// duplicate address detection, so they are usable at once). Returns its
+/// index.
+pub async fn link_up_with_addresses(
+    handle: &rtnetlink::Handle,
+    name: &str,
+    mtu: u16,
+    addrs: &[warren_ipc::instance::IpPrefix],
+) -> io::Result<u32> {
+    use rtnetlink::LinkUnspec;
+    let index = link_index(handle, name).await?;
+    handle
+        .link()
+        .set(
+            LinkUnspec::new_with_index(index)
+                .mtu(u32::from(mtu))
+                .up()
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(io::Error::other)?;
+    for a in addrs {
+        let mut req = handle.address().add(index, a.addr(), a.len());
+        if a.addr().is_ipv6() {
+            use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
+            req.message_mut()
+                .attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        req.execute()
+            .await
+            .map_err(|e| io::Error::other(format!("address {a}: {e}")))?;
+    }
+    Ok(index)
 }
 
 /// Inside the namespace: loopback up; TUN with MTU, addresses (IPv6
@@ -252,48 +302,14 @@ async fn configure(spec: &InstanceSpec) -> io::Result<()> {
     let (conn, handle, _) = rtnetlink::new_connection()?;
     let task = tokio::spawn(conn);
     let res = async {
-        let index_of = |name: &'static str| {
-            let h = handle.clone();
-            async move {
-                let mut links = h.link().get().match_name(name.to_string()).execute();
-                match links.try_next().await {
-                    Ok(Some(l)) => Ok(l.header.index),
-                    Ok(None) => Err(io::Error::other(format!("no link {name}"))),
-                    Err(e) => Err(io::Error::other(e)),
-                }
-            }
-        };
-        let lo = index_of("lo").await?;
+        let lo = link_index(&handle, "lo").await?;
         handle
             .link()
             .set(LinkUnspec::new_with_index(lo).up().build())
             .execute()
             .await
             .map_err(io::Error::other)?;
-        let tun = index_of(TUN_NAME).await?;
-        handle
-            .link()
-            .set(
-                LinkUnspec::new_with_index(tun)
-                    .mtu(u32::from(spec.mtu))
-                    .up()
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(io::Error::other)?;
-        for a in &spec.addresses {
-            let mut req = handle.address().add(tun, a.addr(), a.len());
-            if a.addr().is_ipv6() {
-                use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
-                let m = req.message_mut();
-                m.attributes
-                    .push(AddressAttribute::Flags(AddressFlags::Nodad));
-            }
-            req.execute()
-                .await
-                .map_err(|e| io::Error::other(format!("address {a}: {e}")))?;
-        }
+        let tun = link_up_with_addresses(&handle, TUN_NAME, spec.mtu, &spec.addresses).await?;
         for r in &spec.routes {
             let msg = RouteMessageBuilder::<IpAddr>::new()
                 .destination_prefix(r.addr(), r.len())
@@ -332,7 +348,7 @@ fn set_ipv6_disabled() -> io::Result<()> {
 /// everything inside it. Returns the TUN descriptor.
 pub fn create_tun_and_configure(ns: &File, spec: &InstanceSpec) -> Result<OwnedFd, NetError> {
     in_netns(ns, || {
-        let tun = open_tun()?;
+        let tun = open_tun_named(TUN_NAME)?;
         if !spec.has_ipv6() {
             set_ipv6_disabled()?;
         }

@@ -470,11 +470,17 @@ async fn dispatch(
             Ok((info, tun)) => (Ok(Response::InstanceCreated(info)), Some(tun)),
             Err(e) => (Err(e), None),
         },
-        (Request::DestroyInstance { name }, Some(r)) => (
+        (Request::Destroy { name }, Some(r)) => (
             r.destroy(&name, cred).await.map(|()| Response::Destroyed),
             None,
         ),
         (Request::ListInstances, Some(r)) => (Ok(Response::Instances(r.list(cred))), None),
+        (Request::CreateServerTunnel(spec), Some(r)) => {
+            match r.create_server(spec, cred, conn_id).await {
+                Ok((info, tun)) => (Ok(Response::ServerTunnelCreated(info)), Some(tun)),
+                Err(e) => (Err(e), None),
+            }
+        }
         (Request::Spawn(spec), Some(r)) => (
             r.spawn(spec, cred, conn_id, fds)
                 .await

@@ -279,3 +279,76 @@ pub fn proc_status_field(pid: i32, field: &str) -> Option<String> {
         .find_map(|l| l.strip_prefix(&format!("{field}:")))
         .map(|v| v.trim().to_string())
 }
+
+/// A throwaway network namespace made by a test (`ip netns add`), deleted
+/// on drop, failures included. Names must be unique per test (include the
+/// pid) and must not start with `warren-` (the helper's own).
+#[derive(Debug)]
+pub struct TestNs {
+    /// Its name.
+    pub name: String,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl TestNs {
+    /// Creates it with loopback up.
+    pub fn new(name: &str) -> TestNs {
+        assert!(!name.starts_with("warren-"));
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+        ip(&["netns", "add", name]);
+        ip(&["-n", name, "link", "set", "lo", "up"]);
+        TestNs { name: name.into() }
+    }
+
+    /// Runs `ip -n NAME ARGS...`, asserting success.
+    pub fn ip(&self, args: &[&str]) {
+        let mut full = vec!["-n", &self.name];
+        full.extend_from_slice(args);
+        ip(&full);
+    }
+
+    /// A command run inside it (`ip netns exec`).
+    pub fn exec(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    /// Connects `self` and `other` with a veth pair, addresses on both ends.
+    pub fn veth(&self, if_a: &str, addr_a: &str, other: &TestNs, if_b: &str, addr_b: &str) {
+        ip(&[
+            "link",
+            "add",
+            if_a,
+            "netns",
+            &self.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            if_b,
+            "netns",
+            &other.name,
+        ]);
+        self.ip(&["addr", "add", addr_a, "dev", if_a]);
+        self.ip(&["link", "set", if_a, "up"]);
+        other.ip(&["addr", "add", addr_b, "dev", if_b]);
+        other.ip(&["link", "set", if_b, "up"]);
+    }
+}
+
+impl Drop for TestNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}

@@ -679,3 +679,108 @@ fn namespaces_are_published_to_the_host_from_a_private_mount_namespace() {
     helper.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(helper.wait_timeout(Duration::from_secs(10)).is_some());
 }
+
+/// Server tunnel, with the helper in a throwaway namespace that plays the
+/// exit host (never the machine's own routes): a packet from a tunnel
+/// client, written to the TUN, reaches an "internet" namespace through
+/// warren's NAT, and the answer comes back through the TUN; teardown
+/// removes warren's table and restores forwarding.
+#[test]
+fn server_tunnel_nats_tunnel_clients_to_the_internet_namespace() {
+    if !require_root("server_tunnel_nats_tunnel_clients_to_the_internet_namespace") {
+        return;
+    }
+    use warren_ipc::instance::ServerTunnelSpec;
+    use warren_tests::TestNs;
+    let pid = std::process::id() % 100_000;
+    let inet = TestNs::new(&format!("wrtinet{pid}"));
+    let srv = TestNs::new(&format!("wrtsrv{pid}"));
+    srv.veth(
+        &format!("wrtv{pid}s"),
+        "198.18.50.1/24",
+        &inet,
+        &format!("wrtv{pid}i"),
+        "198.18.50.2/24",
+    );
+    srv.ip(&["route", "add", "default", "via", "198.18.50.2"]);
+    let fwd = |ns: &TestNs| {
+        let out = run_limited(
+            ns.exec("cat").arg("/proc/sys/net/ipv4/ip_forward"),
+            Duration::from_secs(10),
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(fwd(&srv), "0");
+
+    let dir = warren_tests::TestDir::new("inst-srv");
+    let sock = dir.join("helper.sock");
+    let log = dir.join("helper.log");
+    let child = srv
+        .exec(bin("warren-helper").to_str().expect("utf-8"))
+        .args([
+            "serve",
+            "--socket",
+            sock.to_str().expect("utf-8"),
+            "--group",
+            "60100",
+            "--config",
+            "/nonexistent/x.toml",
+        ])
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("helper in the server namespace");
+    let mut helper = Proc::new(child, Some(log));
+    assert!(
+        wait_for(Duration::from_secs(10), || StdUnixStream::connect(&sock)
+            .is_ok()),
+        "{}",
+        helper.log()
+    );
+    let n = name("srv");
+    let table = format!("warren_{}", n.as_str());
+    let nft_has_table = || {
+        let out = run_limited(
+            srv.exec("nft").args(["list", "tables"]),
+            Duration::from_secs(10),
+        );
+        String::from_utf8_lossy(&out.stdout).contains(&table)
+    };
+    rt().block_on(async {
+        let mut c = HelperClient::connect(&sock).await.expect("connect");
+        let spec =
+            ServerTunnelSpec::new(n.clone(), 1420, vec!["198.19.60.1/24".parse().expect("p")])
+                .expect("spec");
+        let (info, tun) = c
+            .create_server_tunnel(spec)
+            .await
+            .expect("create server tunnel");
+        assert_eq!(
+            info.egress,
+            format!("wrtv{pid}s"),
+            "egress = the default route's interface"
+        );
+        assert!(nft_has_table(), "warren's own table installed");
+        assert_eq!(fwd(&srv), "1");
+        // A tunnel client (198.19.60.2) pings the internet host.
+        let req = icmp_echo([198, 19, 60, 2], [198, 18, 50, 2], 8, 0x6060);
+        nix::unistd::write(&tun, &req).expect("inject");
+        let reply = read_until(&tun, |p| {
+            p.len() >= 28 && p[9] == 1 && p[20] == 0 && p[24..26] == [0x60, 0x60]
+        });
+        assert_eq!(
+            &reply[12..16],
+            &[198, 18, 50, 2],
+            "answer from the internet namespace"
+        );
+        assert_eq!(
+            &reply[16..20],
+            &[198, 19, 60, 2],
+            "de-NATed back to the tunnel client"
+        );
+        c.destroy_instance(&n).await.expect("destroy");
+    });
+    assert!(!nft_has_table(), "table removed");
+    assert_eq!(fwd(&srv), "0", "forwarding restored");
+    helper.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(helper.wait_timeout(Duration::from_secs(10)).is_some());
+}

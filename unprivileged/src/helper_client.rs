@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 use tokio::net::UnixStream;
-use warren_ipc::instance::{InstanceInfo, InstanceName, InstanceSpec, SpawnSpec};
+use warren_ipc::instance::{
+    InstanceInfo, InstanceName, InstanceSpec, ServerTunnelInfo, ServerTunnelSpec, SpawnSpec,
+};
 use warren_ipc::msg::{HelloInfo, StatusInfo};
 use warren_ipc::{
     ClientFrame, Event, FramedConn, HelperError, Request, Response, ServerFrame, TransportError,
@@ -233,12 +235,26 @@ impl HelperClient {
         }
     }
 
-    /// Removes an instance.
-    pub async fn destroy_instance(&mut self, name: &InstanceName) -> Result<(), ClientError> {
+    /// Creates a server tunnel (TUN + forwarding + NAT in the helper's
+    /// namespace); returns its description and its TUN device.
+    pub async fn create_server_tunnel(
+        &mut self,
+        spec: ServerTunnelSpec,
+    ) -> Result<(ServerTunnelInfo, std::os::fd::OwnedFd), ClientError> {
         match self
-            .call(Request::DestroyInstance { name: name.clone() })
+            .call_with_fds(Request::CreateServerTunnel(spec), &[])
             .await?
         {
+            (Response::ServerTunnelCreated(info), mut fds) if fds.len() == 1 => {
+                Ok((info, fds.remove(0)))
+            }
+            _ => Err(ClientError::UnexpectedReply),
+        }
+    }
+
+    /// Removes an instance or server tunnel.
+    pub async fn destroy_instance(&mut self, name: &InstanceName) -> Result<(), ClientError> {
+        match self.call(Request::Destroy { name: name.clone() }).await? {
             Response::Destroyed => Ok(()),
             _ => Err(ClientError::UnexpectedReply),
         }

@@ -1,0 +1,231 @@
+//! Server tunnels: a TUN device in the helper's own network namespace,
+//! IPv4 and IPv6 forwarding, and masquerade NAT out of the default route's
+//! interface — all NAT and filtering in an nftables table of warren's own
+//! (`inet warren_NAME`), created and deleted whole, so no table warren did
+//! not create is ever flushed or edited.
+//!
+//! nftables is driven through its JSON interface (`nft -j -f -`); links,
+//! addresses and the default route's interface through rtnetlink.
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::os::fd::OwnedFd;
+use std::process::{Command, Stdio};
+
+use futures::TryStreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use warren_ipc::instance::ServerTunnelSpec;
+
+use crate::netns::NetError;
+
+/// What must be undone for a server tunnel (kept in the journal).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerRecord {
+    /// warren's nftables table for it.
+    pub table: String,
+    /// Forwarding sysctls before the first server tunnel turned them on
+    /// (`None`: left as they were).
+    pub saved_forwarding: Option<(String, String)>,
+}
+
+fn err(step: impl Into<String>) -> impl FnOnce(std::io::Error) -> NetError {
+    let step = step.into();
+    move |source| NetError { step, source }
+}
+
+/// The nftables table of a server tunnel.
+pub fn table_name(spec: &ServerTunnelSpec) -> String {
+    format!("warren_{}", spec.name.as_str().replace('-', "_"))
+}
+
+const V4_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+const V6_FORWARD: &str = "/proc/sys/net/ipv6/conf/all/forwarding";
+
+fn read_knob(p: &str) -> String {
+    std::fs::read_to_string(p)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Turns forwarding on; returns the previous values.
+pub fn enable_forwarding() -> Result<(String, String), NetError> {
+    let saved = (read_knob(V4_FORWARD), read_knob(V6_FORWARD));
+    std::fs::write(V4_FORWARD, b"1").map_err(err("enable IPv4 forwarding"))?;
+    if std::path::Path::new(V6_FORWARD).exists() {
+        std::fs::write(V6_FORWARD, b"1").map_err(err("enable IPv6 forwarding"))?;
+    }
+    Ok(saved)
+}
+
+/// Puts forwarding back as it was.
+pub fn restore_forwarding(saved: &(String, String)) -> Vec<NetError> {
+    let mut errs = Vec::new();
+    for (p, v) in [(V4_FORWARD, &saved.0), (V6_FORWARD, &saved.1)] {
+        if !v.is_empty()
+            && std::path::Path::new(p).exists()
+            && let Err(e) = std::fs::write(p, v.as_bytes())
+        {
+            errs.push(err(format!("restore {p}"))(e));
+        }
+    }
+    errs
+}
+
+/// Runs an nftables JSON batch.
+fn nft(batch: &serde_json::Value) -> std::io::Result<()> {
+    let mut child = Command::new("nft")
+        .args(["-j", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(batch.to_string().as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        return Err(std::io::Error::other(format!(
+            "nft: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// warren's table for a server tunnel: masquerade what comes from the
+/// tunnel's subnets and leaves through `egress`; accept forwarding between
+/// the tunnel and `egress` (replies by connection tracking).
+fn nat_batch(table: &str, tun: &str, egress: &str, spec: &ServerTunnelSpec) -> serde_json::Value {
+    let t = |extra: serde_json::Value| {
+        let mut v = json!({"family": "inet", "table": table});
+        if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+            o.extend(e.clone());
+        }
+        v
+    };
+    let mut cmds = vec![
+        json!({"add": {"table": {"family": "inet", "name": table}}}),
+        json!({"add": {"chain": t(json!({"name": "postrouting", "type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"}))}}),
+        json!({"add": {"chain": t(json!({"name": "forward", "type": "filter", "hook": "forward", "prio": 0, "policy": "accept"}))}}),
+        json!({"add": {"rule": t(json!({"chain": "forward", "expr": [
+            {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": tun}},
+            {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": egress}},
+            {"accept": null}
+        ]}))}}),
+        json!({"add": {"rule": t(json!({"chain": "forward", "expr": [
+            {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": tun}},
+            {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["established", "related"]}},
+            {"accept": null}
+        ]}))}}),
+    ];
+    for a in &spec.addresses {
+        let (proto, net) = match a.addr() {
+            IpAddr::V4(v4) => {
+                let m = u32::MAX.checked_shl(32 - u32::from(a.len())).unwrap_or(0);
+                ("ip", IpAddr::V4((u32::from(v4) & m).into()))
+            }
+            IpAddr::V6(v6) => {
+                let m = u128::MAX.checked_shl(128 - u32::from(a.len())).unwrap_or(0);
+                ("ip6", IpAddr::V6((u128::from(v6) & m).into()))
+            }
+        };
+        cmds.push(
+            json!({"add": {"rule": t(json!({"chain": "postrouting", "expr": [
+                {"match": {"op": "==", "left": {"payload": {"protocol": proto, "field": "saddr"}},
+                           "right": {"prefix": {"addr": net.to_string(), "len": a.len()}}}},
+                {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": egress}},
+                {"masquerade": null}
+            ]}))}}),
+        );
+    }
+    json!({"nftables": cmds})
+}
+
+/// Deletes warren's table (and only it). Missing is fine.
+pub fn delete_table(table: &str) -> Result<(), NetError> {
+    let exists = Command::new("nft")
+        .args(["list", "table", "inet", table])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map_err(err("run nft"))?
+        .success();
+    if !exists {
+        return Ok(());
+    }
+    nft(&json!({"nftables": [{"delete": {"table": {"family": "inet", "name": table}}}]}))
+        .map_err(err(format!("delete nftables table {table}")))
+}
+
+async fn default_egress(handle: &rtnetlink::Handle) -> std::io::Result<(u32, String)> {
+    use rtnetlink::RouteMessageBuilder;
+    use rtnetlink::packet_route::link::LinkAttribute;
+    use rtnetlink::packet_route::route::RouteAttribute;
+    let mut routes = handle
+        .route()
+        .get(RouteMessageBuilder::<std::net::Ipv4Addr>::new().build())
+        .execute();
+    let mut oif = None;
+    while let Some(r) = routes.try_next().await.map_err(std::io::Error::other)? {
+        if r.header.destination_prefix_length == 0 {
+            oif = r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Oif(i) => Some(*i),
+                _ => None,
+            });
+            if oif.is_some() {
+                break;
+            }
+        }
+    }
+    let oif =
+        oif.ok_or_else(|| std::io::Error::other("no IPv4 default route to masquerade out of"))?;
+    let mut links = handle.link().get().match_index(oif).execute();
+    let link = links
+        .try_next()
+        .await
+        .map_err(std::io::Error::other)?
+        .ok_or_else(|| std::io::Error::other("default route's interface vanished"))?;
+    let name = link
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::IfName(n) => Some(n.clone()),
+            _ => None,
+        })
+        .ok_or_else(|| std::io::Error::other("interface without a name"))?;
+    Ok((oif, name))
+}
+
+/// Creates the TUN and its addresses in the helper's namespace, finds the
+/// egress interface and installs warren's nftables table. Returns the TUN,
+/// the egress interface's name and the table's name. Forwarding is the
+/// caller's (it is shared by all server tunnels).
+pub fn create(spec: &ServerTunnelSpec) -> Result<(OwnedFd, String, String), NetError> {
+    let ifname = spec.ifname();
+    let tun = crate::netns::open_tun_named(&ifname).map_err(err(format!("create TUN {ifname}")))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(err("start a runtime"))?;
+    let egress = rt
+        .block_on(async {
+            let (conn, handle, _) = rtnetlink::new_connection()?;
+            let task = tokio::spawn(conn);
+            let r = async {
+                crate::netns::link_up_with_addresses(&handle, &ifname, spec.mtu, &spec.addresses)
+                    .await?;
+                default_egress(&handle).await
+            }
+            .await;
+            task.abort();
+            r
+        })
+        .map_err(err(format!("configure {ifname}")))?
+        .1;
+    let table = table_name(spec);
+    delete_table(&table)?;
+    nft(&nat_batch(&table, &ifname, &egress, spec))
+        .map_err(err(format!("install nftables table {table}")))?;
+    Ok((tun, egress, table))
+}
