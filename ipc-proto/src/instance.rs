@@ -299,6 +299,95 @@ pub struct ServerTunnelInfo {
     pub egress: String,
 }
 
+/// A host tunnel: the whole host (the helper's network namespace) routed
+/// through a TUN device the way wg-quick does it (own routing table, fwmark
+/// rule, `suppress_prefixlength 0`), DNS switched to the tunnel's, and an
+/// optional kill switch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "RawHostTunnelSpec")]
+pub struct HostTunnelSpec {
+    /// Its name (at most 12 characters: the TUN is `wrh` + name).
+    pub name: InstanceName,
+    /// The TUN's MTU.
+    pub mtu: u16,
+    /// The tunnel's inner addresses.
+    pub addresses: Vec<IpPrefix>,
+    /// What goes through the tunnel (allowed IPs; `0.0.0.0/0`, `::/0` for
+    /// everything).
+    pub routes: Vec<IpPrefix>,
+    /// DNS servers while the tunnel is up (none: DNS left alone).
+    pub dns: Vec<IpAddr>,
+    /// Drop everything that does not leave through the tunnel (or is the
+    /// tunnel's own encrypted traffic), and anything arriving for the
+    /// tunnel's addresses on other interfaces.
+    pub kill_switch: bool,
+}
+
+#[derive(Deserialize)]
+struct RawHostTunnelSpec {
+    name: InstanceName,
+    mtu: u16,
+    addresses: Vec<IpPrefix>,
+    routes: Vec<IpPrefix>,
+    dns: Vec<IpAddr>,
+    kill_switch: bool,
+}
+
+impl TryFrom<RawHostTunnelSpec> for HostTunnelSpec {
+    type Error = Invalid;
+    fn try_from(r: RawHostTunnelSpec) -> Result<Self, Invalid> {
+        HostTunnelSpec::new(r.name, r.mtu, r.addresses, r.routes, r.dns, r.kill_switch)
+    }
+}
+
+impl HostTunnelSpec {
+    /// Validates a spec.
+    pub fn new(
+        name: InstanceName,
+        mtu: u16,
+        addresses: Vec<IpPrefix>,
+        routes: Vec<IpPrefix>,
+        dns: Vec<IpAddr>,
+        kill_switch: bool,
+    ) -> Result<Self, Invalid> {
+        if name.as_str().len() > 12 {
+            return Err(invalid("name", "at most 12 characters for a host tunnel"));
+        }
+        let checked = InstanceSpec::new(name, mtu, addresses, routes, dns)?;
+        if checked.routes.is_empty() {
+            return Err(invalid("routes", "at least one route is needed"));
+        }
+        Ok(HostTunnelSpec {
+            name: checked.name,
+            mtu,
+            addresses: checked.addresses,
+            routes: checked.routes,
+            dns: checked.dns,
+            kill_switch,
+        })
+    }
+
+    /// The TUN device's name.
+    pub fn ifname(&self) -> String {
+        format!("wrh{}", self.name.as_str())
+    }
+}
+
+/// What CreateHostTunnel made. The reply carries two descriptors: the TUN
+/// device, and a UDP socket carrying the tunnel's fwmark (so the encrypted
+/// traffic bypasses the tunnel) for the WireGuard engine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostTunnelInfo {
+    /// Its name.
+    pub name: InstanceName,
+    /// The TUN device.
+    pub ifname: String,
+    /// Routing table holding the tunnel's routes.
+    pub table: u32,
+    /// The fwmark of the returned UDP socket.
+    pub fwmark: u32,
+}
+
 /// A program to run inside an instance, as the caller.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "RawSpawnSpec")]

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::instance::{
-    ExitStatus, InstanceInfo, InstanceName, InstanceSpec, ServerTunnelInfo, ServerTunnelSpec,
-    SpawnSpec,
+    ExitStatus, HostTunnelInfo, HostTunnelSpec, InstanceInfo, InstanceName, InstanceSpec,
+    ServerTunnelInfo, ServerTunnelSpec, SpawnSpec,
 };
 
 /// Longest client description accepted in [`Request::Hello`].
@@ -72,6 +72,9 @@ pub enum Request {
     /// own nftables table) in the helper's network namespace; the reply
     /// carries the TUN descriptor. Leased like an instance.
     CreateServerTunnel(ServerTunnelSpec),
+    /// Route the helper's (the host's) network namespace through a TUN
+    /// device; the reply carries the TUN and a marked UDP socket.
+    CreateHostTunnel(HostTunnelSpec),
 }
 
 impl Request {
@@ -85,6 +88,7 @@ impl Request {
             Request::ListInstances => "list-instances",
             Request::Spawn(_) => "spawn",
             Request::CreateServerTunnel(_) => "create-server-tunnel",
+            Request::CreateHostTunnel(_) => "create-host-tunnel",
         }
     }
 }
@@ -117,6 +121,9 @@ pub enum Response {
     /// Answer to [`Request::CreateServerTunnel`]; the TUN descriptor comes
     /// with the frame.
     ServerTunnelCreated(ServerTunnelInfo),
+    /// Answer to [`Request::CreateHostTunnel`]; the TUN device and the
+    /// marked UDP socket come with the frame, in that order.
+    HostTunnelCreated(HostTunnelInfo),
     /// Answer to [`Request::ListInstances`].
     Instances(Vec<InstanceInfo>),
     /// Answer to [`Request::Spawn`]: the program runs. An

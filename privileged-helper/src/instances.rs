@@ -20,7 +20,8 @@ use tracing::{error, info, warn};
 use warren_ipc::Event;
 use warren_ipc::HelperError;
 use warren_ipc::instance::{
-    InstanceInfo, InstanceName, InstanceSpec, ServerTunnelInfo, ServerTunnelSpec, SpawnSpec,
+    HostTunnelInfo, HostTunnelSpec, InstanceInfo, InstanceName, InstanceSpec, ServerTunnelInfo,
+    ServerTunnelSpec, SpawnSpec,
 };
 
 use crate::auth::PeerCred;
@@ -39,6 +40,15 @@ pub enum JournalEntry {
         name: String,
         /// Its owner.
         owner: u32,
+    },
+    /// A host tunnel (link, rules, kill switch, DNS).
+    HostTunnel {
+        /// Its name.
+        name: String,
+        /// Its owner.
+        owner: u32,
+        /// What to undo.
+        record: crate::hosttun::HostRecord,
     },
     /// A server tunnel (nftables table, forwarding sysctls).
     ServerTunnel {
@@ -68,6 +78,10 @@ enum Kind {
         record: crate::nat::ServerRecord,
         egress: String,
     },
+    Host {
+        spec: HostTunnelSpec,
+        record: crate::hosttun::HostRecord,
+    },
 }
 
 #[derive(Debug)]
@@ -92,6 +106,7 @@ struct State {
     procs: HashMap<i32, Proc>,
     events: HashMap<u64, mpsc::Sender<Event>>,
     journal: Journal<JournalEntry>,
+    state_dir: PathBuf,
     incidents: u64,
 }
 
@@ -118,12 +133,17 @@ impl Registry {
             warn!(error = %e, "journal set aside; orphans it named cannot be removed automatically");
         }
         reconcile(&mut journal);
+        let state_dir = journal_path
+            .parent()
+            .map(std::path::Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("/run/warren"));
         Ok(Registry {
             state: Arc::new(Mutex::new(State {
                 instances: HashMap::new(),
                 procs: HashMap::new(),
                 events: HashMap::new(),
                 journal,
+                state_dir,
                 incidents: 0,
             })),
         })
@@ -342,6 +362,106 @@ impl Registry {
         Ok((info, tun))
     }
 
+    /// Creates a host tunnel leased to `conn`. Returns its description, the
+    /// TUN descriptor and the marked UDP socket.
+    pub async fn create_host(
+        &self,
+        spec: HostTunnelSpec,
+        peer: &PeerCred,
+        conn: u64,
+    ) -> Result<(HostTunnelInfo, OwnedFd, OwnedFd), HelperError> {
+        let name = spec.name.clone();
+        let (journal_id, plan) = {
+            let mut st = self.lock();
+            if st.instances.contains_key(&name) {
+                return Err(HelperError::Exists {
+                    what: format!("resource {name}"),
+                });
+            }
+            let mine = st
+                .instances
+                .values()
+                .filter(|i| i.owner == peer.uid)
+                .count();
+            if peer.uid != 0 && mine >= MAX_INSTANCES_PER_UID {
+                return Err(HelperError::TooManyResources {
+                    limit: MAX_INSTANCES_PER_UID as u32,
+                });
+            }
+            let used: Vec<u32> = st
+                .instances
+                .values()
+                .filter_map(|i| match &i.kind {
+                    Kind::Host { record, .. } => Some(record.table),
+                    _ => None,
+                })
+                .collect();
+            let slot = (0..64)
+                .find(|s| !used.contains(&(crate::hosttun::TABLE_BASE + s)))
+                .unwrap_or(63);
+            let plan = crate::hosttun::plan(&spec, slot, &st.state_dir);
+            let entry = JournalEntry::HostTunnel {
+                name: name.to_string(),
+                owner: peer.uid,
+                record: plan.clone(),
+            };
+            match st.journal.add(entry) {
+                Ok(id) => (id, plan),
+                Err(e) => return Err(internal(&mut st, "journal", &e)),
+            }
+        };
+        let spec2 = spec.clone();
+        let made = tokio::task::spawn_blocking(move || crate::hosttun::create(&spec2, &plan)).await;
+        let (tun, udp, record) = match made {
+            Ok(Ok(x)) => x,
+            other => {
+                let why = match other {
+                    Ok(Err(e)) => format!(
+                        "{e}: {}",
+                        std::error::Error::source(&e)
+                            .map(|s| s.to_string())
+                            .unwrap_or_default()
+                    ),
+                    _ => "creation task failed".into(),
+                };
+                let mut st = self.lock();
+                let _ = st.journal.remove(journal_id);
+                return Err(internal(
+                    &mut st,
+                    &format!("create host tunnel {name}"),
+                    &why,
+                ));
+            }
+        };
+        let mut st = self.lock();
+        let _ = st.journal.update(
+            journal_id,
+            JournalEntry::HostTunnel {
+                name: name.to_string(),
+                owner: peer.uid,
+                record: record.clone(),
+            },
+        );
+        let info = HostTunnelInfo {
+            name: name.clone(),
+            ifname: record.ifname.clone(),
+            table: record.table,
+            fwmark: record.table,
+        };
+        st.instances.insert(
+            name.clone(),
+            Instance {
+                kind: Kind::Host { spec, record },
+                owner: peer.uid,
+                lease: Lease::Connection(conn),
+                creator: conn,
+                journal_id,
+            },
+        );
+        info!(tunnel = %name, uid = peer.uid, "host tunnel created");
+        Ok((info, tun, udp))
+    }
+
     /// Destroys an instance the caller owns (root: any).
     pub async fn destroy(&self, name: &InstanceName, peer: &PeerCred) -> Result<(), HelperError> {
         {
@@ -553,7 +673,11 @@ impl Registry {
         let n = name.clone();
         let server = match &inst.kind {
             Kind::Server { record, .. } => Some(record.clone()),
-            Kind::Instance { .. } => None,
+            _ => None,
+        };
+        let host = match &inst.kind {
+            Kind::Host { record, .. } => Some(record.clone()),
+            _ => None,
         };
         let last_server = server.is_some()
             && !self
@@ -561,9 +685,10 @@ impl Registry {
                 .instances
                 .values()
                 .any(|i| matches!(i.kind, Kind::Server { .. }));
-        let errs = tokio::task::spawn_blocking(move || match server {
-            None => netns::destroy(&n),
-            Some(rec) => undo_server(&rec, last_server),
+        let errs = tokio::task::spawn_blocking(move || match (server, host) {
+            (Some(rec), _) => undo_server(&rec, last_server),
+            (_, Some(rec)) => crate::hosttun::destroy(&rec),
+            _ => netns::destroy(&n),
         })
         .await
         .unwrap_or_default();
@@ -601,6 +726,11 @@ fn describe(name: &InstanceName, i: &Instance) -> InstanceInfo {
         Kind::Instance { spec, .. } => (
             name.netns(),
             netns::TUN_NAME.to_string(),
+            spec.addresses.clone(),
+        ),
+        Kind::Host { spec, record } => (
+            format!("(helper's, table {})", record.table),
+            spec.ifname(),
             spec.addresses.clone(),
         ),
         Kind::Server { spec, egress, .. } => (
@@ -642,6 +772,22 @@ pub fn reconcile(journal: &mut Journal<JournalEntry>) -> usize {
                 } else {
                     for err in errs {
                         error!(instance = %n, error = %err, "cannot remove orphan");
+                    }
+                }
+            }
+            JournalEntry::HostTunnel {
+                name,
+                owner,
+                record,
+            } => {
+                let errs = crate::hosttun::destroy(&record);
+                if errs.is_empty() {
+                    info!(tunnel = name, owner, "removed an orphaned host tunnel");
+                    let _ = journal.remove(id);
+                    removed += 1;
+                } else {
+                    for err in errs {
+                        error!(tunnel = name, error = %err, "cannot remove orphan");
                     }
                 }
             }

@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod hosttun;
 pub mod instances;
 pub mod journal;
 pub mod listener;

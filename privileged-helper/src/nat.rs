@@ -73,7 +73,7 @@ pub fn restore_forwarding(saved: &(String, String)) -> Vec<NetError> {
 }
 
 /// Runs an nftables JSON batch.
-fn nft(batch: &serde_json::Value) -> std::io::Result<()> {
+pub fn nft_apply(batch: &serde_json::Value) -> std::io::Result<()> {
     let mut child = Command::new("nft")
         .args(["-j", "-f", "-"])
         .stdin(Stdio::piped())
@@ -154,7 +154,7 @@ pub fn delete_table(table: &str) -> Result<(), NetError> {
     if !exists {
         return Ok(());
     }
-    nft(&json!({"nftables": [{"delete": {"table": {"family": "inet", "name": table}}}]}))
+    nft_apply(&json!({"nftables": [{"delete": {"table": {"family": "inet", "name": table}}}]}))
         .map_err(err(format!("delete nftables table {table}")))
 }
 
@@ -225,7 +225,7 @@ pub fn create(spec: &ServerTunnelSpec) -> Result<(OwnedFd, String, String), NetE
         .1;
     let table = table_name(spec);
     delete_table(&table)?;
-    nft(&nat_batch(&table, &ifname, &egress, spec))
+    nft_apply(&nat_batch(&table, &ifname, &egress, spec))
         .map_err(err(format!("install nftables table {table}")))?;
     Ok((tun, egress, table))
 }

@@ -392,7 +392,7 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, stop: CancellationToken
         };
         let op = frame.request.op_name();
         info!(uid, pid, op, id = frame.id, "request");
-        let (result, reply_fd) =
+        let (result, reply_fds) =
             dispatch(&shared, &cred, conn_id, version, frame.request, fds).await;
         if let Err(e) = &result {
             info!(uid, pid, op, error = %e, "request failed");
@@ -401,9 +401,11 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, stop: CancellationToken
             id: frame.id,
             result,
         };
-        let sent_fds: Vec<_> = reply_fd.iter().map(AsFd::as_fd).collect();
+        let sent_fds: Vec<_> = reply_fds.iter().map(AsFd::as_fd).collect();
         let written = conn.write_frame(&reply, &sent_fds).await;
-        if let Some(fd) = reply_fd {
+        drop(sent_fds);
+        if !reply_fds.is_empty() {
+            let fd = reply_fds;
             // Our copy of a TUN device: if the client has already closed
             // its copy, this close unregisters the device and waits for an
             // RCU grace period (~30 ms); never on the event loop.
@@ -459,35 +461,41 @@ async fn dispatch(
     version: u16,
     request: Request,
     fds: Vec<std::os::fd::OwnedFd>,
-) -> (Result<Response, HelperError>, Option<std::os::fd::OwnedFd>) {
+) -> (Result<Response, HelperError>, Vec<std::os::fd::OwnedFd>) {
     let registry = match (&request, &shared.opts.registry) {
         (Request::Hello { .. } | Request::Status, _) => None,
         (_, Some(r)) => Some(r),
-        (_, None) => return (Err(HelperError::Unsupported), None),
+        (_, None) => return (Err(HelperError::Unsupported), vec![]),
     };
     match (request, registry) {
         (Request::CreateInstance(spec), Some(r)) => match r.create(spec, cred, conn_id).await {
-            Ok((info, tun)) => (Ok(Response::InstanceCreated(info)), Some(tun)),
-            Err(e) => (Err(e), None),
+            Ok((info, tun)) => (Ok(Response::InstanceCreated(info)), vec![tun]),
+            Err(e) => (Err(e), vec![]),
         },
         (Request::Destroy { name }, Some(r)) => (
             r.destroy(&name, cred).await.map(|()| Response::Destroyed),
-            None,
+            vec![],
         ),
-        (Request::ListInstances, Some(r)) => (Ok(Response::Instances(r.list(cred))), None),
+        (Request::ListInstances, Some(r)) => (Ok(Response::Instances(r.list(cred))), vec![]),
+        (Request::CreateHostTunnel(spec), Some(r)) => {
+            match r.create_host(spec, cred, conn_id).await {
+                Ok((info, tun, udp)) => (Ok(Response::HostTunnelCreated(info)), vec![tun, udp]),
+                Err(e) => (Err(e), vec![]),
+            }
+        }
         (Request::CreateServerTunnel(spec), Some(r)) => {
             match r.create_server(spec, cred, conn_id).await {
-                Ok((info, tun)) => (Ok(Response::ServerTunnelCreated(info)), Some(tun)),
-                Err(e) => (Err(e), None),
+                Ok((info, tun)) => (Ok(Response::ServerTunnelCreated(info)), vec![tun]),
+                Err(e) => (Err(e), vec![]),
             }
         }
         (Request::Spawn(spec), Some(r)) => (
             r.spawn(spec, cred, conn_id, fds)
                 .await
                 .map(|pid| Response::Spawned { pid }),
-            None,
+            vec![],
         ),
-        (request, _) => (simple(shared, cred, version, request), None),
+        (request, _) => (simple(shared, cred, version, request), vec![]),
     }
 }
 

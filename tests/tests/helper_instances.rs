@@ -784,3 +784,273 @@ fn server_tunnel_nats_tunnel_clients_to_the_internet_namespace() {
     helper.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(helper.wait_timeout(Duration::from_secs(10)).is_some());
 }
+
+/// A throwaway "host" namespace with a veth to an "other" namespace, and a
+/// helper serving inside the host namespace with its own private
+/// /etc/resolv.conf (a temp file bind-mounted over it), so nothing of the
+/// machine's own routing or resolver is ever touched.
+struct HostLab {
+    host: warren_tests::TestNs,
+    other: warren_tests::TestNs,
+    host_if: String,
+    resolv: std::path::PathBuf,
+    sock: std::path::PathBuf,
+    helper: Proc,
+    _dir: warren_tests::TestDir,
+}
+
+impl HostLab {
+    fn new(tag: &str) -> HostLab {
+        use warren_tests::TestNs;
+        let pid = std::process::id() % 100_000;
+        let host = TestNs::new(&format!("wrth{tag}{pid}"));
+        let other = TestNs::new(&format!("wrto{tag}{pid}"));
+        let host_if = format!("wr{tag}{pid}h");
+        host.veth(
+            &host_if,
+            "198.18.52.1/24",
+            &other,
+            &format!("wr{tag}{pid}o"),
+            "198.18.52.2/24",
+        );
+        host.ip(&["route", "add", "default", "via", "198.18.52.2"]);
+        let dir = warren_tests::TestDir::new(&format!("hostlab-{tag}"));
+        let resolv = dir.join("resolv.conf");
+        std::fs::write(&resolv, "nameserver 198.18.52.53\n").expect("resolv");
+        let sock = dir.join("helper.sock");
+        let log = dir.join("helper.log");
+        let script = format!(
+            "mount --bind {resolv} /etc/resolv.conf && exec ip netns exec {ns} {helper} serve --socket {sock} --group 60100 --config /nonexistent/x.toml",
+            resolv = resolv.display(),
+            ns = host.name,
+            helper = bin("warren-helper").display(),
+            sock = sock.display()
+        );
+        let child = Command::new("unshare")
+            .args([
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+                "sh",
+                "-c",
+                &script,
+            ])
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("helper in the lab host");
+        let helper = Proc::new(child, Some(log));
+        assert!(
+            wait_for(Duration::from_secs(10), || StdUnixStream::connect(&sock)
+                .is_ok()),
+            "{}",
+            helper.log()
+        );
+        HostLab {
+            host,
+            other,
+            host_if,
+            resolv,
+            sock,
+            helper,
+            _dir: dir,
+        }
+    }
+
+    /// Routing and DNS state of the lab host.
+    fn snapshot(&self) -> String {
+        let mut s = String::new();
+        for args in [
+            vec!["rule", "show"],
+            vec!["-6", "rule", "show"],
+            vec!["route", "show", "table", "all"],
+            vec!["-6", "route", "show", "table", "all"],
+        ] {
+            let mut full = vec!["-n", self.host.name.as_str()];
+            full.extend(args);
+            let out = run_limited(Command::new("ip").args(&full), Duration::from_secs(10));
+            // IPv6 link-local routes appear whenever the new veth finishes
+            // its address autoconfiguration: not warren's doing.
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                if !line.contains("fe80:") {
+                    s.push_str(line);
+                    s.push('\n');
+                }
+            }
+        }
+        let nft = run_limited(
+            self.host.exec("nft").args(["list", "ruleset"]),
+            Duration::from_secs(10),
+        );
+        s.push_str(&String::from_utf8_lossy(&nft.stdout));
+        s.push_str(&std::fs::read_to_string(&self.resolv).expect("resolv"));
+        s
+    }
+
+    /// TCP connect from the lab host to the other namespace, forced out of
+    /// the veth (SO_BINDTODEVICE), so routing cannot be what stops it.
+    fn connect_out_of_veth(&self) -> bool {
+        let code = format!(
+            "import socket\ns=socket.socket()\ns.settimeout(2)\ns.setsockopt(socket.SOL_SOCKET, 25, b'{}')\ns.connect(('198.18.52.2', 8080))\n",
+            self.host_if
+        );
+        run_limited(
+            self.host.exec("python3").args(["-c", &code]),
+            Duration::from_secs(20),
+        )
+        .status
+        .success()
+    }
+
+    /// Sends UDP from the other namespace to the tunnel's inner address and
+    /// reports whether a listener in the lab host received it.
+    fn udp_to_inner_address_arrives(&self) -> bool {
+        let listener = self
+            .host
+            .exec("python3")
+            .args(["-c", "import socket\ns=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.bind(('0.0.0.0', 9999))\ns.settimeout(3)\ntry:\n  s.recvfrom(64)\n  print('GOT')\nexcept OSError:\n  print('NONE')\n"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("listener");
+        std::thread::sleep(Duration::from_millis(300));
+        for _ in 0..5 {
+            let _ = run_limited(
+                self.other
+                    .exec("bash")
+                    .args(["-c", "echo x >/dev/udp/198.19.71.2/9999"]),
+                Duration::from_secs(5),
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let out = listener.wait_with_output().expect("listener output");
+        String::from_utf8_lossy(&out.stdout).contains("GOT")
+    }
+}
+
+impl Drop for HostLab {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- helper log ----\n{}", self.helper.log());
+        }
+        self.helper.signal(nix::sys::signal::Signal::SIGTERM);
+        let _ = self.helper.wait_timeout(Duration::from_secs(10));
+    }
+}
+
+fn host_spec(n: &InstanceName, kill_switch: bool) -> warren_ipc::instance::HostTunnelSpec {
+    warren_ipc::instance::HostTunnelSpec::new(
+        n.clone(),
+        1420,
+        vec!["198.19.71.2/32".parse().expect("p")],
+        vec!["0.0.0.0/0".parse().expect("p")],
+        vec!["198.19.71.53".parse().expect("ip")],
+        kill_switch,
+    )
+    .expect("spec")
+}
+
+#[test]
+fn host_tunnel_routes_like_wg_quick_with_kill_switch_and_restores_everything() {
+    if !require_root("host_tunnel_routes_like_wg_quick_with_kill_switch_and_restores_everything") {
+        return;
+    }
+    let lab = HostLab::new("k");
+    let web = lab
+        .other
+        .exec("python3")
+        .args(["-m", "http.server", "8080", "--bind", "198.18.52.2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("web server");
+    let _web = Proc::new(web, None);
+    assert!(
+        wait_for(Duration::from_secs(10), || lab.connect_out_of_veth()),
+        "control: reachable before"
+    );
+    let before = lab.snapshot();
+    let n = name("hk");
+    rt().block_on(async {
+        let mut c = HelperClient::connect(&lab.sock).await.expect("connect");
+        let (info, _tun, udp) = c
+            .create_host_tunnel(host_spec(&n, true))
+            .await
+            .expect("host tunnel");
+        assert_eq!(info.table, 51820);
+        let mark =
+            nix::sys::socket::getsockopt(&udp, nix::sys::socket::sockopt::Mark).expect("mark");
+        assert_eq!(mark, 51820, "the UDP socket bypasses the tunnel");
+        let rules = run_limited(
+            Command::new("ip").args(["-n", &lab.host.name, "rule", "show"]),
+            Duration::from_secs(10),
+        );
+        let rules = String::from_utf8_lossy(&rules.stdout).to_string();
+        assert!(
+            rules.contains("not from all fwmark 0xca6c lookup 51820"),
+            "{rules}"
+        );
+        assert!(
+            rules.contains("from all lookup main suppress_prefixlength 0"),
+            "{rules}"
+        );
+        let t = run_limited(
+            Command::new("ip").args(["-n", &lab.host.name, "route", "show", "table", "51820"]),
+            Duration::from_secs(10),
+        );
+        assert!(
+            String::from_utf8_lossy(&t.stdout).contains(&format!("default dev {}", info.ifname))
+        );
+        let dns = std::fs::read_to_string(&lab.resolv).expect("resolv");
+        assert!(
+            dns.contains("nameserver 198.19.71.53") && !dns.contains("198.18.52.53"),
+            "{dns}"
+        );
+        assert!(
+            !lab.connect_out_of_veth(),
+            "kill switch blocks traffic that is not the tunnel's"
+        );
+        c.destroy_instance(&n).await.expect("destroy");
+    });
+    assert_eq!(
+        lab.snapshot(),
+        before,
+        "routes, rules, nftables and DNS restored exactly"
+    );
+    assert!(lab.connect_out_of_veth(), "reachable again after teardown");
+}
+
+#[test]
+fn cve_2019_14899_kill_switch_drops_tunnel_address_traffic_from_other_interfaces() {
+    if !require_root(
+        "cve_2019_14899_kill_switch_drops_tunnel_address_traffic_from_other_interfaces",
+    ) {
+        return;
+    }
+    let lab = HostLab::new("c");
+    // An attacker on the local network routes to the tunnel's inner address.
+    lab.other
+        .ip(&["route", "add", "198.19.71.2/32", "via", "198.18.52.1"]);
+    let n = name("hc");
+    rt().block_on(async {
+        let mut c = HelperClient::connect(&lab.sock).await.expect("connect");
+        // Negative control: without the kill switch the probe gets through.
+        let _t = c
+            .create_host_tunnel(host_spec(&n, false))
+            .await
+            .expect("tunnel");
+        assert!(
+            lab.udp_to_inner_address_arrives(),
+            "control: reachable without the kill switch"
+        );
+        c.destroy_instance(&n).await.expect("destroy");
+        let _t = c
+            .create_host_tunnel(host_spec(&n, true))
+            .await
+            .expect("tunnel with kill switch");
+        assert!(
+            !lab.udp_to_inner_address_arrives(),
+            "dropped with the kill switch"
+        );
+        c.destroy_instance(&n).await.expect("destroy");
+    });
+}

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 use tokio::net::UnixStream;
 use warren_ipc::instance::{
-    InstanceInfo, InstanceName, InstanceSpec, ServerTunnelInfo, ServerTunnelSpec, SpawnSpec,
+    HostTunnelInfo, HostTunnelSpec, InstanceInfo, InstanceName, InstanceSpec, ServerTunnelInfo,
+    ServerTunnelSpec, SpawnSpec,
 };
 use warren_ipc::msg::{HelloInfo, StatusInfo};
 use warren_ipc::{
@@ -247,6 +248,28 @@ impl HelperClient {
         {
             (Response::ServerTunnelCreated(info), mut fds) if fds.len() == 1 => {
                 Ok((info, fds.remove(0)))
+            }
+            _ => Err(ClientError::UnexpectedReply),
+        }
+    }
+
+    /// Routes the helper's (the host's) namespace through a new TUN device;
+    /// returns its description, the TUN device and a UDP socket marked to
+    /// bypass the tunnel (for the encrypted traffic).
+    pub async fn create_host_tunnel(
+        &mut self,
+        spec: HostTunnelSpec,
+    ) -> Result<(HostTunnelInfo, std::os::fd::OwnedFd, std::os::fd::OwnedFd), ClientError> {
+        match self
+            .call_with_fds(Request::CreateHostTunnel(spec), &[])
+            .await?
+        {
+            (Response::HostTunnelCreated(info), fds) if fds.len() == 2 => {
+                let mut it = fds.into_iter();
+                match (it.next(), it.next()) {
+                    (Some(tun), Some(udp)) => Ok((info, tun, udp)),
+                    _ => Err(ClientError::UnexpectedReply),
+                }
             }
             _ => Err(ClientError::UnexpectedReply),
         }

@@ -1,0 +1,345 @@
+//! Host tunnels: the helper's network namespace (the host) routed through a
+//! TUN device the way wg-quick does it, DNS switched and restored, and an
+//! optional kill switch in warren's own nftables table.
+//!
+//! Routing: the tunnel's routes go into a table of their own (`T`, 51820 +
+//! slot); a rule `not fwmark T lookup T` sends everything unmarked there,
+//! and a rule `lookup main suppress_prefixlength 0` before it keeps the main
+//! table's specific routes (but not its default) in force. The encrypted
+//! traffic leaves through a UDP socket the helper creates with mark `T`, so
+//! it bypasses the tunnel and the endpoint stays reachable; the unprivileged
+//! client could not set that mark itself.
+//!
+//! DNS: `/etc/resolv.conf` (in the helper's own mount namespace, which shares
+//! the file with the host) is saved beside the journal and rewritten in
+//! place, or a symlink is replaced by a file; both are restored on removal.
+//! systemd-resolved's per-link DNS (D-Bus) is not implemented yet.
+
+use std::net::IpAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use futures::TryStreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use warren_ipc::instance::HostTunnelSpec;
+
+use crate::netns::NetError;
+
+/// First routing table / fwmark used by host tunnels (wg-quick's 51820).
+pub const TABLE_BASE: u32 = 51820;
+/// Priorities of the two rules (lower runs first; main is 32766).
+const PRIO_SUPPRESS: u32 = 32760;
+const PRIO_FWMARK: u32 = 32761;
+const RESOLV_CONF: &str = "/etc/resolv.conf";
+
+/// How DNS was before.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DnsBackup {
+    /// resolv.conf was a file; its content was saved to this path.
+    File(PathBuf),
+    /// resolv.conf was a symlink to this target.
+    Symlink(PathBuf),
+}
+
+/// What must be undone (kept in the journal).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRecord {
+    /// The TUN device.
+    pub ifname: String,
+    /// Routing table and fwmark.
+    pub table: u32,
+    /// Whether IPv4 / IPv6 rules were added.
+    pub families: (bool, bool),
+    /// warren's nftables table for the kill switch.
+    pub nft_table: Option<String>,
+    /// How to put DNS back.
+    pub dns: Option<DnsBackup>,
+}
+
+fn err(step: impl Into<String>) -> impl FnOnce(std::io::Error) -> NetError {
+    let step = step.into();
+    move |source| NetError { step, source }
+}
+
+fn other(e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+/// The record a tunnel in `slot` will have (computed before anything is
+/// changed, so it can be journaled first).
+pub fn plan(spec: &HostTunnelSpec, slot: u32, state_dir: &Path) -> HostRecord {
+    let has = |v6: bool| spec.routes.iter().any(|r| r.addr().is_ipv6() == v6);
+    HostRecord {
+        ifname: spec.ifname(),
+        table: TABLE_BASE + slot,
+        families: (has(false), has(true)),
+        nft_table: spec
+            .kill_switch
+            .then(|| format!("warren_h_{}", spec.name.as_str().replace('-', "_"))),
+        dns: (!spec.dns.is_empty()).then(|| {
+            DnsBackup::File(state_dir.join(format!("resolv.conf.{}", spec.name.as_str())))
+        }),
+    }
+}
+
+async fn rules(handle: &rtnetlink::Handle, rec: &HostRecord, add: bool) -> std::io::Result<()> {
+    use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleFlags};
+    for v6 in [false, true] {
+        let wanted = if v6 { rec.families.1 } else { rec.families.0 };
+        if !wanted {
+            continue;
+        }
+        let build = |suppress: bool| {
+            let base = handle.rule().add();
+            let mut msg = if v6 {
+                base.v6().message_mut().clone()
+            } else {
+                base.v4().message_mut().clone()
+            };
+            msg.header.action = RuleAction::ToTable;
+            if suppress {
+                msg.header.table = 254; // main
+                msg.attributes.push(RuleAttribute::Table(254));
+                msg.attributes.push(RuleAttribute::SuppressPrefixLen(0));
+                msg.attributes.push(RuleAttribute::Priority(PRIO_SUPPRESS));
+            } else {
+                msg.header.table = 252; // RT_TABLE_COMPAT: the real id is the attribute
+                msg.attributes.push(RuleAttribute::Table(rec.table));
+                msg.attributes.push(RuleAttribute::FwMark(rec.table));
+                msg.attributes.push(RuleAttribute::Priority(PRIO_FWMARK));
+                msg.header.flags |= RuleFlags::Invert;
+            }
+            msg
+        };
+        for suppress in [true, false] {
+            let msg = build(suppress);
+            if add {
+                let mut req = handle.rule().add();
+                *req.message_mut() = msg;
+                req.execute().await.map_err(other)?;
+            } else {
+                // Missing is fine on removal.
+                let _ = handle.rule().del(msg).execute().await;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A UDP socket marked with `mark` (bypasses the tunnel), unbound;
+/// dual-stack where IPv6 exists.
+fn marked_udp(mark: u32) -> std::io::Result<OwnedFd> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, setsockopt, socket, sockopt};
+    let flags = SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK;
+    let fd = match socket(AddressFamily::Inet6, SockType::Datagram, flags, None) {
+        Ok(fd) => {
+            setsockopt(&fd, sockopt::Ipv6V6Only, &false).map_err(other)?;
+            fd
+        }
+        Err(_) => socket(AddressFamily::Inet, SockType::Datagram, flags, None).map_err(other)?,
+    };
+    setsockopt(&fd, sockopt::Mark, &mark).map_err(other)?;
+    Ok(fd)
+}
+
+fn set_dns(spec: &HostTunnelSpec, backup: &DnsBackup) -> std::io::Result<DnsBackup> {
+    let DnsBackup::File(saved) = backup else {
+        return Err(other("unexpected plan"));
+    };
+    let path = Path::new(RESOLV_CONF);
+    let mut text = String::from("# written by warren-helper while a host tunnel is up\n");
+    for s in &spec.dns {
+        text.push_str(&format!("nameserver {s}\n"));
+    }
+    let meta = std::fs::symlink_metadata(path);
+    if let Ok(m) = &meta
+        && m.file_type().is_symlink()
+    {
+        let target = std::fs::read_link(path)?;
+        std::fs::remove_file(path)?;
+        std::fs::write(path, text)?;
+        return Ok(DnsBackup::Symlink(target));
+    }
+    let old = std::fs::read(path).unwrap_or_default();
+    std::fs::write(saved, old)?;
+    // In place: keeps bind mounts and the inode other tools watch.
+    std::fs::write(path, text)?;
+    Ok(DnsBackup::File(saved.clone()))
+}
+
+fn restore_dns(b: &DnsBackup) -> std::io::Result<()> {
+    let path = Path::new(RESOLV_CONF);
+    match b {
+        DnsBackup::File(saved) => match std::fs::read(saved) {
+            Ok(old) => {
+                std::fs::write(path, old)?;
+                std::fs::remove_file(saved)
+            }
+            // Saved copy gone: already restored.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        },
+        DnsBackup::Symlink(target) => {
+            if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+                return Ok(());
+            }
+            let _ = std::fs::remove_file(path);
+            std::os::unix::fs::symlink(target, path)
+        }
+    }
+}
+
+fn kill_switch_batch(table: &str, spec: &HostTunnelSpec, mark: u32) -> serde_json::Value {
+    let ifname = spec.ifname();
+    let t = |extra: serde_json::Value| {
+        let mut v = json!({"family": "inet", "table": table});
+        if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+            o.extend(e.clone());
+        }
+        v
+    };
+    let mut cmds = vec![
+        json!({"add": {"table": {"family": "inet", "name": table}}}),
+        json!({"add": {"chain": t(json!({"name": "output", "type": "filter", "hook": "output", "prio": 0, "policy": "drop"}))}}),
+        json!({"add": {"rule": t(json!({"chain": "output", "expr": [
+            {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "lo"}}, {"accept": null}]}))}}),
+        json!({"add": {"rule": t(json!({"chain": "output", "expr": [
+            {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": ifname}}, {"accept": null}]}))}}),
+        json!({"add": {"rule": t(json!({"chain": "output", "expr": [
+            {"match": {"op": "==", "left": {"meta": {"key": "mark"}}, "right": mark}}, {"accept": null}]}))}}),
+        json!({"add": {"chain": t(json!({"name": "input", "type": "filter", "hook": "input", "prio": 0, "policy": "accept"}))}}),
+    ];
+    // CVE-2019-14899: nothing addressed to the tunnel's inner addresses may
+    // arrive through another interface.
+    for a in &spec.addresses {
+        let proto = if a.addr().is_ipv4() { "ip" } else { "ip6" };
+        cmds.push(json!({"add": {"rule": t(json!({"chain": "input", "expr": [
+            {"match": {"op": "!=", "left": {"meta": {"key": "iifname"}}, "right": ifname}},
+            {"match": {"op": "==", "left": {"payload": {"protocol": proto, "field": "daddr"}}, "right": a.addr().to_string()}},
+            {"drop": null}
+        ]}))}}));
+    }
+    json!({"nftables": cmds})
+}
+
+/// Creates the host tunnel in the calling thread's namespaces as planned in
+/// `rec`. Returns the TUN, the marked UDP socket and the final record. On
+/// failure everything done so far is undone.
+pub fn create(
+    spec: &HostTunnelSpec,
+    rec: &HostRecord,
+) -> Result<(OwnedFd, OwnedFd, HostRecord), NetError> {
+    let mut rec = rec.clone();
+    let res = create_inner(spec, &mut rec);
+    if res.is_err() {
+        let _ = destroy(&rec);
+    }
+    res.map(|(tun, udp)| (tun, udp, rec))
+}
+
+fn create_inner(
+    spec: &HostTunnelSpec,
+    rec: &mut HostRecord,
+) -> Result<(OwnedFd, OwnedFd), NetError> {
+    let tun = crate::netns::open_tun_named(&rec.ifname)
+        .map_err(err(format!("create TUN {}", rec.ifname)))?;
+    let udp = marked_udp(rec.table).map_err(err("create the marked UDP socket"))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(err("start a runtime"))?;
+    rt.block_on(async {
+        let (conn, handle, _) = rtnetlink::new_connection()?;
+        let task = tokio::spawn(conn);
+        let r = async {
+            let index = crate::netns::link_up_with_addresses(
+                &handle,
+                &rec.ifname,
+                spec.mtu,
+                &spec.addresses,
+            )
+            .await?;
+            for r in &spec.routes {
+                let msg = rtnetlink::RouteMessageBuilder::<IpAddr>::new()
+                    .destination_prefix(r.addr(), r.len())
+                    .map_err(other)?
+                    .output_interface(index)
+                    .table_id(rec.table)
+                    .build();
+                handle
+                    .route()
+                    .add(msg)
+                    .replace()
+                    .execute()
+                    .await
+                    .map_err(|e| other(format!("route {r}: {e}")))?;
+            }
+            rules(&handle, rec, true).await
+        }
+        .await;
+        task.abort();
+        r
+    })
+    .map_err(err("set up routing"))?;
+    if let Some(table) = &rec.nft_table {
+        crate::nat::delete_table(table)?;
+        crate::nat::nft_apply(&kill_switch_batch(table, spec, rec.table))
+            .map_err(err(format!("install kill switch table {table}")))?;
+    }
+    if let Some(plan) = &rec.dns {
+        rec.dns = Some(set_dns(spec, plan).map_err(err("switch DNS"))?);
+    }
+    let _ = udp.as_fd();
+    Ok((tun, udp))
+}
+
+/// Undoes a host tunnel: link, routes, rules, kill switch, DNS. Keeps going
+/// after errors and returns them all. Idempotent.
+pub fn destroy(rec: &HostRecord) -> Vec<NetError> {
+    let mut errs = Vec::new();
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => {
+            let r = rt.block_on(async {
+                let (conn, handle, _) = rtnetlink::new_connection()?;
+                let task = tokio::spawn(conn);
+                let r = async {
+                    let _ = rules(&handle, rec, false).await;
+                    // Deleting the link takes its routes (table T) with it,
+                    // even while a client still holds the TUN descriptor.
+                    let mut links = handle.link().get().match_name(rec.ifname.clone()).execute();
+                    if let Ok(Some(l)) = links.try_next().await {
+                        handle
+                            .link()
+                            .del(l.header.index)
+                            .execute()
+                            .await
+                            .map_err(other)?;
+                    }
+                    Ok::<_, std::io::Error>(())
+                }
+                .await;
+                task.abort();
+                r
+            });
+            if let Err(e) = r {
+                errs.push(err("remove the tunnel's link and rules")(e));
+            }
+        }
+        Err(e) => errs.push(err("start a runtime")(e)),
+    }
+    if let Some(t) = &rec.nft_table
+        && let Err(e) = crate::nat::delete_table(t)
+    {
+        errs.push(e);
+    }
+    if let Some(b) = &rec.dns
+        && let Err(e) = restore_dns(b)
+    {
+        errs.push(err("restore DNS")(e));
+    }
+    errs
+}
