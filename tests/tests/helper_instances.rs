@@ -818,34 +818,7 @@ impl HostLab {
         let resolv = dir.join("resolv.conf");
         std::fs::write(&resolv, "nameserver 198.18.52.53\n").expect("resolv");
         let sock = dir.join("helper.sock");
-        let log = dir.join("helper.log");
-        let script = format!(
-            "mount --bind {resolv} /etc/resolv.conf && exec ip netns exec {ns} {helper} serve --socket {sock} --group 60100 --config /nonexistent/x.toml",
-            resolv = resolv.display(),
-            ns = host.name,
-            helper = bin("warren-helper").display(),
-            sock = sock.display()
-        );
-        let child = Command::new("unshare")
-            .args([
-                "--mount",
-                "--propagation",
-                "private",
-                "--",
-                "sh",
-                "-c",
-                &script,
-            ])
-            .stderr(std::fs::File::create(&log).expect("log"))
-            .spawn()
-            .expect("helper in the lab host");
-        let helper = Proc::new(child, Some(log));
-        assert!(
-            wait_for(Duration::from_secs(10), || StdUnixStream::connect(&sock)
-                .is_ok()),
-            "{}",
-            helper.log()
-        );
+        let helper = start_lab_helper(&host, &resolv, &sock, &dir.join("helper.log"));
         HostLab {
             host,
             other,
@@ -925,6 +898,44 @@ impl HostLab {
         let out = listener.wait_with_output().expect("listener output");
         String::from_utf8_lossy(&out.stdout).contains("GOT")
     }
+}
+
+/// Starts the helper inside the lab host, with the lab's resolv.conf bound
+/// over /etc/resolv.conf in a private mount namespace.
+fn start_lab_helper(
+    host: &warren_tests::TestNs,
+    resolv: &std::path::Path,
+    sock: &std::path::Path,
+    log: &std::path::Path,
+) -> Proc {
+    let script = format!(
+        "mount --bind {resolv} /etc/resolv.conf && exec ip netns exec {ns} {helper} serve --socket {sock} --group 60100 --config /nonexistent/x.toml",
+        resolv = resolv.display(),
+        ns = host.name,
+        helper = bin("warren-helper").display(),
+        sock = sock.display()
+    );
+    let child = Command::new("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .stderr(std::fs::File::create(log).expect("log"))
+        .spawn()
+        .expect("helper in the lab host");
+    let helper = Proc::new(child, Some(log.to_path_buf()));
+    assert!(
+        wait_for(Duration::from_secs(10), || StdUnixStream::connect(sock)
+            .is_ok()),
+        "{}",
+        helper.log()
+    );
+    helper
 }
 
 impl Drop for HostLab {
@@ -1053,4 +1064,41 @@ fn cve_2019_14899_kill_switch_drops_tunnel_address_traffic_from_other_interfaces
         );
         c.destroy_instance(&n).await.expect("destroy");
     });
+}
+
+#[test]
+fn kill_9_of_the_helper_with_a_host_tunnel_then_restart_restores_the_host() {
+    if !require_root("kill_9_of_the_helper_with_a_host_tunnel_then_restart_restores_the_host") {
+        return;
+    }
+    let mut lab = HostLab::new("r");
+    let before = lab.snapshot();
+    let n = name("hr");
+    rt().block_on(async {
+        let mut c = HelperClient::connect(&lab.sock).await.expect("connect");
+        let _t = c
+            .create_host_tunnel(host_spec(&n, true))
+            .await
+            .expect("tunnel");
+        lab.helper.signal(nix::sys::signal::Signal::SIGKILL);
+        assert!(lab.helper.wait_timeout(Duration::from_secs(10)).is_some());
+    });
+    assert_ne!(
+        lab.snapshot(),
+        before,
+        "a killed helper leaves its host tunnel behind..."
+    );
+    // ...until it starts again (same journal, same lab host).
+    let _ = std::fs::remove_file(&lab.sock);
+    lab.helper = start_lab_helper(
+        &lab.host,
+        &lab.resolv,
+        &lab.sock,
+        &lab._dir.join("helper2.log"),
+    );
+    assert_eq!(
+        lab.snapshot(),
+        before,
+        "rules, routes, kill switch and DNS restored at start"
+    );
 }
