@@ -224,6 +224,8 @@ echo "== nosudo"; {m} env PATH=/nonexistent {w} helper start </dev/null; echo "R
 echo "== password"; {p} {w} helper start </dev/null; echo "RC=$?"
 echo "== refused"; {o} {w} helper start </dev/null; echo "RC=$?"
 echo "== disabled"; {m} {w} --no-autostart helper start </dev/null; echo "RC=$?"
+echo "== disabled-by-config"; mkdir -p /tmp/cfg/warren && printf '[helper]\nautostart = false\n' >/tmp/cfg/warren/config.toml && chmod -R a+rX /tmp/cfg
+{m} env XDG_CONFIG_HOME=/tmp/cfg {w} helper start </dev/null; echo "RC=$?"
 echo "== timeout"; mkdir -p /run/warren && chown {uid} /run/warren
 {m} {w} --autostart-timeout-ms 1500 helper start </dev/null; echo "RC=$?"
 echo "== end"
@@ -242,7 +244,7 @@ echo "== end"
     let rcs: Vec<&str> = stdout.lines().filter(|l| l.starts_with("RC=")).collect();
     assert_eq!(
         rcs,
-        vec!["RC=3", "RC=3", "RC=4", "RC=3", "RC=3"],
+        vec!["RC=3", "RC=3", "RC=4", "RC=3", "RC=3", "RC=3"],
         "{stdout}\n{stderr}"
     );
     for msg in [

@@ -100,7 +100,7 @@ impl AutostartError {
     pub fn hint(&self) -> &'static str {
         match self {
             AutostartError::Disabled => {
-                "start it with `sudo systemctl start warren-helper.socket` or `sudo warren-helper serve`, or enable autostart ([helper] autostart = true)"
+                "start it with `sudo systemctl start warren-helper.socket` or `sudo warren-helper serve`, or enable autostart (`[helper] autostart = true` in ~/.config/warren/config.toml, and no --no-autostart)"
             }
             AutostartError::NotDefaultSocket(_) => {
                 "start the helper on that socket yourself: `sudo warren-helper serve --socket PATH`"

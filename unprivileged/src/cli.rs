@@ -43,9 +43,10 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub no_autostart: bool,
 
-    /// How long to wait for an autostarted helper to answer, in ms.
-    #[arg(long, global = true, default_value_t = 10_000, hide = true)]
-    pub autostart_timeout_ms: u64,
+    /// How long to wait for an autostarted helper to answer, in ms
+    /// [default: the config's `autostart_timeout_secs`, else 10 s].
+    #[arg(long, global = true, hide = true)]
+    pub autostart_timeout_ms: Option<u64>,
 
     /// What to do.
     #[command(subcommand)]
@@ -128,10 +129,23 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Helper(cmd) => {
+            // Command line (and WARREN_HELPER_SOCKET) > config file > defaults.
+            let conf = match crate::client_config::load(|k| std::env::var(k).ok()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("warren: {e}");
+                    return exit::code(exit::CONFIG);
+                }
+            };
             let mut policy = AutostartPolicy::from_current_exe();
-            policy.enabled &= !cli.no_autostart;
-            policy.timeout = Duration::from_millis(cli.autostart_timeout_ms);
-            run_helper(socket_path(cli.helper_socket.as_deref()), &policy, cmd)
+            policy.enabled &= !cli.no_autostart && conf.autostart.unwrap_or(true);
+            policy.timeout = match (cli.autostart_timeout_ms, conf.autostart_timeout_secs) {
+                (Some(ms), _) => Duration::from_millis(ms),
+                (None, Some(s)) => Duration::from_secs(s),
+                (None, None) => policy.timeout,
+            };
+            let socket = cli.helper_socket.or(conf.socket);
+            run_helper(socket_path(socket.as_deref()), &policy, cmd)
         }
         Command::Proxy(args) => proxy_cli::run_proxy(args),
         Command::Config(args) => proxy_cli::run_config(args),

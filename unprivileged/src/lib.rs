@@ -7,6 +7,7 @@
 
 pub mod autostart;
 pub mod cli;
+pub mod client_config;
 pub mod exit;
 pub mod helper_client;
 pub mod proxy;
