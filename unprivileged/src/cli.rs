@@ -59,10 +59,8 @@ pub enum Command {
     /// Talk to the root helper (status, latency).
     #[command(subcommand)]
     Helper(HelperCommand),
-    /// Run a local SOCKS5 + HTTP proxy with routing rules (no root needed).
+    /// Run a local SOCKS5 + HTTP proxy (no root needed).
     Proxy(proxy_cli::ProxyArgs),
-    /// Work with configuration files.
-    Config(proxy_cli::ConfigArgs),
     /// Run an exit for warren's own TLS transports (the far end of `warren client`).
     Server(transport_cli::ServerArgs),
     /// Write a self-signed certificate and key for `warren server`, and print its pin.
@@ -148,7 +146,6 @@ pub fn main() -> ExitCode {
             run_helper(socket_path(socket.as_deref()), &policy, cmd)
         }
         Command::Proxy(args) => proxy_cli::run_proxy(args),
-        Command::Config(args) => proxy_cli::run_config(args),
         Command::Server(args) => transport_cli::run_server(args),
         Command::Cert(args) => transport_cli::run_cert(args),
         Command::Completions { shell } => {

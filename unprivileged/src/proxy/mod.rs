@@ -1,4 +1,9 @@
-//! SOCKS5 and HTTP proxy intake, routing rules and relay.
-//! (Being built; see issue "Unprivileged proxy".)
+//! SOCKS5 and HTTP proxy intake and relay, as a library with a thin binary
+//! shell (`warren proxy`). Protocol cores are pure functions
+//! ([`socks5`], [`http`]); [`server`] is the async shell; where connections
+//! go is an [`server::Egress`] (direct today; tunnels later).
 
 pub mod cli;
+pub mod http;
+pub mod server;
+pub mod socks5;

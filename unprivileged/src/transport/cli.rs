@@ -122,6 +122,7 @@ fn init_logging(verbose: bool) {
             tracing::Level::INFO
         })
         .with_writer(std::io::stderr)
+        .with_ansi(false)
         .try_init();
 }
 

@@ -1,0 +1,388 @@
+//! The proxy's async shell: listeners, per-connection tasks, limits, the
+//! relay, graceful shutdown. The protocol work is in [`super::socks5`] and
+//! [`super::http`]; where connections go is the [`Egress`]'s business
+//! (direct here; tunnels plug in behind the same trait).
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use super::http::{self, HttpError};
+use super::socks5::{self, Cmd, Reply};
+use crate::transport::io::{Prefixed, read_until};
+use crate::transport::wire::Target;
+
+/// Where proxied connections go.
+pub trait Egress: Send + Sync + 'static {
+    /// Opens a TCP connection to `target`.
+    fn connect(
+        &self,
+        target: &Target,
+    ) -> impl std::future::Future<Output = std::io::Result<TcpStream>> + Send;
+}
+
+/// Straight out of this host.
+#[derive(Debug, Clone)]
+pub struct Direct {
+    /// Connect timeout.
+    pub timeout: Duration,
+}
+
+impl Egress for Direct {
+    async fn connect(&self, target: &Target) -> std::io::Result<TcpStream> {
+        let fut = async {
+            match target {
+                Target::Addr(a) => TcpStream::connect(a).await,
+                Target::Domain(d, p) => TcpStream::connect((d.as_str(), *p)).await,
+            }
+        };
+        tokio::time::timeout(self.timeout, fut)
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+    }
+}
+
+/// Who may use a listener.
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    /// Client networks allowed without credentials.
+    pub allow: Vec<(IpAddr, u8)>,
+    /// Username and password required from everyone else (SOCKS5 only).
+    pub credentials: Option<(String, String)>,
+}
+
+impl Access {
+    fn allows_addr(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        self.allow.iter().any(|&(net, len)| match (net, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let m = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+                u32::from(n) & m == u32::from(a) & m
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let m = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+                u128::from(n) & m == u128::from(a) & m
+            }
+            _ => false,
+        })
+    }
+}
+
+/// Proxy settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Access control.
+    pub access: Access,
+    /// Simultaneous connections.
+    pub max_connections: usize,
+    /// Time for a client to send its request.
+    pub handshake_timeout: Duration,
+    /// Time a relay may stay without traffic in either direction... (per
+    /// direction read).
+    pub idle_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            access: Access::default(),
+            max_connections: 10_000,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// The proxy's protocol on a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// SOCKS5.
+    Socks5,
+    /// HTTP proxy (CONNECT and absolute-form).
+    Http,
+}
+
+/// Serves `listener` until `stop`; then waits for live connections.
+pub async fn serve<E: Egress>(
+    listener: TcpListener,
+    protocol: Protocol,
+    settings: Arc<Settings>,
+    egress: Arc<E>,
+    stop: CancellationToken,
+) {
+    let slots = Arc::new(Semaphore::new(settings.max_connections));
+    let tracker = TaskTracker::new();
+    loop {
+        let (sock, peer) = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            warn!(%peer, "connection limit reached; closing");
+            continue;
+        };
+        let (settings, egress) = (settings.clone(), egress.clone());
+        tracker.spawn(async move {
+            let _ = sock.set_nodelay(true);
+            let r = match protocol {
+                Protocol::Socks5 => socks(sock, peer, &settings, &*egress).await,
+                Protocol::Http => http_proxy(sock, peer, &settings, &*egress).await,
+            };
+            if let Err(e) = r {
+                debug!(%peer, error = %e, "connection ended");
+            }
+            drop(slot);
+        });
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+type Res = std::io::Result<()>;
+
+/// Compares without an early exit (the length is not secret).
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len()
+        && std::hint::black_box(a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y))) == 0
+}
+
+async fn socks<E: Egress>(mut sock: TcpStream, peer: SocketAddr, s: &Settings, egress: &E) -> Res {
+    let trusted = s.access.allows_addr(peer.ip());
+    let need_auth = !trusted;
+    if need_auth && s.access.credentials.is_none() {
+        warn!(%peer, "client not in the allow list and no credentials configured; closing");
+        return Ok(());
+    }
+    let handshake = async {
+        let (methods, rest) = match read_until(&mut sock, 300, socks5::parse_greeting).await? {
+            Ok(x) => x,
+            Err(e) => {
+                info!(%peer, error = %e, "bad SOCKS greeting");
+                return Ok::<_, std::io::Error>(None);
+            }
+        };
+        let method = socks5::choose_method(&methods, need_auth);
+        sock.write_all(&[5, method]).await?;
+        if method == socks5::NO_ACCEPTABLE {
+            info!(%peer, "no acceptable authentication method");
+            return Ok(None);
+        }
+        let mut rest = rest;
+        if method == socks5::USER_PASS {
+            let mut io = Prefixed::new(rest, &mut sock);
+            let ((user, pass), after) =
+                match read_until(&mut io, 600, socks5::parse_user_pass).await? {
+                    Ok(x) => x,
+                    Err(e) => {
+                        info!(%peer, error = %e, "bad authentication request");
+                        return Ok(None);
+                    }
+                };
+            let ok = s
+                .access
+                .credentials
+                .as_ref()
+                .is_some_and(|(u, p)| ct_eq(u.as_bytes(), &user) & ct_eq(p.as_bytes(), &pass));
+            io.write_all(&[1, if ok { 0 } else { 1 }]).await?;
+            if !ok {
+                warn!(%peer, "authentication failed");
+                return Ok(None);
+            }
+            rest = after;
+        }
+        let mut io = Prefixed::new(rest, &mut sock);
+        match read_until(&mut io, 300, socks5::parse_request).await? {
+            Ok(((cmd, target), rest)) => Ok(Some((cmd, target, rest))),
+            Err(e) => {
+                info!(%peer, error = %e, "bad SOCKS request");
+                if let Some(code) = e.reply() {
+                    let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
+                    io.write_all(&socks5::reply(code, unspecified)).await?;
+                }
+                Ok(None)
+            }
+        }
+    };
+    let Some((cmd, target, rest)) = tokio::time::timeout(s.handshake_timeout, handshake)
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??
+    else {
+        return Ok(());
+    };
+    let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
+    match cmd {
+        Cmd::Bind => {
+            sock.write_all(&socks5::reply(Reply::CommandNotSupported, unspecified))
+                .await
+        }
+        Cmd::Connect => {
+            let out = match egress.connect(&target).await {
+                Ok(o) => o,
+                Err(e) => {
+                    info!(%peer, %target, error = %e, "connect failed");
+                    return sock
+                        .write_all(&socks5::reply(Reply::from_io(&e), unspecified))
+                        .await;
+                }
+            };
+            let _ = out.set_nodelay(true);
+            let bound = out.local_addr().unwrap_or(unspecified);
+            sock.write_all(&socks5::reply(Reply::Succeeded, bound))
+                .await?;
+            relay(Prefixed::new(rest, sock), out, peer, &target).await
+        }
+        Cmd::UdpAssociate => udp_associate(sock, peer).await,
+    }
+}
+
+/// Relays both ways until both sides are done (half-close propagated).
+async fn relay<A, B>(mut a: A, mut b: B, peer: SocketAddr, target: &Target) -> Res
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (up, down) =
+        tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, 64 * 1024, 64 * 1024).await?;
+    debug!(%peer, %target, up, down, "relay done");
+    Ok(())
+}
+
+/// UDP ASSOCIATE: a relay socket on the same address family as the control
+/// connection; datagrams from the client (the first source address seen)
+/// go to their targets, answers come back with the SOCKS header. The
+/// association ends with the TCP control connection.
+async fn udp_associate(mut ctl: TcpStream, peer: SocketAddr) -> Res {
+    let local_ip = ctl.local_addr()?.ip();
+    let relay_sock = UdpSocket::bind(SocketAddr::new(local_ip, 0)).await?;
+    let out = UdpSocket::bind(SocketAddr::new(
+        if local_ip.is_ipv6() {
+            IpAddr::from([0u16; 8])
+        } else {
+            IpAddr::from([0u8; 4])
+        },
+        0,
+    ))
+    .await?;
+    ctl.write_all(&socks5::reply(Reply::Succeeded, relay_sock.local_addr()?))
+        .await?;
+    let mut client: Option<SocketAddr> = None;
+    let (mut inb, mut outb) = (vec![0u8; 65_536], vec![0u8; 65_536]);
+    let mut ctl_buf = [0u8; 64];
+    loop {
+        tokio::select! {
+            r = ctl.read(&mut ctl_buf) => {
+                if matches!(r, Ok(0) | Err(_)) {
+                    debug!(%peer, "UDP association ended with its control connection");
+                    return Ok(());
+                }
+            }
+            r = relay_sock.recv_from(&mut inb) => {
+                let (n, from) = r?;
+                // Only the client that owns the association (same host).
+                if from.ip() != peer.ip() && !(from.ip().is_loopback() && peer.ip().is_loopback()) {
+                    continue;
+                }
+                client.get_or_insert(from);
+                let Ok((target, payload)) = socks5::parse_udp(&inb[..n]) else {
+                    debug!(%peer, "dropped a malformed or fragmented datagram");
+                    continue;
+                };
+                let dst = match target {
+                    Target::Addr(a) => Some(a),
+                    Target::Domain(d, p) => tokio::net::lookup_host((d.as_str(), p)).await.ok().and_then(|mut i| i.next()),
+                };
+                if let Some(dst) = dst {
+                    let dst = if local_ip.is_ipv6() { SocketAddr::new(IpAddr::V6(match dst.ip() { IpAddr::V4(v4) => v4.to_ipv6_mapped(), IpAddr::V6(v6) => v6 }), dst.port()) } else { dst };
+                    let _ = out.send_to(payload, dst).await;
+                }
+            }
+            r = out.recv_from(&mut outb) => {
+                let (n, from) = r?;
+                if let Some(c) = client {
+                    let from = match from { SocketAddr::V6(v6) => v6.ip().to_ipv4_mapped().map_or(from, |v4| SocketAddr::new(IpAddr::V4(v4), v6.port())), v4 => v4 };
+                    let _ = relay_sock.send_to(&socks5::udp_datagram(from, &outb[..n]), c).await;
+                }
+            }
+        }
+    }
+}
+
+async fn http_error(sock: &mut TcpStream, e: &HttpError) -> Res {
+    let body = format!("{}\n", e.status());
+    let msg = format!(
+        "HTTP/1.1 {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        e.status(),
+        body.len()
+    );
+    sock.write_all(msg.as_bytes()).await
+}
+
+async fn http_proxy<E: Egress>(
+    mut sock: TcpStream,
+    peer: SocketAddr,
+    s: &Settings,
+    egress: &E,
+) -> Res {
+    if !s.access.allows_addr(peer.ip()) {
+        warn!(%peer, "client not in the allow list; closing");
+        return Ok(());
+    }
+    let head = tokio::time::timeout(
+        s.handshake_timeout,
+        read_until(&mut sock, http::MAX_HEAD + 4, http::parse),
+    )
+    .await
+    .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut));
+    let (req, rest) = match head {
+        Ok(Ok(Ok(x))) => x,
+        Ok(Ok(Err(e))) => {
+            info!(%peer, error = %e, "bad HTTP proxy request");
+            return http_error(&mut sock, &e).await;
+        }
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+            return http_error(&mut sock, &HttpError::TooLarge).await;
+        }
+        Ok(Err(e)) | Err(e) => return Err(e),
+    };
+    let mut out = match egress.connect(&req.target).await {
+        Ok(o) => o,
+        Err(e) => {
+            info!(%peer, target = %req.target, error = %e, "connect failed");
+            let status = if e.kind() == std::io::ErrorKind::TimedOut {
+                "504 Gateway Timeout"
+            } else {
+                "502 Bad Gateway"
+            };
+            let msg =
+                format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            return sock.write_all(msg.as_bytes()).await;
+        }
+    };
+    let _ = out.set_nodelay(true);
+    if req.method == "CONNECT" {
+        sock.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            .await?;
+        return relay(Prefixed::new(rest, sock), out, peer, &req.target).await;
+    }
+    // Absolute-form: one request per upstream connection; the body (any
+    // framing) and the response are relayed as they are.
+    out.write_all(&req.upstream_head()).await?;
+    relay(Prefixed::new(rest, sock), out, peer, &req.target).await
+}

@@ -1,0 +1,331 @@
+//! `warren proxy` end to end on loopback: curl as the real client (SOCKS5,
+//! SOCKS5 with proxy-side names, HTTP forwarding, HTTP CONNECT; IPv4 and
+//! IPv6), raw bytes for every RFC 1928 error path, RFC 1929 authentication,
+//! and UDP ASSOCIATE against a real UDP echo server.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+struct Proxy {
+    child: Child,
+    socks: SocketAddr,
+    http: SocketAddr,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `warren proxy` on ephemeral ports and reads them from its log.
+fn proxy(extra: &[&str], env: &[(&str, &str)]) -> Proxy {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_warren"));
+    cmd.args(["proxy", "--socks", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("warren proxy");
+    let stderr = child.stderr.take().expect("stderr");
+    // Read the log on a thread (never block the test on it); keep draining
+    // it so the proxy never blocks on a full pipe.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let addr = line
+                .split("listen=")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|a| a.parse::<SocketAddr>().ok());
+            if let Some(a) = addr {
+                let _ = tx.send((line.contains("Socks5"), a));
+            }
+        }
+    });
+    let (mut socks, mut http) = (None, None);
+    while socks.is_none() || http.is_none() {
+        let (is_socks, a) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("listener addresses in the proxy's log");
+        if is_socks {
+            socks = Some(a);
+        } else {
+            http = Some(a);
+        }
+    }
+    let (socks, http) = (socks.expect("socks"), http.expect("http"));
+    Proxy { child, socks, http }
+}
+
+/// A tiny HTTP origin: answers every request with `body`, then closes.
+fn origin(bind: &str, body: &'static str) -> SocketAddr {
+    let l = TcpListener::bind(bind).expect("bind origin");
+    let addr = l.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for s in l.incoming().take(200) {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            });
+        }
+    });
+    addr
+}
+
+fn curl(args: &[&str]) -> String {
+    let out = Command::new("curl")
+        .args(["-s", "-S", "--max-time", "10"])
+        .args(args)
+        .output()
+        .expect("curl");
+    assert!(
+        out.status.success(),
+        "curl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+#[test]
+fn curl_through_socks5_and_http_ipv4_and_ipv6() {
+    let p = proxy(&[], &[]);
+    let v4 = origin("127.0.0.1:0", "hello v4");
+    let v6 = origin("[::1]:0", "hello v6");
+    let socks = p.socks.to_string();
+    let http = format!("http://{}", p.http);
+    assert_eq!(
+        curl(&["--socks5", &socks, &format!("http://{v4}/")]),
+        "hello v4"
+    );
+    assert_eq!(
+        curl(&["--socks5", &socks, &format!("http://{v6}/")]),
+        "hello v6"
+    );
+    // Names resolved by the proxy.
+    assert_eq!(
+        curl(&[
+            "--socks5-hostname",
+            &socks,
+            &format!("http://localhost:{}/", v4.port())
+        ]),
+        "hello v4"
+    );
+    // HTTP forwarding (absolute form) and CONNECT.
+    assert_eq!(
+        curl(&["-x", &http, &format!("http://{v4}/x?y")]),
+        "hello v4"
+    );
+    assert_eq!(curl(&["-x", &http, &format!("http://{v6}/")]), "hello v6");
+    assert_eq!(
+        curl(&["-p", "-x", &http, &format!("http://{v4}/")]),
+        "hello v4"
+    );
+}
+
+fn socks_conn(p: &Proxy) -> TcpStream {
+    let s = TcpStream::connect(p.socks).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s
+}
+
+fn read_n(s: &mut TcpStream, n: usize) -> Vec<u8> {
+    let mut b = vec![0u8; n];
+    s.read_exact(&mut b).expect("read");
+    b
+}
+
+#[test]
+fn rfc1928_error_paths() {
+    let p = proxy(&[], &[]);
+    // Nothing acceptable offered (only GSSAPI): 0xFF.
+    let mut s = socks_conn(&p);
+    s.write_all(&[5, 1, 1]).expect("w");
+    assert_eq!(read_n(&mut s, 2), vec![5, 0xff]);
+    // BIND: command not supported (0x07).
+    let mut s = socks_conn(&p);
+    s.write_all(&[5, 1, 0]).expect("w");
+    assert_eq!(read_n(&mut s, 2), vec![5, 0]);
+    s.write_all(&[5, 2, 0, 1, 127, 0, 0, 1, 0, 80]).expect("w");
+    assert_eq!(read_n(&mut s, 10)[1], 0x07);
+    // Unknown address type: 0x08.
+    let mut s = socks_conn(&p);
+    s.write_all(&[5, 1, 0]).expect("w");
+    read_n(&mut s, 2);
+    s.write_all(&[5, 1, 0, 9, 0, 0]).expect("w");
+    assert_eq!(read_n(&mut s, 10)[1], 0x08);
+    // Zero-length domain: general failure.
+    let mut s = socks_conn(&p);
+    s.write_all(&[5, 1, 0]).expect("w");
+    read_n(&mut s, 2);
+    s.write_all(&[5, 1, 0, 3, 0, 0, 80]).expect("w");
+    assert_eq!(read_n(&mut s, 10)[1], 0x01);
+    // Not SOCKS5 at all: closed without an answer.
+    let mut s = socks_conn(&p);
+    s.write_all(b"GET / HTTP/1.1\r\n\r\n").expect("w");
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert!(rest.is_empty());
+    // Refused target: 0x05 with the real port closed.
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("a");
+    let mut s = socks_conn(&p);
+    s.write_all(&[5, 1, 0]).expect("w");
+    read_n(&mut s, 2);
+    let mut req = vec![5, 1, 0, 1, 127, 0, 0, 1];
+    req.extend_from_slice(&closed.port().to_be_bytes());
+    s.write_all(&req).expect("w");
+    assert_eq!(read_n(&mut s, 10)[1], 0x05);
+    // And the proxy still serves.
+    let v4 = origin("127.0.0.1:0", "still");
+    assert_eq!(
+        curl(&["--socks5", &p.socks.to_string(), &format!("http://{v4}/")]),
+        "still"
+    );
+}
+
+#[test]
+fn connect_reply_carries_the_real_bound_address() {
+    let p = proxy(&[], &[]);
+    let v4 = origin("127.0.0.1:0", "x");
+    let mut s = socks_conn(&p);
+    s.write_all(&[5, 1, 0]).expect("w");
+    read_n(&mut s, 2);
+    let mut req = vec![5, 1, 0, 1, 127, 0, 0, 1];
+    req.extend_from_slice(&v4.port().to_be_bytes());
+    s.write_all(&req).expect("w");
+    let r = read_n(&mut s, 10);
+    assert_eq!(&r[..4], &[5, 0, 0, 1]);
+    assert_eq!(&r[4..8], &[127, 0, 0, 1]);
+    assert_ne!(u16::from_be_bytes([r[8], r[9]]), 0, "a real port");
+}
+
+#[test]
+fn rfc1929_username_password() {
+    let p = proxy(
+        &["--user", "alice"],
+        &[("WARREN_PROXY_PASSWORD", "s3cret-pw")],
+    );
+    let v4 = origin("127.0.0.1:0", "authed");
+    let socks = p.socks.to_string();
+    assert_eq!(
+        curl(&[
+            "--socks5",
+            &socks,
+            "--proxy-user",
+            "alice:s3cret-pw",
+            &format!("http://{v4}/")
+        ]),
+        "authed"
+    );
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "--max-time",
+            "10",
+            "--socks5",
+            &socks,
+            "--proxy-user",
+            "alice:wrong",
+        ])
+        .arg(format!("http://{v4}/"))
+        .output()
+        .expect("curl");
+    assert!(!out.status.success(), "wrong password refused");
+    // No-auth only: nothing acceptable.
+    let mut s = socks_conn(&p);
+    s.write_all(&[5, 1, 0]).expect("w");
+    assert_eq!(read_n(&mut s, 2), vec![5, 0xff]);
+}
+
+#[test]
+fn udp_associate_relays_to_a_real_echo_server() {
+    let p = proxy(&[], &[]);
+    let echo = UdpSocket::bind("127.0.0.1:0").expect("echo");
+    let echo_addr = echo.local_addr().expect("a");
+    std::thread::spawn(move || {
+        let mut b = [0u8; 2048];
+        for _ in 0..10 {
+            let Ok((n, from)) = echo.recv_from(&mut b) else {
+                break;
+            };
+            let _ = echo.send_to(&b[..n], from);
+        }
+    });
+    let mut ctl = socks_conn(&p);
+    ctl.write_all(&[5, 1, 0]).expect("w");
+    read_n(&mut ctl, 2);
+    ctl.write_all(&[5, 3, 0, 1, 0, 0, 0, 0, 0, 0]).expect("w");
+    let r = read_n(&mut ctl, 10);
+    assert_eq!(r[1], 0);
+    let relay = SocketAddr::from(([r[4], r[5], r[6], r[7]], u16::from_be_bytes([r[8], r[9]])));
+    let c = UdpSocket::bind("127.0.0.1:0").expect("client");
+    c.set_read_timeout(Some(Duration::from_secs(5))).expect("t");
+    let mut d = vec![0, 0, 0, 1, 127, 0, 0, 1];
+    d.extend_from_slice(&echo_addr.port().to_be_bytes());
+    d.extend_from_slice(b"ping through socks");
+    c.send_to(&d, relay).expect("send");
+    let mut b = [0u8; 2048];
+    let (n, _) = c.recv_from(&mut b).expect("echo back");
+    assert_eq!(&b[..3], &[0, 0, 0]);
+    assert_eq!(&b[10..n], b"ping through socks");
+    // A fragment is dropped, not relayed.
+    let mut f = d.clone();
+    f[2] = 1;
+    c.send_to(&f, relay).expect("send");
+    c.set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("t");
+    assert!(c.recv_from(&mut b).is_err(), "fragments are refused");
+    drop(ctl);
+}
+
+#[test]
+fn http_proxy_bad_requests_get_error_answers() {
+    let p = proxy(&[], &[]);
+    for (req, want) in [
+        (&b"GARBAGE\r\n\r\n"[..], "HTTP/1.1 400"),
+        (
+            &b"GET /relative HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+            "HTTP/1.1 400",
+        ),
+    ] {
+        let mut s = TcpStream::connect(p.http).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("t");
+        s.write_all(req).expect("w");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        assert!(out.starts_with(want), "{out}");
+    }
+    let mut s = TcpStream::connect(p.http).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("t");
+    let mut big = b"GET http://x/ HTTP/1.1\r\n".to_vec();
+    big.extend(std::iter::repeat_n(b'a', 20_000));
+    let _ = s.write_all(&big);
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 431"), "{out}");
+}
