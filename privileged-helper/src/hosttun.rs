@@ -192,13 +192,7 @@ fn restore_dns(b: &DnsBackup) -> std::io::Result<()> {
 
 fn kill_switch_batch(table: &str, spec: &HostTunnelSpec, mark: u32) -> serde_json::Value {
     let ifname = spec.ifname();
-    let t = |extra: serde_json::Value| {
-        let mut v = json!({"family": "inet", "table": table});
-        if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
-            o.extend(e.clone());
-        }
-        v
-    };
+    let t = |extra| crate::nat::in_table(table, extra);
     let mut cmds = vec![
         json!({"add": {"table": {"family": "inet", "name": table}}}),
         json!({"add": {"chain": t(json!({"name": "output", "type": "filter", "hook": "output", "prio": 0, "policy": "drop"}))}}),

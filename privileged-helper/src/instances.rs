@@ -163,6 +163,92 @@ impl Registry {
         self.lock().events.insert(conn, events);
     }
 
+    /// Checks that `name` is free (also in the kernel when `in_kernel`) and
+    /// the caller under quota, then journals the entry `make` builds —
+    /// before anything is created, so a crash from here on leaves an orphan
+    /// that the next start removes. Returns the journal id and `make`'s extra.
+    fn reserve<T>(
+        &self,
+        name: &InstanceName,
+        peer: &PeerCred,
+        in_kernel: bool,
+        make: impl FnOnce(&State) -> (JournalEntry, T),
+    ) -> Result<(u64, T), HelperError> {
+        let mut st = self.lock();
+        if st.instances.contains_key(name) || (in_kernel && netns::exists(name)) {
+            return Err(HelperError::Exists {
+                what: format!("resource {name}"),
+            });
+        }
+        let mine = st
+            .instances
+            .values()
+            .filter(|i| i.owner == peer.uid)
+            .count();
+        if peer.uid != 0 && mine >= MAX_INSTANCES_PER_UID {
+            return Err(HelperError::TooManyResources {
+                limit: MAX_INSTANCES_PER_UID as u32,
+            });
+        }
+        let (entry, extra) = make(&st);
+        match st.journal.add(entry) {
+            Ok(id) => Ok((id, extra)),
+            Err(e) => Err(internal(&mut st, "journal", &e)),
+        }
+    }
+
+    /// Runs kernel work on a blocking thread. The work undoes its own
+    /// partial effects on failure; then the journal entry is dropped and an
+    /// incident is reported.
+    async fn build<T: Send + 'static>(
+        &self,
+        what: String,
+        journal_id: u64,
+        work: impl FnOnce() -> Result<T, netns::NetError> + Send + 'static,
+    ) -> Result<T, HelperError> {
+        let why = match tokio::task::spawn_blocking(work).await {
+            Ok(Ok(x)) => return Ok(x),
+            Ok(Err(e)) => format!(
+                "{e}: {}",
+                std::error::Error::source(&e)
+                    .map(|s| s.to_string())
+                    .unwrap_or_default()
+            ),
+            Err(_) => "creation task failed".to_string(),
+        };
+        let mut st = self.lock();
+        let _ = st.journal.remove(journal_id);
+        Err(internal(&mut st, &what, &why))
+    }
+
+    /// Records a created resource (and its final journal entry, if it
+    /// changed) leased to `conn`.
+    fn register(
+        &self,
+        name: &InstanceName,
+        kind: Kind,
+        peer: &PeerCred,
+        conn: u64,
+        journal_id: u64,
+        final_entry: Option<JournalEntry>,
+    ) {
+        let mut st = self.lock();
+        if let Some(e) = final_entry {
+            let _ = st.journal.update(journal_id, e);
+        }
+        st.instances.insert(
+            name.clone(),
+            Instance {
+                kind,
+                owner: peer.uid,
+                lease: Lease::Connection(conn),
+                creator: conn,
+                journal_id,
+            },
+        );
+        info!(resource = %name, uid = peer.uid, "created");
+    }
+
     /// Creates an instance leased to `conn`; returns its description and
     /// the TUN descriptor.
     pub async fn create(
@@ -172,78 +258,35 @@ impl Registry {
         conn: u64,
     ) -> Result<(InstanceInfo, OwnedFd), HelperError> {
         let name = spec.name.clone();
-        let journal_id = {
-            let mut st = self.lock();
-            if st.instances.contains_key(&name) || netns::exists(&name) {
-                return Err(HelperError::Exists {
-                    what: format!("instance {name}"),
-                });
-            }
-            let mine = st
-                .instances
-                .values()
-                .filter(|i| i.owner == peer.uid)
-                .count();
-            if peer.uid != 0 && mine >= MAX_INSTANCES_PER_UID {
-                return Err(HelperError::TooManyResources {
-                    limit: MAX_INSTANCES_PER_UID as u32,
-                });
-            }
-            // Written before anything is created: a crash from here on
-            // leaves an orphan the next start removes.
-            let entry = JournalEntry::Instance {
-                name: name.to_string(),
-                owner: peer.uid,
-            };
-            match st.journal.add(entry) {
-                Ok(id) => id,
-                Err(e) => return Err(internal(&mut st, "journal", &e)),
-            }
+        let entry = JournalEntry::Instance {
+            name: name.to_string(),
+            owner: peer.uid,
         };
+        let (journal_id, ()) = self.reserve(&name, peer, true, |_| (entry, ()))?;
         let spec2 = spec.clone();
-        let made = tokio::task::spawn_blocking(move || {
-            let ns = netns::create_netns(&spec2.name)?;
-            netns::write_resolv_conf(&spec2.name, &spec2.dns)?;
-            let tun = netns::create_tun_and_configure(&ns, &spec2)?;
-            Ok::<_, netns::NetError>((ns, tun))
-        })
-        .await;
-        let (ns, tun) = match made {
-            Ok(Ok(x)) => x,
-            other => {
-                let why = match other {
-                    Ok(Err(e)) => format!(
-                        "{e}: {}",
-                        std::error::Error::source(&e)
-                            .map(|s| s.to_string())
-                            .unwrap_or_default()
-                    ),
-                    _ => "creation task failed".to_string(),
-                };
-                let errs = netns::destroy(&name);
-                let mut st = self.lock();
-                if errs.is_empty() {
-                    let _ = st.journal.remove(journal_id);
+        let (ns, tun) = self
+            .build(format!("create instance {name}"), journal_id, move || {
+                let made = (|| {
+                    let ns = netns::create_netns(&spec2.name)?;
+                    netns::write_resolv_conf(&spec2.name, &spec2.dns)?;
+                    let tun = netns::create_tun_and_configure(&ns, &spec2)?;
+                    Ok((ns, tun))
+                })();
+                if made.is_err() {
+                    let _ = netns::destroy(&spec2.name);
                 }
-                return Err(internal(&mut st, &format!("create instance {name}"), &why));
-            }
+                made
+            })
+            .await?;
+        let kind = Kind::Instance {
+            spec,
+            netns: Arc::new(ns),
         };
-        let mut st = self.lock();
-        st.instances.insert(
-            name.clone(),
-            Instance {
-                kind: Kind::Instance {
-                    spec,
-                    netns: Arc::new(ns),
-                },
-                owner: peer.uid,
-                lease: Lease::Connection(conn),
-                creator: conn,
-                journal_id,
-            },
+        self.register(&name, kind, peer, conn, journal_id, None);
+        let info = describe(
+            &name,
+            self.lock().instances.get(&name).expect("just registered"),
         );
-        let info = describe(&name, st.instances.get(&name).expect("just inserted"));
-        info!(instance = %name, uid = peer.uid, "instance created");
         Ok((info, tun))
     }
 
@@ -258,107 +301,62 @@ impl Registry {
     ) -> Result<(ServerTunnelInfo, OwnedFd), HelperError> {
         let name = spec.name.clone();
         let table = crate::nat::table_name(&spec);
-        let (journal_id, first) = {
-            let mut st = self.lock();
-            if st.instances.contains_key(&name) {
-                return Err(HelperError::Exists {
-                    what: format!("resource {name}"),
-                });
-            }
-            let mine = st
-                .instances
-                .values()
-                .filter(|i| i.owner == peer.uid)
-                .count();
-            if peer.uid != 0 && mine >= MAX_INSTANCES_PER_UID {
-                return Err(HelperError::TooManyResources {
-                    limit: MAX_INSTANCES_PER_UID as u32,
-                });
-            }
+        let entry = |saved_forwarding| JournalEntry::ServerTunnel {
+            name: name.to_string(),
+            owner: peer.uid,
+            record: crate::nat::ServerRecord {
+                table: table.clone(),
+                saved_forwarding,
+            },
+        };
+        // Forwarding is shared: the first server tunnel saves it (the values
+        // are journaled once known).
+        let (journal_id, first) = self.reserve(&name, peer, false, |st| {
             let first = !st
                 .instances
                 .values()
                 .any(|i| matches!(i.kind, Kind::Server { .. }));
-            // Journal first (forwarding values are filled in once known).
-            let entry = JournalEntry::ServerTunnel {
-                name: name.to_string(),
-                owner: peer.uid,
-                record: crate::nat::ServerRecord {
-                    table: table.clone(),
-                    saved_forwarding: None,
-                },
-            };
-            match st.journal.add(entry) {
-                Ok(id) => (id, first),
-                Err(e) => return Err(internal(&mut st, "journal", &e)),
-            }
-        };
+            (entry(None), first)
+        })?;
         let spec2 = spec.clone();
-        let made = tokio::task::spawn_blocking(move || {
-            let saved = if first {
-                Some(crate::nat::enable_forwarding()?)
-            } else {
-                None
-            };
-            let (tun, egress, table) = crate::nat::create(&spec2)?;
-            Ok::<_, netns::NetError>((tun, egress, table, saved))
-        })
-        .await;
-        let (tun, egress, table, saved) = match made {
-            Ok(Ok(x)) => x,
-            other => {
-                let why = match other {
-                    Ok(Err(e)) => format!(
-                        "{e}: {}",
-                        std::error::Error::source(&e)
-                            .map(|s| s.to_string())
-                            .unwrap_or_default()
-                    ),
-                    _ => "creation task failed".into(),
-                };
-                let _ = crate::nat::delete_table(&table);
-                let mut st = self.lock();
-                let _ = st.journal.remove(journal_id);
-                return Err(internal(
-                    &mut st,
-                    &format!("create server tunnel {name}"),
-                    &why,
-                ));
-            }
-        };
+        let (tun, egress, saved) = self
+            .build(
+                format!("create server tunnel {name}"),
+                journal_id,
+                move || {
+                    let saved = if first {
+                        Some(crate::nat::enable_forwarding()?)
+                    } else {
+                        None
+                    };
+                    match crate::nat::create(&spec2) {
+                        Ok((tun, egress, _)) => Ok((tun, egress, saved)),
+                        Err(e) => {
+                            let _ = crate::nat::delete_table(&crate::nat::table_name(&spec2));
+                            if let Some(s) = &saved {
+                                let _ = crate::nat::restore_forwarding(s);
+                            }
+                            Err(e)
+                        }
+                    }
+                },
+            )
+            .await?;
         let record = crate::nat::ServerRecord {
-            table,
-            saved_forwarding: saved,
+            table: table.clone(),
+            saved_forwarding: saved.clone(),
         };
-        let mut st = self.lock();
-        let _ = st.journal.update(
-            journal_id,
-            JournalEntry::ServerTunnel {
-                name: name.to_string(),
-                owner: peer.uid,
-                record: record.clone(),
-            },
-        );
         let info = ServerTunnelInfo {
             name: name.clone(),
             ifname: spec.ifname(),
             egress: egress.clone(),
         };
-        st.instances.insert(
-            name.clone(),
-            Instance {
-                kind: Kind::Server {
-                    spec,
-                    record,
-                    egress,
-                },
-                owner: peer.uid,
-                lease: Lease::Connection(conn),
-                creator: conn,
-                journal_id,
-            },
-        );
-        info!(tunnel = %name, uid = peer.uid, "server tunnel created");
+        let kind = Kind::Server {
+            spec,
+            record,
+            egress,
+        };
+        self.register(&name, kind, peer, conn, journal_id, Some(entry(saved)));
         Ok((info, tun))
     }
 
@@ -371,23 +369,12 @@ impl Registry {
         conn: u64,
     ) -> Result<(HostTunnelInfo, OwnedFd, OwnedFd), HelperError> {
         let name = spec.name.clone();
-        let (journal_id, plan) = {
-            let mut st = self.lock();
-            if st.instances.contains_key(&name) {
-                return Err(HelperError::Exists {
-                    what: format!("resource {name}"),
-                });
-            }
-            let mine = st
-                .instances
-                .values()
-                .filter(|i| i.owner == peer.uid)
-                .count();
-            if peer.uid != 0 && mine >= MAX_INSTANCES_PER_UID {
-                return Err(HelperError::TooManyResources {
-                    limit: MAX_INSTANCES_PER_UID as u32,
-                });
-            }
+        let entry = |record| JournalEntry::HostTunnel {
+            name: name.to_string(),
+            owner: peer.uid,
+            record,
+        };
+        let (journal_id, plan) = self.reserve(&name, peer, false, |st| {
             let used: Vec<u32> = st
                 .instances
                 .values()
@@ -400,65 +387,28 @@ impl Registry {
                 .find(|s| !used.contains(&(crate::hosttun::TABLE_BASE + s)))
                 .unwrap_or(63);
             let plan = crate::hosttun::plan(&spec, slot, &st.state_dir);
-            let entry = JournalEntry::HostTunnel {
-                name: name.to_string(),
-                owner: peer.uid,
-                record: plan.clone(),
-            };
-            match st.journal.add(entry) {
-                Ok(id) => (id, plan),
-                Err(e) => return Err(internal(&mut st, "journal", &e)),
-            }
-        };
+            (entry(plan.clone()), plan)
+        })?;
         let spec2 = spec.clone();
-        let made = tokio::task::spawn_blocking(move || crate::hosttun::create(&spec2, &plan)).await;
-        let (tun, udp, record) = match made {
-            Ok(Ok(x)) => x,
-            other => {
-                let why = match other {
-                    Ok(Err(e)) => format!(
-                        "{e}: {}",
-                        std::error::Error::source(&e)
-                            .map(|s| s.to_string())
-                            .unwrap_or_default()
-                    ),
-                    _ => "creation task failed".into(),
-                };
-                let mut st = self.lock();
-                let _ = st.journal.remove(journal_id);
-                return Err(internal(
-                    &mut st,
-                    &format!("create host tunnel {name}"),
-                    &why,
-                ));
-            }
-        };
-        let mut st = self.lock();
-        let _ = st.journal.update(
-            journal_id,
-            JournalEntry::HostTunnel {
-                name: name.to_string(),
-                owner: peer.uid,
-                record: record.clone(),
-            },
-        );
+        // hosttun::create undoes its own partial work on failure.
+        let (tun, udp, record) = self
+            .build(
+                format!("create host tunnel {name}"),
+                journal_id,
+                move || crate::hosttun::create(&spec2, &plan),
+            )
+            .await?;
         let info = HostTunnelInfo {
             name: name.clone(),
             ifname: record.ifname.clone(),
             table: record.table,
             fwmark: record.table,
         };
-        st.instances.insert(
-            name.clone(),
-            Instance {
-                kind: Kind::Host { spec, record },
-                owner: peer.uid,
-                lease: Lease::Connection(conn),
-                creator: conn,
-                journal_id,
-            },
-        );
-        info!(tunnel = %name, uid = peer.uid, "host tunnel created");
+        let kind = Kind::Host {
+            spec,
+            record: record.clone(),
+        };
+        self.register(&name, kind, peer, conn, journal_id, Some(entry(record)));
         Ok((info, tun, udp))
     }
 

@@ -93,17 +93,21 @@ pub fn nft_apply(batch: &serde_json::Value) -> std::io::Result<()> {
     Ok(())
 }
 
+/// An nftables object (chain or rule) in `table` of family inet, with the
+/// fields of `extra`.
+pub fn in_table(table: &str, extra: serde_json::Value) -> serde_json::Value {
+    let mut v = json!({"family": "inet", "table": table});
+    if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+        o.extend(e.clone());
+    }
+    v
+}
+
 /// warren's table for a server tunnel: masquerade what comes from the
 /// tunnel's subnets and leaves through `egress`; accept forwarding between
 /// the tunnel and `egress` (replies by connection tracking).
 fn nat_batch(table: &str, tun: &str, egress: &str, spec: &ServerTunnelSpec) -> serde_json::Value {
-    let t = |extra: serde_json::Value| {
-        let mut v = json!({"family": "inet", "table": table});
-        if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
-            o.extend(e.clone());
-        }
-        v
-    };
+    let t = |extra| in_table(table, extra);
     let mut cmds = vec![
         json!({"add": {"table": {"family": "inet", "name": table}}}),
         json!({"add": {"chain": t(json!({"name": "postrouting", "type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"}))}}),

@@ -166,6 +166,20 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Logs to stderr without colours (journald and scripts read it), at debug
+/// level when `verbose`.
+pub fn init_logging(verbose: bool) {
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(if verbose {
+            tracing::Level::DEBUG
+        } else {
+            tracing::Level::INFO
+        })
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+}
+
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -77,15 +77,7 @@ fn listener(s: &str, what: &str) -> Result<Option<SocketAddr>, String> {
 
 /// Runs `warren proxy`.
 pub fn run_proxy(args: ProxyArgs) -> ExitCode {
-    let _ = tracing_subscriber::fmt()
-        .with_max_level(if args.verbose {
-            tracing::Level::DEBUG
-        } else {
-            tracing::Level::INFO
-        })
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .try_init();
+    crate::cli::init_logging(args.verbose);
     let usage = |m: String| {
         eprintln!("warren proxy: {m}");
         exit::code(exit::USAGE)

@@ -114,21 +114,9 @@ pub fn read_secret(file: Option<&Path>, env: Option<String>) -> Result<Vec<u8>, 
     Ok(secret)
 }
 
-fn init_logging(verbose: bool) {
-    let _ = tracing_subscriber::fmt()
-        .with_max_level(if verbose {
-            tracing::Level::DEBUG
-        } else {
-            tracing::Level::INFO
-        })
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .try_init();
-}
-
 /// Runs `warren server`.
 pub fn run_server(args: ServerArgs) -> ExitCode {
-    init_logging(args.verbose);
+    crate::cli::init_logging(args.verbose);
     let fail = |msg: String| {
         eprintln!("warren server: {msg}");
         exit::code(exit::CONFIG)
