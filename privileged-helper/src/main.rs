@@ -234,6 +234,24 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         .or(config.group)
         .unwrap_or_else(|| "warren".to_string());
     let authorizer = Authorizer::new(&group)?;
+    // One thread serves every connection: requests are short, kernel work
+    // runs on dedicated threads, and a single thread keeps the round trip
+    // free of cross-thread wake-ups (docs/benchmarks.md). It creates no
+    // thread now (blocking threads start later, after the privilege drop);
+    // it exists this early so SIGTERM/SIGINT are handled from before the
+    // socket is bound: a signal during start-up still stops cleanly.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let (mut term, mut int) = {
+        use tokio::signal::unix::{SignalKind, signal};
+        let _in_rt = rt.enter();
+        (
+            signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+            signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+        )
+    };
     let activation = if systemd.listener.is_some() {
         Activation::Socket
     } else if args.autostarted {
@@ -289,13 +307,6 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     opts.watchdog = systemd.watchdog;
     opts.registry = Some(registry);
 
-    // One thread serves every connection: requests are short, kernel work
-    // runs on dedicated threads, and a single thread keeps the round trip
-    // free of cross-thread wake-ups (docs/benchmarks.md).
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
     let reason = rt.block_on(async move {
         std_listener
             .set_nonblocking(true)
@@ -305,14 +316,6 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         let token = CancellationToken::new();
         let signals = token.clone();
         tokio::spawn(async move {
-            use tokio::signal::unix::{SignalKind, signal};
-            let (Ok(mut term), Ok(mut int)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) else {
-                error!("cannot install signal handlers");
-                return;
-            };
             tokio::select! {
                 _ = term.recv() => info!("SIGTERM received"),
                 _ = int.recv() => info!("SIGINT received"),
