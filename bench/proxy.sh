@@ -16,14 +16,19 @@ cargo build --release --locked --bins >/dev/null 2>&1
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 # The proxy is started by the same process that then becomes the anchor
 # script (exec), so the script counts it as its own, not as foreign load.
+pidfile=$(mktemp /tmp/warren-bench-proxy.pid.XXXXXX)
+stop_proxy() { [[ -s $pidfile ]] && kill "$(cat "$pidfile")" 2>/dev/null; : >"$pidfile"; }
+trap 'stop_proxy; rm -f "$pidfile"' EXIT
 run_with_proxy() {
   local script=$1 proxies=$2
   bash -c '
     ./target/release/warren proxy --socks 127.0.0.1:'"$port"' --http off 2>/dev/null &
+    echo $! >'"$pidfile"'
     export PROXY_PID_EXTERNAL=$!
     sleep 0.3
     exec env PROXIES="'"$proxies"'" bash "'"$script"'"
-  '
+  ' || { stop_proxy; return 1; }
+  stop_proxy   # the anchor script does not know it started the proxy
 }
 run_with_proxy "$ANCHORS/socks_throughput.sh" "direct socks5://127.0.0.1:$port microsocks dante"
 run_with_proxy "$ANCHORS/socks_connrate.sh" "socks5://127.0.0.1:$port microsocks dante"
