@@ -7,3 +7,4 @@ pub mod cli;
 pub mod http;
 pub mod server;
 pub mod socks5;
+pub mod splice;

@@ -246,20 +246,26 @@ async fn socks<E: Egress>(mut sock: TcpStream, peer: SocketAddr, s: &Settings, e
             let bound = out.local_addr().unwrap_or(unspecified);
             sock.write_all(&socks5::reply(Reply::Succeeded, bound))
                 .await?;
-            relay(Prefixed::new(rest, sock), out, peer, &target).await
+            relay(sock, rest, out, peer, &target).await
         }
         Cmd::UdpAssociate => udp_associate(sock, peer).await,
     }
 }
 
-/// Relays both ways until both sides are done (half-close propagated).
-async fn relay<A, B>(mut a: A, mut b: B, peer: SocketAddr, target: &Target) -> Res
-where
-    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    let (up, down) =
-        tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, 64 * 1024, 64 * 1024).await?;
+/// Relays both ways until both sides are done (half-close propagated),
+/// with splice(2): the bytes never enter user space. `early` is what the
+/// client sent after its request, already read.
+async fn relay(
+    client: TcpStream,
+    early: Vec<u8>,
+    mut out: TcpStream,
+    peer: SocketAddr,
+    target: &Target,
+) -> Res {
+    if !early.is_empty() {
+        out.write_all(&early).await?;
+    }
+    let (up, down) = super::splice::relay(&client, &out).await?;
     debug!(%peer, %target, up, down, "relay done");
     Ok(())
 }
@@ -379,10 +385,10 @@ async fn http_proxy<E: Egress>(
     if req.method == "CONNECT" {
         sock.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
             .await?;
-        return relay(Prefixed::new(rest, sock), out, peer, &req.target).await;
+        return relay(sock, rest, out, peer, &req.target).await;
     }
     // Absolute-form: one request per upstream connection; the body (any
     // framing) and the response are relayed as they are.
     out.write_all(&req.upstream_head()).await?;
-    relay(Prefixed::new(rest, sock), out, peer, &req.target).await
+    relay(sock, rest, out, peer, &req.target).await
 }
