@@ -50,8 +50,8 @@ echo "wrpkguser:*:19000:0:99999:7:::" >>"$work/etc/shadow"
 out=$(unshare --mount --propagation private -- bash -c "
   mount --bind $work/etc /etc
   mount -t tmpfs -o mode=0755 tmpfs /run
-  mount -t tmpfs -o mode=1777 tmpfs /tmp
-  as_user='setpriv --reuid=61200 --regid=61200 --init-groups --inh-caps=-all --'
+  mkdir -p -m 700 /run/user/61200 && chown 61200 /run/user/61200
+  as_user='setpriv --reuid=61200 --regid=61200 --init-groups --inh-caps=-all -- env XDG_RUNTIME_DIR=/run/user/61200'
   \$as_user /usr/bin/warren helper status >/dev/null 2>&1; echo \"before-start-rc=\$?\"
   \$as_user /usr/bin/warren helper start --json </dev/null; echo \"start-rc=\$?\"
   \$as_user /usr/bin/warren helper status --json; echo \"status-rc=\$?\"

@@ -85,12 +85,17 @@ impl FakeEtc {
     }
 
     /// Runs `script` (bash) as root in a private mount namespace with this
-    /// /etc and empty /run and /tmp (lock directories and scratch files stay
-    /// in the namespace).
+    /// /etc and an empty /run; scratch files go to /run/scratch and each
+    /// user's runtime directory (autostart lock) to /run/user/UID, so
+    /// nothing lands on the host (and /tmp, where the checkout and its
+    /// binaries may live, stays visible).
     fn run(&self, script: &str) -> std::process::Output {
         let prologue = format!(
-            "set -u\nmount --bind {etc} /etc\nmount -t tmpfs -o mode=0755 tmpfs /run\nmount -t tmpfs -o mode=1777 tmpfs /tmp\n",
-            etc = self.dir.join("etc").display()
+            "set -u\nmount --bind {etc} /etc\nmount -t tmpfs -o mode=0755 tmpfs /run\nmkdir -m 1777 /run/scratch\nfor u in {m} {p} {o}; do mkdir -p -m 700 /run/user/$u && chown $u /run/user/$u; done\n",
+            etc = self.dir.join("etc").display(),
+            m = MEMBER.1,
+            p = PASSWORD_USER.1,
+            o = OTHER_USER.1,
         );
         run_limited(
             Command::new("unshare")
@@ -108,11 +113,12 @@ fn workspace_root() -> std::path::PathBuf {
         .to_path_buf()
 }
 
-/// `setpriv` prefix running as `user` with their groups from the fake /etc.
+/// `setpriv` prefix running as `user` with their groups from the fake /etc
+/// and their runtime directory.
 fn as_user(user: (&str, u32)) -> String {
     format!(
-        "setpriv --reuid={} --regid={} --init-groups --inh-caps=-all --",
-        user.1, user.1
+        "setpriv --reuid={u} --regid={u} --init-groups --inh-caps=-all -- env XDG_RUNTIME_DIR=/run/user/{u}",
+        u = user.1
     )
 }
 
@@ -135,11 +141,11 @@ fn group_member_autostarts_helper_once_and_it_exits_when_idle() {
     let etc = FakeEtc::new("sudo-ok");
     let script = format!(
         r#"
-{u} {w} helper start --json > /tmp/a.json 2>/tmp/a.err &
-{u} {w} helper start --json > /tmp/b.json 2>/tmp/b.err &
+{u} {w} helper start --json > /run/scratch/a.json 2>/run/scratch/a.err &
+{u} {w} helper start --json > /run/scratch/b.json 2>/run/scratch/b.err &
 wait
-cat /tmp/a.json; echo; cat /tmp/b.json; echo; cat /tmp/a.err /tmp/b.err
-HELPER_PID=$(sed -n 's/.*"pid":\([0-9]*\).*/\1/p' /tmp/a.json)
+cat /run/scratch/a.json; echo; cat /run/scratch/b.json; echo; cat /run/scratch/a.err /run/scratch/b.err
+HELPER_PID=$(sed -n 's/.*"pid":\([0-9]*\).*/\1/p' /run/scratch/a.json)
 echo "SOCKET: $(stat -c '%a %U %g' /run/warren/helper.sock)"
 {wait}
 echo DONE
@@ -224,8 +230,8 @@ echo "== nosudo"; {m} env PATH=/nonexistent {w} helper start </dev/null; echo "R
 echo "== password"; {p} {w} helper start </dev/null; echo "RC=$?"
 echo "== refused"; {o} {w} helper start </dev/null; echo "RC=$?"
 echo "== disabled"; {m} {w} --no-autostart helper start </dev/null; echo "RC=$?"
-echo "== disabled-by-config"; mkdir -p /tmp/cfg/warren && printf '[helper]\nautostart = false\n' >/tmp/cfg/warren/config.toml && chmod -R a+rX /tmp/cfg
-{m} env XDG_CONFIG_HOME=/tmp/cfg {w} helper start </dev/null; echo "RC=$?"
+echo "== disabled-by-config"; mkdir -p /run/cfg/warren && printf '[helper]\nautostart = false\n' >/run/cfg/warren/config.toml && chmod -R a+rX /run/cfg
+{m} env XDG_CONFIG_HOME=/run/cfg {w} helper start </dev/null; echo "RC=$?"
 echo "== timeout"; mkdir -p /run/warren && chown {uid} /run/warren
 {m} {w} --autostart-timeout-ms 1500 helper start </dev/null; echo "RC=$?"
 echo "== end"
