@@ -61,6 +61,10 @@ pub enum Command {
     Helper(HelperCommand),
     /// Run a local SOCKS5 + HTTP proxy (no root needed).
     Proxy(proxy_cli::ProxyArgs),
+    /// Validate configuration files.
+    Config(proxy_cli::ConfigArgs),
+    /// Show the running `warren proxy` processes of this user and their counters.
+    Status(proxy_cli::StatusArgs),
     /// Run an exit for warren's own TLS transports (the far end of `warren client`).
     Server(transport_cli::ServerArgs),
     /// Write a self-signed certificate and key for `warren server`, and print its pin.
@@ -146,6 +150,8 @@ pub fn main() -> ExitCode {
             run_helper(socket_path(socket.as_deref()), &policy, cmd)
         }
         Command::Proxy(args) => proxy_cli::run_proxy(args),
+        Command::Config(args) => proxy_cli::run_config(args),
+        Command::Status(args) => proxy_cli::run_status(args),
         Command::Server(args) => transport_cli::run_server(args),
         Command::Cert(args) => transport_cli::run_cert(args),
         Command::Completions { shell } => {

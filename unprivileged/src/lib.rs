@@ -8,7 +8,9 @@
 pub mod autostart;
 pub mod cli;
 pub mod client_config;
+pub mod config;
 pub mod exit;
 pub mod helper_client;
 pub mod proxy;
+pub mod rules;
 pub mod transport;

@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::server::{Access, Direct, Protocol, Settings, serve};
+use crate::config::Env as _;
 use crate::exit;
 
 /// Arguments of `warren proxy`.
@@ -23,12 +24,16 @@ Examples:
   curl --socks5-hostname 127.0.0.1:1080 http://example.org/
   curl -x http://127.0.0.1:8118 http://example.org/")]
 pub struct ProxyArgs {
-    /// SOCKS5 listener ("off" to disable).
-    #[arg(long, default_value = "127.0.0.1:1080")]
-    pub socks: String,
-    /// HTTP proxy listener ("off" to disable).
-    #[arg(long, default_value = "127.0.0.1:8118")]
-    pub http: String,
+    /// SOCKS5 listener ("off" to disable) [default: 127.0.0.1:1080].
+    #[arg(long)]
+    pub socks: Option<String>,
+    /// HTTP proxy listener ("off" to disable) [default: 127.0.0.1:8118].
+    #[arg(long)]
+    pub http: Option<String>,
+    /// Configuration file [default: $XDG_CONFIG_HOME/warren/config.toml,
+    /// then /etc/warren/config.toml].
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
     /// Client network allowed without credentials (CIDR; repeatable).
     /// Without --user, loopback is allowed by default; with --user, only
     /// these networks skip authentication.
@@ -39,11 +44,13 @@ pub struct ProxyArgs {
     #[arg(long)]
     pub user: Option<String>,
     /// Most simultaneous connections.
-    #[arg(long, default_value_t = 10_000)]
-    pub max_connections: usize,
+    /// [default: 10000]
+    #[arg(long)]
+    pub max_connections: Option<usize>,
     /// Connect timeout in seconds.
-    #[arg(long, default_value_t = 10)]
-    pub connect_timeout: u64,
+    /// [default: 10]
+    #[arg(long)]
+    pub connect_timeout: Option<u64>,
     /// Log every connection (debug level).
     #[arg(short, long)]
     pub verbose: bool,
@@ -75,6 +82,55 @@ fn listener(s: &str, what: &str) -> Result<Option<SocketAddr>, String> {
         .map_err(|_| format!("--{what} {s}: expected ADDRESS:PORT or \"off\""))
 }
 
+/// Reloads the rules on SIGHUP and when the file's modification time
+/// changes (polled every 2 s). Live connections keep the decision they
+/// were made with; a bad file is logged and the previous rules stay.
+async fn reload_loop(
+    path: Option<std::path::PathBuf>,
+    rules: crate::rules::SharedRules,
+    mut hup: Option<tokio::signal::unix::Signal>,
+    stop: CancellationToken,
+) {
+    let mtime = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut seen = path.as_deref().and_then(mtime);
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        let hup_fut = async {
+            match hup.as_mut() {
+                Some(h) => {
+                    h.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        let why = tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = hup_fut => Some("SIGHUP"),
+            _ = tick.tick() => {
+                let m = path.as_deref().and_then(mtime);
+                if m != seen {
+                    seen = m;
+                    Some("file change")
+                } else {
+                    None
+                }
+            }
+        };
+        let Some(why) = why else { continue };
+        let Some(p) = &path else {
+            info!("{why}: no configuration file to reload");
+            continue;
+        };
+        match crate::config::Config::load(p) {
+            Ok(c) => {
+                info!(file = %p.display(), rules = c.rules.len(), "{why}: rules reloaded");
+                rules.replace(c.rules);
+            }
+            Err(e) => warn!(error = %e, "{why}: reload failed; keeping the previous rules"),
+        }
+    }
+}
+
 /// Runs `warren proxy`.
 pub fn run_proxy(args: ProxyArgs) -> ExitCode {
     crate::cli::init_logging(args.verbose);
@@ -82,11 +138,35 @@ pub fn run_proxy(args: ProxyArgs) -> ExitCode {
         eprintln!("warren proxy: {m}");
         exit::code(exit::USAGE)
     };
-    let (socks, http) = match (listener(&args.socks, "socks"), listener(&args.http, "http")) {
+    let env = crate::config::ProcessEnv;
+    let path = args
+        .config
+        .clone()
+        .or_else(|| crate::config::default_path(&env));
+    let mut cfg = match &path {
+        Some(p) => match crate::config::Config::load(p) {
+            Ok(c) => c,
+            Err(e) => return usage(e.to_string()),
+        },
+        None => crate::config::Config::default(),
+    };
+    cfg.apply_env(&env);
+    let socks_s = args
+        .socks
+        .clone()
+        .or(cfg.proxy.socks.clone())
+        .unwrap_or_else(|| "127.0.0.1:1080".into());
+    let http_s = args
+        .http
+        .clone()
+        .or(cfg.proxy.http.clone())
+        .unwrap_or_else(|| "127.0.0.1:8118".into());
+    let (socks, http) = match (listener(&socks_s, "socks"), listener(&http_s, "http")) {
         (Ok(a), Ok(b)) => (a, b),
         (Err(e), _) | (_, Err(e)) => return usage(e),
     };
-    let mut allow = if args.user.is_none() {
+    let user = args.user.clone().or(cfg.proxy.user.clone());
+    let mut allow = if user.is_none() {
         vec![
             ("127.0.0.0".parse().expect("literal"), 8),
             ("::1".parse().expect("literal"), 128),
@@ -94,24 +174,36 @@ pub fn run_proxy(args: ProxyArgs) -> ExitCode {
     } else {
         Vec::new()
     };
-    for c in &args.allow {
+    for c in args.allow.iter().chain(cfg.proxy.allow.iter().flatten()) {
         match parse_cidr(c) {
             Ok(x) => allow.push(x),
             Err(e) => return usage(e),
         }
     }
-    let credentials = match (&args.user, std::env::var("WARREN_PROXY_PASSWORD").ok()) {
+    let credentials = match (&user, env.var("WARREN_PROXY_PASSWORD")) {
         (Some(u), Some(p)) if !p.is_empty() => Some((u.clone(), p)),
         (Some(_), _) => return usage("--user needs the password in WARREN_PROXY_PASSWORD".into()),
         (None, _) => None,
     };
+    let rules = crate::rules::SharedRules::new(cfg.rules.clone());
     let settings = Arc::new(Settings {
         access: Access { allow, credentials },
-        max_connections: args.max_connections.max(1),
+        max_connections: args
+            .max_connections
+            .or(cfg.proxy.max_connections)
+            .unwrap_or(10_000)
+            .max(1),
+        idle_timeout: Duration::from_secs(cfg.proxy.idle_timeout.unwrap_or(300).max(1)),
+        rules: rules.clone(),
         ..Settings::default()
     });
     let egress = Arc::new(Direct {
-        timeout: Duration::from_secs(args.connect_timeout.max(1)),
+        timeout: Duration::from_secs(
+            args.connect_timeout
+                .or(cfg.proxy.connect_timeout)
+                .unwrap_or(10)
+                .max(1),
+        ),
     });
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -126,7 +218,11 @@ pub fn run_proxy(args: ProxyArgs) -> ExitCode {
     };
     rt.block_on(async move {
         let stop = CancellationToken::new();
+        // Installed before the listeners report, so a SIGHUP never kills us.
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let reloader = tokio::spawn(reload_loop(path.clone(), rules.clone(), hup, stop.clone()));
         let mut tasks = Vec::new();
+        let mut names = Vec::new();
         for (addr, proto) in [(socks, Protocol::Socks5), (http, Protocol::Http)] {
             let Some(addr) = addr else { continue };
             let l = match tokio::net::TcpListener::bind(addr).await {
@@ -137,6 +233,7 @@ pub fn run_proxy(args: ProxyArgs) -> ExitCode {
                 }
             };
             info!(listen = %l.local_addr().unwrap_or(addr), protocol = ?proto, "listening");
+            names.push(format!("{proto:?} {}", l.local_addr().unwrap_or(addr)));
             tasks.push(tokio::spawn(serve(
                 l,
                 proto,
@@ -149,6 +246,19 @@ pub fn run_proxy(args: ProxyArgs) -> ExitCode {
             eprintln!("warren proxy: both listeners are off");
             return exit::code(exit::USAGE);
         }
+        let control = match control_socket(&env) {
+            Ok((l, path)) => Some(tokio::spawn(control_loop(
+                l,
+                path,
+                settings.counters.clone(),
+                names,
+                stop.clone(),
+            ))),
+            Err(e) => {
+                warn!(error = %e, "no control socket; `warren status` will not see this proxy");
+                None
+            }
+        };
         use tokio::signal::unix::{SignalKind, signal};
         if let (Ok(mut t), Ok(mut i)) = (
             signal(SignalKind::terminate()),
@@ -161,6 +271,113 @@ pub fn run_proxy(args: ProxyArgs) -> ExitCode {
         for t in tasks {
             let _ = t.await;
         }
+        let _ = reloader.await;
+        if let Some(c) = control {
+            let _ = c.await;
+        }
         exit::code(exit::OK)
     })
+}
+
+/// Binds this process's control socket (mode 0600 in a 0700 directory).
+fn control_socket(
+    env: &dyn crate::config::Env,
+) -> std::io::Result<(tokio::net::UnixListener, std::path::PathBuf)> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = super::status::runtime_dir(env);
+    super::status::ensure_private_dir(&dir)?;
+    let path = dir.join(format!("proxy-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let l = tokio::net::UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    Ok((l, path))
+}
+
+/// Answers each connection on the control socket with one JSON snapshot
+/// of the counters; removes the socket on shutdown.
+async fn control_loop(
+    l: tokio::net::UnixListener,
+    path: std::path::PathBuf,
+    counters: Arc<super::status::Counters>,
+    listeners: Vec<String>,
+    stop: CancellationToken,
+) {
+    use tokio::io::AsyncWriteExt;
+    loop {
+        let r = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = l.accept() => r,
+        };
+        let Ok((mut s, _)) = r else { continue };
+        let snap = counters.snapshot(std::process::id(), listeners.clone());
+        let body = serde_json::to_vec(&snap).unwrap_or_default();
+        let _ = tokio::time::timeout(Duration::from_secs(2), s.write_all(&body)).await;
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+/// Arguments of `warren status`.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `warren status`: the running `warren proxy` processes of this user
+/// and their counters.
+pub fn run_status(args: StatusArgs) -> ExitCode {
+    let dir = super::status::runtime_dir(&crate::config::ProcessEnv);
+    let snaps = super::status::query_all(&dir);
+    if args.json {
+        let v = serde_json::json!({ "proxies": snaps });
+        println!("{v}");
+    } else {
+        print!("{}", super::status::render(&snaps));
+    }
+    exit::code(exit::OK)
+}
+
+/// Arguments of `warren config`.
+#[derive(Debug, clap::Args)]
+pub struct ConfigArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: ConfigCommand,
+}
+
+/// `warren config` subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum ConfigCommand {
+    /// Validate a configuration file (default: the one `warren proxy` would
+    /// read).
+    Check {
+        /// The file.
+        file: Option<std::path::PathBuf>,
+    },
+}
+
+/// Runs `warren config`.
+pub fn run_config(args: ConfigArgs) -> ExitCode {
+    let ConfigCommand::Check { file } = args.command;
+    let Some(path) = file.or_else(|| crate::config::default_path(&crate::config::ProcessEnv))
+    else {
+        eprintln!("warren config check: no configuration file found");
+        return exit::code(exit::USAGE);
+    };
+    match crate::config::Config::load(&path) {
+        Ok(c) => {
+            println!(
+                "{}: ok ({} rules, default {})",
+                path.display(),
+                c.rules.len(),
+                c.rules.default_action()
+            );
+            exit::code(exit::OK)
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            exit::code(exit::FAILURE)
+        }
+    }
 }

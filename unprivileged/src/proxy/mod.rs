@@ -8,3 +8,4 @@ pub mod http;
 pub mod server;
 pub mod socks5;
 pub mod splice;
+pub mod status;

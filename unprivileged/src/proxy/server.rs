@@ -5,6 +5,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -90,6 +91,18 @@ pub struct Settings {
     /// Time a relay may stay without traffic in either direction... (per
     /// direction read).
     pub idle_timeout: Duration,
+    /// Routing rules. Only `block` changes anything while the egress is
+    /// [`Direct`] (no upstream yet: `proxy` and `direct` both go direct).
+    pub rules: crate::rules::SharedRules,
+    /// Counters served to `warren status`.
+    pub counters: Arc<super::status::Counters>,
+}
+
+fn rule_host(t: &Target) -> crate::rules::Host<'_> {
+    match t {
+        Target::Addr(a) => crate::rules::Host::Ip(a.ip()),
+        Target::Domain(d, _) => crate::rules::Host::Name(d),
+    }
 }
 
 impl Default for Settings {
@@ -99,6 +112,8 @@ impl Default for Settings {
             max_connections: 10_000,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
+            rules: crate::rules::SharedRules::default(),
+            counters: Arc::default(),
         }
     }
 }
@@ -135,12 +150,14 @@ pub async fn serve<E: Egress>(
             },
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
+            settings.counters.refused.fetch_add(1, Relaxed);
             warn!(%peer, "connection limit reached; closing");
             continue;
         };
         let (settings, egress) = (settings.clone(), egress.clone());
         tracker.spawn(async move {
             let _ = sock.set_nodelay(true);
+            let _active = super::status::ActiveGuard::new(&settings.counters);
             let r = match protocol {
                 Protocol::Socks5 => socks(sock, peer, &settings, &*egress).await,
                 Protocol::Http => http_proxy(sock, peer, &settings, &*egress).await,
@@ -167,6 +184,7 @@ async fn socks<E: Egress>(mut sock: TcpStream, peer: SocketAddr, s: &Settings, e
     let trusted = s.access.allows_addr(peer.ip());
     let need_auth = !trusted;
     if need_auth && s.access.credentials.is_none() {
+        s.counters.refused.fetch_add(1, Relaxed);
         warn!(%peer, "client not in the allow list and no credentials configured; closing");
         return Ok(());
     }
@@ -233,6 +251,14 @@ async fn socks<E: Egress>(mut sock: TcpStream, peer: SocketAddr, s: &Settings, e
                 .await
         }
         Cmd::Connect => {
+            let d = s.rules.get().decide(rule_host(&target));
+            if d.action == crate::rules::Action::Block {
+                s.counters.blocked.fetch_add(1, Relaxed);
+                info!(%peer, %target, rule = ?d.rule, "blocked by rule");
+                return sock
+                    .write_all(&socks5::reply(Reply::NotAllowed, unspecified))
+                    .await;
+            }
             let out = match egress.connect(&target).await {
                 Ok(o) => o,
                 Err(e) => {
@@ -246,7 +272,7 @@ async fn socks<E: Egress>(mut sock: TcpStream, peer: SocketAddr, s: &Settings, e
             let bound = out.local_addr().unwrap_or(unspecified);
             sock.write_all(&socks5::reply(Reply::Succeeded, bound))
                 .await?;
-            relay(sock, rest, out, peer, &target).await
+            relay(sock, rest, out, peer, &target, s).await
         }
         Cmd::UdpAssociate => udp_associate(sock, peer).await,
     }
@@ -261,11 +287,15 @@ async fn relay(
     mut out: TcpStream,
     peer: SocketAddr,
     target: &Target,
+    s: &Settings,
 ) -> Res {
     if !early.is_empty() {
         out.write_all(&early).await?;
+        s.counters.bytes_up.fetch_add(early.len() as u64, Relaxed);
     }
     let (up, down) = super::splice::relay(&client, &out).await?;
+    s.counters.bytes_up.fetch_add(up, Relaxed);
+    s.counters.bytes_down.fetch_add(down, Relaxed);
     debug!(%peer, %target, up, down, "relay done");
     Ok(())
 }
@@ -347,6 +377,7 @@ async fn http_proxy<E: Egress>(
     egress: &E,
 ) -> Res {
     if !s.access.allows_addr(peer.ip()) {
+        s.counters.refused.fetch_add(1, Relaxed);
         warn!(%peer, "client not in the allow list; closing");
         return Ok(());
     }
@@ -367,6 +398,16 @@ async fn http_proxy<E: Egress>(
         }
         Ok(Err(e)) | Err(e) => return Err(e),
     };
+    let d = s.rules.get().decide(rule_host(&req.target));
+    if d.action == crate::rules::Action::Block {
+        s.counters.blocked.fetch_add(1, Relaxed);
+        info!(%peer, target = %req.target, rule = ?d.rule, "blocked by rule");
+        return sock
+            .write_all(
+                b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: 27\r\nConnection: close\r\n\r\nblocked by a warren rule.\r\n",
+            )
+            .await;
+    }
     let mut out = match egress.connect(&req.target).await {
         Ok(o) => o,
         Err(e) => {
@@ -385,10 +426,10 @@ async fn http_proxy<E: Egress>(
     if req.method == "CONNECT" {
         sock.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
             .await?;
-        return relay(sock, rest, out, peer, &req.target).await;
+        return relay(sock, rest, out, peer, &req.target, s).await;
     }
     // Absolute-form: one request per upstream connection; the body (any
     // framing) and the response are relayed as they are.
     out.write_all(&req.upstream_head()).await?;
-    relay(sock, rest, out, peer, &req.target).await
+    relay(sock, rest, out, peer, &req.target, s).await
 }

@@ -1,0 +1,202 @@
+//! Counters of a running `warren proxy`, its control socket and the client
+//! side used by `warren status`.
+//!
+//! Each proxy serves `$XDG_RUNTIME_DIR/warren/proxy-<pid>.sock` (fallback
+//! `/tmp/warren-<uid>/`), mode 0600 in a 0700 directory. A client connects
+//! and reads one JSON object; nothing is read from the client.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Env;
+
+/// Live counters, updated by the connection tasks.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Connections accepted.
+    pub total: AtomicU64,
+    /// Connections open now.
+    pub active: AtomicU64,
+    /// Connections refused (limit reached, client not allowed).
+    pub refused: AtomicU64,
+    /// Requests blocked by a rule.
+    pub blocked: AtomicU64,
+    /// Bytes from clients to targets.
+    pub bytes_up: AtomicU64,
+    /// Bytes from targets to clients.
+    pub bytes_down: AtomicU64,
+}
+
+/// A snapshot of [`Counters`] as served on the control socket.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Process id of the proxy.
+    pub pid: u32,
+    /// Its listeners.
+    pub listeners: Vec<String>,
+    /// Connections accepted.
+    pub connections_total: u64,
+    /// Connections open now.
+    pub connections_active: u64,
+    /// Connections refused.
+    pub connections_refused: u64,
+    /// Requests blocked by a rule.
+    pub connections_blocked: u64,
+    /// Bytes from clients to targets.
+    pub bytes_up: u64,
+    /// Bytes from targets to clients.
+    pub bytes_down: u64,
+}
+
+impl Counters {
+    /// A snapshot.
+    pub fn snapshot(&self, pid: u32, listeners: Vec<String>) -> Snapshot {
+        Snapshot {
+            pid,
+            listeners,
+            connections_total: self.total.load(Relaxed),
+            connections_active: self.active.load(Relaxed),
+            connections_refused: self.refused.load(Relaxed),
+            connections_blocked: self.blocked.load(Relaxed),
+            bytes_up: self.bytes_up.load(Relaxed),
+            bytes_down: self.bytes_down.load(Relaxed),
+        }
+    }
+}
+
+/// Decrements `active` when dropped.
+#[derive(Debug)]
+pub struct ActiveGuard<'a>(&'a Counters);
+
+impl<'a> ActiveGuard<'a> {
+    /// Counts one new connection.
+    pub fn new(c: &'a Counters) -> ActiveGuard<'a> {
+        c.total.fetch_add(1, Relaxed);
+        c.active.fetch_add(1, Relaxed);
+        ActiveGuard(c)
+    }
+}
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Relaxed);
+    }
+}
+
+/// The directory holding this user's control sockets.
+pub fn runtime_dir(env: &dyn Env) -> PathBuf {
+    match env.var("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
+        Some(d) => Path::new(&d).join("warren"),
+        None => PathBuf::from(format!("/tmp/warren-{}", nix::unistd::getuid())),
+    }
+}
+
+/// Creates `dir` with mode 0700 and checks it is ours and private.
+pub fn ensure_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let m = std::fs::symlink_metadata(dir)?;
+    if !m.is_dir() || m.uid() != nix::unistd::getuid().as_raw() {
+        return Err(std::io::Error::other(format!(
+            "{} is not a directory owned by this user",
+            dir.display()
+        )));
+    }
+    if m.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// Reads the snapshot of every live proxy of this user; stale sockets
+/// (their process gone) are removed.
+pub fn query_all(dir: &Path) -> Vec<Snapshot> {
+    use std::io::Read;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in entries.flatten().take(1000) {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("proxy-"))
+            .and_then(|n| n.strip_suffix(".sock"))
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let path = e.path();
+        let Ok(s) = std::os::unix::net::UnixStream::connect(&path) else {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_file(&path);
+            }
+            continue;
+        };
+        let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+        let mut buf = Vec::new();
+        if s.take(64 * 1024).read_to_end(&mut buf).is_ok()
+            && let Ok(snap) = serde_json::from_slice::<Snapshot>(&buf)
+        {
+            out.push(snap);
+        }
+    }
+    out.sort_by_key(|s| s.pid);
+    out
+}
+
+/// Text for `warren status`.
+pub fn render(snaps: &[Snapshot]) -> String {
+    if snaps.is_empty() {
+        return "no warren proxy running\n".into();
+    }
+    let mut s = String::new();
+    for p in snaps {
+        s.push_str(&format!(
+            "proxy pid {} on {}: {} connections ({} active, {} refused, {} blocked), {} bytes up, {} bytes down\n",
+            p.pid,
+            p.listeners.join(", "),
+            p.connections_total,
+            p.connections_active,
+            p.connections_refused,
+            p.connections_blocked,
+            p.bytes_up,
+            p.bytes_down
+        ));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn runtime_dir_prefers_xdg_and_falls_back_to_tmp() {
+        let env: HashMap<String, String> =
+            [("XDG_RUNTIME_DIR".to_owned(), "/run/user/7".to_owned())].into();
+        assert_eq!(runtime_dir(&env), PathBuf::from("/run/user/7/warren"));
+        let none: HashMap<String, String> = HashMap::new();
+        assert!(runtime_dir(&none).starts_with("/tmp"));
+    }
+
+    #[test]
+    fn guard_counts_active() {
+        let c = Counters::default();
+        {
+            let _a = ActiveGuard::new(&c);
+            let _b = ActiveGuard::new(&c);
+            assert_eq!(c.active.load(Relaxed), 2);
+        }
+        let s = c.snapshot(1, vec![]);
+        assert_eq!((s.connections_total, s.connections_active), (2, 0));
+        assert!(render(&[s]).contains("2 connections (0 active"));
+    }
+}
