@@ -12,6 +12,8 @@ struct Proxy {
     child: Child,
     socks: SocketAddr,
     http: SocketAddr,
+    /// The proxy's runtime directory (control socket), removed with it.
+    _run: tempfile::TempDir,
 }
 
 impl Drop for Proxy {
@@ -24,7 +26,9 @@ impl Drop for Proxy {
 /// Starts `warren proxy` on ephemeral ports and reads them from its log.
 fn proxy(extra: &[&str], env: &[(&str, &str)]) -> Proxy {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_warren"));
+    let run = tempfile::tempdir().expect("runtime dir");
     cmd.args(["proxy", "--socks", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        .env("XDG_RUNTIME_DIR", run.path())
         .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -62,7 +66,12 @@ fn proxy(extra: &[&str], env: &[(&str, &str)]) -> Proxy {
         }
     }
     let (socks, http) = (socks.expect("socks"), http.expect("http"));
-    Proxy { child, socks, http }
+    Proxy {
+        child,
+        socks,
+        http,
+        _run: run,
+    }
 }
 
 /// A tiny HTTP origin: answers every request with `body`, then closes.

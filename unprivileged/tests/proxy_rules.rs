@@ -11,6 +11,8 @@ struct Proxy {
     child: Option<Child>,
     socks: SocketAddr,
     http: SocketAddr,
+    /// The proxy's runtime directory (control socket), removed with it.
+    _run: tempfile::TempDir,
 }
 
 impl Drop for Proxy {
@@ -29,6 +31,7 @@ impl Proxy {
             child: None,
             socks,
             http: socks,
+            _run: tempfile::tempdir().expect("dir"),
         }
     }
 
@@ -42,7 +45,9 @@ impl Proxy {
 /// Starts `warren proxy` on ephemeral ports and reads them from its log.
 fn proxy(extra: &[&str], env: &[(&str, &str)]) -> Proxy {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_warren"));
+    let run = tempfile::tempdir().expect("runtime dir");
     cmd.args(["proxy", "--socks", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        .env("XDG_RUNTIME_DIR", run.path())
         .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -84,6 +89,7 @@ fn proxy(extra: &[&str], env: &[(&str, &str)]) -> Proxy {
         child: Some(child),
         socks,
         http,
+        _run: run,
     }
 }
 
@@ -128,9 +134,26 @@ fn curl(args: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("utf-8")
 }
 
+/// The test process's scratch directory, removed when the process exits
+/// normally (a static `TempDir` is never dropped, so its path is cleaned at
+/// exit instead).
+fn scratch() -> &'static std::path::Path {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!("warren-proxy-rules-{}", std::process::id()));
+        std::fs::create_dir_all(&d).expect("mkdir");
+        extern "C" fn cleanup() {
+            let d = std::env::temp_dir().join(format!("warren-proxy-rules-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(d);
+        }
+        // SAFETY: registering a plain extern "C" function with atexit.
+        unsafe { libc::atexit(cleanup) };
+        d
+    })
+}
+
 fn tmp_file(name: &str, text: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("warren-proxy-rules-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("mkdir");
+    let dir = scratch();
     let p = dir.join(name);
     std::fs::write(&p, text).expect("write config");
     p
