@@ -19,6 +19,9 @@ WARREN_TEST_DEPS=(
   "dpkg-deb:dpkg"
   "addgroup:adduser"
   "unshare:util-linux"
+  "tcpdump:tcpdump"
+  "dig:dnsutils"
+  "ss:iproute2"
 )
 
 install_missing_deps() {

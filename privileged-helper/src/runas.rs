@@ -176,6 +176,9 @@ fn child_setup(p: &Prepared) -> io::Result<()> {
             0,
         ))?;
         check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+        // A session of its own: never the helper's controlling terminal or
+        // process group (signals come from its client, by pid).
+        libc::setsid();
         check(libc::chdir(p.cwd.as_ptr()))?;
     }
     Ok(())

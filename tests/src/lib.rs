@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod wgexit;
 /// Unprivileged test identities. No passwd entries are needed: `setpriv`
 /// takes numeric ids. Chosen far from real users and groups.
 pub mod ids {

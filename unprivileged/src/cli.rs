@@ -11,6 +11,7 @@ use warren_ipc::msg::{Activation, StatusInfo};
 use crate::autostart::{AutostartPolicy, connect_or_autostart};
 use crate::exit;
 use crate::helper_client::{ClientError, HelperClient, socket_path};
+use crate::instance::cli::{self as instance_cli, HelperTarget};
 use crate::proxy::cli as proxy_cli;
 use crate::transport::cli as transport_cli;
 
@@ -63,7 +64,15 @@ pub enum Command {
     Proxy(proxy_cli::ProxyArgs),
     /// Validate configuration files.
     Config(proxy_cli::ConfigArgs),
-    /// Show the running `warren proxy` processes of this user and their counters.
+    /// Start namespace instance NAME whose exit is a WireGuard peer, with
+    /// SOCKS5 and HTTP proxies on the host.
+    Up(instance_cli::UpArgs),
+    /// Take namespace instances down.
+    Down(instance_cli::DownArgs),
+    /// Run a program inside a namespace instance, as yourself.
+    Exec(instance_cli::ExecArgs),
+    /// Show this user's instances (peers, handshakes, bytes) and `warren
+    /// proxy` processes with their counters.
     Status(proxy_cli::StatusArgs),
     /// Run an exit for warren's own TLS transports (the far end of `warren client`).
     Server(transport_cli::ServerArgs),
@@ -74,6 +83,10 @@ pub enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
+    /// The worker of a namespace instance (started by `warren up` through
+    /// the helper; not for use by hand).
+    #[command(hide = true)]
+    InstanceWorker,
     /// Write man pages for warren and its subcommands into DIR (packaging).
     #[command(hide = true)]
     GenerateMan {
@@ -126,29 +139,62 @@ pub enum HelperCommand {
     },
 }
 
+/// Where the helper is and whether to autostart it: command line (and
+/// WARREN_HELPER_SOCKET) > config file > defaults.
+fn helper_target(
+    socket: Option<PathBuf>,
+    no_autostart: bool,
+    timeout_ms: Option<u64>,
+) -> Result<HelperTarget, ExitCode> {
+    let conf = match crate::client_config::load(|k| std::env::var(k).ok()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("warren: {e}");
+            return Err(exit::code(exit::CONFIG));
+        }
+    };
+    let mut policy = AutostartPolicy::from_current_exe();
+    policy.enabled &= !no_autostart && conf.autostart.unwrap_or(true);
+    policy.timeout = match (timeout_ms, conf.autostart_timeout_secs) {
+        (Some(ms), _) => Duration::from_millis(ms),
+        (None, Some(s)) => Duration::from_secs(s),
+        (None, None) => policy.timeout,
+    };
+    let socket = socket.or(conf.socket);
+    Ok(HelperTarget {
+        path: socket_path(socket.as_deref()),
+        policy,
+    })
+}
+
 /// Parses the command line and runs the command.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    let target = || {
+        helper_target(
+            cli.helper_socket.clone(),
+            cli.no_autostart,
+            cli.autostart_timeout_ms,
+        )
+    };
     match cli.command {
-        Command::Helper(cmd) => {
-            // Command line (and WARREN_HELPER_SOCKET) > config file > defaults.
-            let conf = match crate::client_config::load(|k| std::env::var(k).ok()) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("warren: {e}");
-                    return exit::code(exit::CONFIG);
-                }
-            };
-            let mut policy = AutostartPolicy::from_current_exe();
-            policy.enabled &= !cli.no_autostart && conf.autostart.unwrap_or(true);
-            policy.timeout = match (cli.autostart_timeout_ms, conf.autostart_timeout_secs) {
-                (Some(ms), _) => Duration::from_millis(ms),
-                (None, Some(s)) => Duration::from_secs(s),
-                (None, None) => policy.timeout,
-            };
-            let socket = cli.helper_socket.or(conf.socket);
-            run_helper(socket_path(socket.as_deref()), &policy, cmd)
-        }
+        Command::Helper(cmd) => match target() {
+            Ok(t) => run_helper(t.path, &t.policy, cmd),
+            Err(c) => c,
+        },
+        Command::Up(args) => match target() {
+            Ok(t) => instance_cli::run_up(args, t),
+            Err(c) => c,
+        },
+        Command::Down(args) => match target() {
+            Ok(t) => instance_cli::run_down(args, t),
+            Err(c) => c,
+        },
+        Command::Exec(args) => match target() {
+            Ok(t) => instance_cli::run_exec(args, t),
+            Err(c) => c,
+        },
+        Command::InstanceWorker => crate::instance::worker::run(),
         Command::Proxy(args) => proxy_cli::run_proxy(args),
         Command::Config(args) => proxy_cli::run_config(args),
         Command::Status(args) => proxy_cli::run_status(args),

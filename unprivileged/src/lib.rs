@@ -11,6 +11,8 @@ pub mod client_config;
 pub mod config;
 pub mod exit;
 pub mod helper_client;
+pub mod instance;
 pub mod proxy;
 pub mod rules;
 pub mod transport;
+pub mod wg;

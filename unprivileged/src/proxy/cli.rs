@@ -247,13 +247,11 @@ pub fn run_proxy(args: ProxyArgs) -> ExitCode {
             return exit::code(exit::USAGE);
         }
         let control = match control_socket(&env) {
-            Ok((l, path)) => Some(tokio::spawn(control_loop(
-                l,
-                path,
-                settings.counters.clone(),
-                names,
-                stop.clone(),
-            ))),
+            Ok((l, path)) => {
+                let counters = settings.counters.clone();
+                let snap = move || counters.snapshot(std::process::id(), names.clone());
+                Some(tokio::spawn(control_loop(l, path, snap, stop.clone())))
+            }
             Err(e) => {
                 warn!(error = %e, "no control socket; `warren status` will not see this proxy");
                 None
@@ -280,7 +278,7 @@ pub fn run_proxy(args: ProxyArgs) -> ExitCode {
 }
 
 /// Binds this process's control socket (mode 0600 in a 0700 directory).
-fn control_socket(
+pub(crate) fn control_socket(
     env: &dyn crate::config::Env,
 ) -> std::io::Result<(tokio::net::UnixListener, std::path::PathBuf)> {
     use std::os::unix::fs::PermissionsExt;
@@ -295,11 +293,10 @@ fn control_socket(
 
 /// Answers each connection on the control socket with one JSON snapshot
 /// of the counters; removes the socket on shutdown.
-async fn control_loop(
+pub(crate) async fn control_loop(
     l: tokio::net::UnixListener,
     path: std::path::PathBuf,
-    counters: Arc<super::status::Counters>,
-    listeners: Vec<String>,
+    snapshot: impl Fn() -> super::status::Snapshot + Send,
     stop: CancellationToken,
 ) {
     use tokio::io::AsyncWriteExt;
@@ -309,7 +306,7 @@ async fn control_loop(
             r = l.accept() => r,
         };
         let Ok((mut s, _)) = r else { continue };
-        let snap = counters.snapshot(std::process::id(), listeners.clone());
+        let snap = snapshot();
         let body = serde_json::to_vec(&snap).unwrap_or_default();
         let _ = tokio::time::timeout(Duration::from_secs(2), s.write_all(&body)).await;
     }
@@ -330,7 +327,9 @@ pub fn run_status(args: StatusArgs) -> ExitCode {
     let dir = super::status::runtime_dir(&crate::config::ProcessEnv);
     let snaps = super::status::query_all(&dir);
     if args.json {
-        let v = serde_json::json!({ "proxies": snaps });
+        let (instances, proxies): (Vec<_>, Vec<_>) =
+            snaps.into_iter().partition(|s| s.instance.is_some());
+        let v = serde_json::json!({ "proxies": proxies, "instances": instances });
         println!("{v}");
     } else {
         print!("{}", super::status::render(&snaps));

@@ -96,6 +96,11 @@ pub struct Settings {
     pub rules: crate::rules::SharedRules,
     /// Counters served to `warren status`.
     pub counters: Arc<super::status::Counters>,
+    /// A shared host-side UDP relay (namespace instances); otherwise each
+    /// association binds its own.
+    pub udp_relay: Option<Arc<crate::instance::udpmux::UdpMux>>,
+    /// Resolver for UDP targets given by name (otherwise the system's).
+    pub resolver: Option<crate::instance::dns::Resolver>,
 }
 
 fn rule_host(t: &Target) -> crate::rules::Host<'_> {
@@ -114,6 +119,8 @@ impl Default for Settings {
             idle_timeout: Duration::from_secs(300),
             rules: crate::rules::SharedRules::default(),
             counters: Arc::default(),
+            udp_relay: None,
+            resolver: None,
         }
     }
 }
@@ -274,7 +281,7 @@ async fn socks<E: Egress>(mut sock: TcpStream, peer: SocketAddr, s: &Settings, e
                 .await?;
             relay(sock, rest, out, peer, &target, s).await
         }
-        Cmd::UdpAssociate => udp_associate(sock, peer).await,
+        Cmd::UdpAssociate => udp_associate(sock, peer, &target, s).await,
     }
 }
 
@@ -300,23 +307,79 @@ async fn relay(
     Ok(())
 }
 
-/// UDP ASSOCIATE: a relay socket on the same address family as the control
-/// connection; datagrams from the client (the first source address seen)
-/// go to their targets, answers come back with the SOCKS header. The
+/// The client-facing side of a UDP association: a socket of its own, or
+/// the instance's shared host-side relay.
+enum RelayEnd {
+    Own(UdpSocket),
+    Shared(crate::instance::udpmux::Association),
+}
+
+impl RelayEnd {
+    async fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<(Vec<u8>, SocketAddr)> {
+        match self {
+            RelayEnd::Own(s) => {
+                let (n, from) = s.recv_from(buf).await?;
+                Ok((buf[..n].to_vec(), from))
+            }
+            RelayEnd::Shared(a) => a
+                .recv()
+                .await
+                .ok_or_else(|| std::io::Error::other("UDP relay closed")),
+        }
+    }
+
+    async fn send_to(&self, b: &[u8], to: SocketAddr) -> std::io::Result<usize> {
+        match self {
+            RelayEnd::Own(s) => s.send_to(b, to).await,
+            RelayEnd::Shared(a) => a.send_to(b, to).await,
+        }
+    }
+}
+
+fn unmap_v4(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => v6
+            .ip()
+            .to_ipv4_mapped()
+            .map_or(a, |v4| SocketAddr::new(IpAddr::V4(v4), v6.port())),
+        v4 => v4,
+    }
+}
+
+/// UDP ASSOCIATE: datagrams from the client (the first source address seen
+/// from its host, or the one it announced) go to their targets, answers
+/// come back with the SOCKS header. The relay is a socket of its own on
+/// the control connection's address, or the instance's shared relay. The
 /// association ends with the TCP control connection.
-async fn udp_associate(mut ctl: TcpStream, peer: SocketAddr) -> Res {
+async fn udp_associate(
+    mut ctl: TcpStream,
+    peer: SocketAddr,
+    announced: &Target,
+    s: &Settings,
+) -> Res {
     let local_ip = ctl.local_addr()?.ip();
-    let relay_sock = UdpSocket::bind(SocketAddr::new(local_ip, 0)).await?;
-    let out = UdpSocket::bind(SocketAddr::new(
-        if local_ip.is_ipv6() {
-            IpAddr::from([0u16; 8])
-        } else {
-            IpAddr::from([0u8; 4])
-        },
-        0,
-    ))
-    .await?;
-    ctl.write_all(&socks5::reply(Reply::Succeeded, relay_sock.local_addr()?))
+    let announced = match announced {
+        Target::Addr(a) if !a.ip().is_unspecified() => Some(*a),
+        _ => None,
+    };
+    let (mut relay, relay_addr) = match &s.udp_relay {
+        Some(mux) => (
+            RelayEnd::Shared(mux.register(peer.ip(), announced)),
+            mux.local_addr()?,
+        ),
+        None => {
+            let sock = UdpSocket::bind(SocketAddr::new(local_ip, 0)).await?;
+            let a = sock.local_addr()?;
+            (RelayEnd::Own(sock), a)
+        }
+    };
+    // Outbound: an IPv6 socket reaches both families where IPv6 exists.
+    let out = match UdpSocket::bind(SocketAddr::new(IpAddr::from([0u16; 8]), 0)).await {
+        Ok(o) => o,
+        Err(_) => UdpSocket::bind(SocketAddr::new(IpAddr::from([0u8; 4]), 0)).await?,
+    };
+    let out_v6 = out.local_addr()?.is_ipv6();
+    ctl.write_all(&socks5::reply(Reply::Succeeded, relay_addr))
         .await?;
     let mut client: Option<SocketAddr> = None;
     let (mut inb, mut outb) = (vec![0u8; 65_536], vec![0u8; 65_536]);
@@ -329,31 +392,46 @@ async fn udp_associate(mut ctl: TcpStream, peer: SocketAddr) -> Res {
                     return Ok(());
                 }
             }
-            r = relay_sock.recv_from(&mut inb) => {
-                let (n, from) = r?;
+            r = relay.recv(&mut inb) => {
+                let (d, from) = r?;
                 // Only the client that owns the association (same host).
+                let from = unmap_v4(from);
                 if from.ip() != peer.ip() && !(from.ip().is_loopback() && peer.ip().is_loopback()) {
                     continue;
                 }
-                client.get_or_insert(from);
-                let Ok((target, payload)) = socks5::parse_udp(&inb[..n]) else {
+                if *client.get_or_insert(from) != from {
+                    continue;
+                }
+                let Ok((target, payload)) = socks5::parse_udp(&d) else {
                     debug!(%peer, "dropped a malformed or fragmented datagram");
                     continue;
                 };
+                if s.rules.get().decide(rule_host(&target)).action == crate::rules::Action::Block {
+                    s.counters.blocked.fetch_add(1, Relaxed);
+                    continue;
+                }
                 let dst = match target {
                     Target::Addr(a) => Some(a),
-                    Target::Domain(d, p) => tokio::net::lookup_host((d.as_str(), p)).await.ok().and_then(|mut i| i.next()),
+                    Target::Domain(d, p) => match &s.resolver {
+                        Some(r) => r.lookup(&d).await.ok().and_then(|v| v.first().map(|ip| SocketAddr::new(*ip, p))),
+                        None => tokio::net::lookup_host((d.as_str(), p)).await.ok().and_then(|mut i| i.next()),
+                    },
                 };
                 if let Some(dst) = dst {
-                    let dst = if local_ip.is_ipv6() { SocketAddr::new(IpAddr::V6(match dst.ip() { IpAddr::V4(v4) => v4.to_ipv6_mapped(), IpAddr::V6(v6) => v6 }), dst.port()) } else { dst };
-                    let _ = out.send_to(payload, dst).await;
+                    let dst = match (out_v6, dst) {
+                        (true, SocketAddr::V4(v4)) => SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port()),
+                        (_, d) => d,
+                    };
+                    if out.send_to(payload, dst).await.is_ok() {
+                        s.counters.bytes_up.fetch_add(payload.len() as u64, Relaxed);
+                    }
                 }
             }
             r = out.recv_from(&mut outb) => {
                 let (n, from) = r?;
                 if let Some(c) = client {
-                    let from = match from { SocketAddr::V6(v6) => v6.ip().to_ipv4_mapped().map_or(from, |v4| SocketAddr::new(IpAddr::V4(v4), v6.port())), v4 => v4 };
-                    let _ = relay_sock.send_to(&socks5::udp_datagram(from, &outb[..n]), c).await;
+                    s.counters.bytes_down.fetch_add(n as u64, Relaxed);
+                    let _ = relay.send_to(&socks5::udp_datagram(unmap_v4(from), &outb[..n]), c).await;
                 }
             }
         }

@@ -48,6 +48,9 @@ pub struct Snapshot {
     pub bytes_up: u64,
     /// Bytes from targets to clients.
     pub bytes_down: u64,
+    /// Set when this process is a namespace instance's worker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<crate::instance::InstanceStatus>,
 }
 
 impl Counters {
@@ -62,6 +65,7 @@ impl Counters {
             connections_blocked: self.blocked.load(Relaxed),
             bytes_up: self.bytes_up.load(Relaxed),
             bytes_down: self.bytes_down.load(Relaxed),
+            instance: None,
         }
     }
 }
@@ -154,10 +158,14 @@ pub fn query_all(dir: &Path) -> Vec<Snapshot> {
 /// Text for `warren status`.
 pub fn render(snaps: &[Snapshot]) -> String {
     if snaps.is_empty() {
-        return "no warren proxy running\n".into();
+        return "no warren proxy or instance running\n".into();
     }
     let mut s = String::new();
     for p in snaps {
+        if let Some(i) = &p.instance {
+            s.push_str(&render_instance(p, i));
+            continue;
+        }
         s.push_str(&format!(
             "proxy pid {} on {}: {} connections ({} active, {} refused, {} blocked), {} bytes up, {} bytes down\n",
             p.pid,
@@ -168,6 +176,28 @@ pub fn render(snaps: &[Snapshot]) -> String {
             p.connections_blocked,
             p.bytes_up,
             p.bytes_down
+        ));
+    }
+    s
+}
+
+fn render_instance(p: &Snapshot, i: &crate::instance::InstanceStatus) -> String {
+    let mut s = format!(
+        "instance {} (worker pid {}): SOCKS5 {}, HTTP {}; {} connections ({} active)\n",
+        i.name, p.pid, i.socks, i.http, p.connections_total, p.connections_active
+    );
+    for peer in &i.peers {
+        let hs = match (peer.last_handshake_secs, peer.unreachable) {
+            (_, true) => "unreachable (no handshake for 90 s)".to_string(),
+            (Some(a), false) => format!("last handshake {a} s ago"),
+            (None, false) => "no handshake yet".to_string(),
+        };
+        s.push_str(&format!(
+            "  peer {} at {}: {hs}; {} bytes in, {} bytes out\n",
+            peer.public_key,
+            peer.endpoint.as_deref().unwrap_or("(unknown)"),
+            peer.rx_bytes,
+            peer.tx_bytes
         ));
     }
     s

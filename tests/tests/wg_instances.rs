@@ -1,0 +1,527 @@
+//! `warren up / exec / status / down` against a real WireGuard peer
+//! (wireguard-go in an exit namespace, see [`warren_tests::wgexit`]), run
+//! as an unprivileged member of the helper's group. Root is needed to set
+//! the scene (CI runs as root; these fail, never skip, there otherwise).
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use warren_tests::wgexit::WgExit;
+use warren_tests::{Helper, TestDir, as_user, bin, ids, require_root, run_limited, wait_for};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// A user's side of the scene: a private runtime directory and a copy of
+/// the exit's client file that the user owns.
+struct User {
+    dir: TestDir,
+    conf: PathBuf,
+    helper_socket: PathBuf,
+}
+
+impl User {
+    fn new(tag: &str, helper: &Helper, exit: &WgExit) -> User {
+        let dir = TestDir::new(tag);
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
+            .expect("chmod");
+        chown(dir.path());
+        let conf = dir.join("exit.conf");
+        std::fs::copy(exit.client_conf(), &conf).expect("copy conf");
+        std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        chown(&conf);
+        User {
+            dir,
+            conf,
+            helper_socket: helper.socket.clone(),
+        }
+    }
+
+    fn with_conf(&self, exit: &WgExit, file: &str) -> PathBuf {
+        let p = self.dir.join(file);
+        std::fs::copy(exit.client_conf(), &p).expect("copy conf");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        chown(&p);
+        p
+    }
+
+    /// `warren ARGS` as the test user.
+    fn warren(&self, args: &[&str]) -> Output {
+        let mut c = as_user(ids::MEMBER, ids::GROUP, &[ids::GROUP], &bin("warren"));
+        c.args(["--no-autostart"])
+            .args(args)
+            .env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .env("XDG_RUNTIME_DIR", self.dir.path())
+            .env("HOME", self.dir.path())
+            .env("WARREN_HELPER_SOCKET", &self.helper_socket)
+            .current_dir(self.dir.path());
+        run_limited(&mut c, LIMIT)
+    }
+
+    fn up(&self, name: &str, conf: &Path, socks: u16, http: u16) -> serde_json::Value {
+        let out = self.warren(&[
+            "up",
+            name,
+            "--wg",
+            conf.to_str().expect("utf-8"),
+            "--socks-port",
+            &socks.to_string(),
+            "--http-port",
+            &http.to_string(),
+            "--json",
+        ]);
+        assert!(
+            out.status.success(),
+            "warren up {name}: {}\n{}",
+            text(&out.stderr),
+            self.log(name)
+        );
+        serde_json::from_slice(&out.stdout).expect("up --json output")
+    }
+
+    fn log(&self, name: &str) -> String {
+        let p = self.dir.join(&format!("warren/instance-{name}.log"));
+        format!(
+            "---- worker log {} ----\n{}",
+            p.display(),
+            std::fs::read_to_string(&p).unwrap_or_default()
+        )
+    }
+}
+
+fn chown(p: &Path) {
+    std::os::unix::fs::chown(p, Some(ids::MEMBER), Some(ids::GROUP)).expect("chown");
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A unique instance name for this process.
+fn iname(tag: &str) -> String {
+    format!("{tag}{}", std::process::id() % 100_000)
+}
+
+/// Two currently free TCP ports on loopback.
+fn free_ports() -> (u16, u16) {
+    let a = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let b = TcpListener::bind("127.0.0.1:0").expect("bind");
+    (
+        a.local_addr().expect("addr").port(),
+        b.local_addr().expect("addr").port(),
+    )
+}
+
+fn curl(args: &[&str]) -> (bool, String, String) {
+    let out = run_limited(
+        Command::new("curl")
+            .args(["-sS", "-g", "--max-time", "8"])
+            .args(args),
+        LIMIT,
+    );
+    (out.status.success(), text(&out.stdout), text(&out.stderr))
+}
+
+fn curl_ok(args: &[&str]) -> String {
+    let (ok, out, err) = curl(args);
+    assert!(ok, "curl {args:?}: {err}");
+    out
+}
+
+fn netns_exists(name: &str) -> bool {
+    Path::new("/run/netns")
+        .join(format!("warren-{name}"))
+        .exists()
+}
+
+fn port_free(p: u16) -> bool {
+    TcpListener::bind(("127.0.0.1", p)).is_ok()
+}
+
+fn pid_alive(pid: i64) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[test]
+fn up_proxies_exec_status_and_down_through_a_wireguard_go_exit() {
+    if !require_root("up_proxies_exec_status_and_down_through_a_wireguard_go_exit") {
+        return;
+    }
+    let exit = WgExit::start("inst-main");
+    let helper = Helper::start("inst-main", &[]);
+    let user = User::new("inst-main-user", &helper, &exit);
+    let name = iname("i");
+    let (sp, hp) = free_ports();
+    let up = user.up(&name, &user.conf, sp, hp);
+    assert_eq!(up["socks"], format!("127.0.0.1:{sp}"));
+    let worker = up["worker_pid"].as_i64().expect("worker pid");
+    let socks = format!("127.0.0.1:{sp}");
+    let http = format!("http://127.0.0.1:{hp}");
+    let body = exit.http_body();
+
+    // SOCKS5 to IPv4 and IPv6 literals, socks5h names resolved by the
+    // tunnel's DNS, the HTTP proxy (absolute form and CONNECT).
+    assert_eq!(curl_ok(&["--socks5", &socks, &exit.url_v4("/")]), body);
+    assert_eq!(curl_ok(&["--socks5", &socks, &exit.url_v6("/")]), body);
+    assert_eq!(
+        curl_ok(&["--socks5-hostname", &socks, "http://exit.test/"]),
+        body
+    );
+    assert_eq!(curl_ok(&["-x", &http, "http://www.exit.test/"]), body);
+    assert_eq!(curl_ok(&["-p", "-x", &http, &exit.url_v4("/")]), body);
+    let q = exit.dns_queries();
+    assert!(
+        q.iter().any(|n| n.trim_end_matches('.') == "exit.test"),
+        "exit.test never asked at the tunnel's DNS: {q:?}"
+    );
+    assert!(
+        q.iter().any(|n| n.trim_end_matches('.') == "www.exit.test"),
+        "www.exit.test never asked: {q:?}"
+    );
+
+    // A name that does not exist fails cleanly (SOCKS error, no hang).
+    let (ok, _, _) = curl(&["--socks5-hostname", &socks, "http://nope.invalid/"]);
+    assert!(!ok);
+
+    // exec: inside the namespace, as the caller, DNS through the tunnel.
+    let out = user.warren(&["exec", &name, "--", "id", "-u"]);
+    assert!(out.status.success(), "exec id: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), ids::MEMBER.to_string());
+    let out = user.warren(&[
+        "exec",
+        &name,
+        "--",
+        "curl",
+        "-sS",
+        "--max-time",
+        "8",
+        "http://exit.test/",
+    ]);
+    assert!(out.status.success(), "exec curl: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), body);
+    let out = user.warren(&["exec", &name, "--", "sh", "-c", "exit 7"]);
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "exec returns the program's status"
+    );
+
+    // status --json: the instance, its peer, a recent handshake, bytes.
+    let out = user.warren(&["status", "--json"]);
+    assert!(out.status.success());
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
+    let inst = st["instances"]
+        .as_array()
+        .and_then(|a| a.iter().find(|i| i["instance"]["name"] == name.as_str()))
+        .unwrap_or_else(|| panic!("instance missing from status: {st}"));
+    assert_eq!(inst["pid"].as_i64(), Some(worker));
+    let peer = &inst["instance"]["peers"][0];
+    assert_eq!(peer["endpoint"], exit.endpoint().to_string());
+    assert!(
+        peer["last_handshake_secs"].as_u64().is_some_and(|s| s < 60),
+        "{peer}"
+    );
+    assert!(peer["rx_bytes"].as_u64().unwrap_or(0) > 0, "{st}");
+    assert!(peer["tx_bytes"].as_u64().unwrap_or(0) > 0, "{st}");
+    let plain = user.warren(&["status"]);
+    assert!(text(&plain.stdout).contains(&format!("instance {name}")));
+
+    // down: nothing left.
+    let out = user.warren(&["down", &name]);
+    assert!(out.status.success(), "down: {}", text(&out.stderr));
+    assert!(
+        wait_for(Duration::from_secs(5), || !pid_alive(worker)),
+        "worker still running"
+    );
+    assert!(!netns_exists(&name), "namespace left behind");
+    assert!(port_free(sp) && port_free(hp), "ports still taken");
+    let out = user.warren(&["status", "--json"]);
+    assert!(
+        !text(&out.stdout).contains(&name),
+        "status still lists {name}"
+    );
+}
+
+#[test]
+fn two_instances_reach_two_exits_at_once() {
+    if !require_root("two_instances_reach_two_exits_at_once") {
+        return;
+    }
+    let (e1, e2) = (WgExit::start("two-a"), WgExit::start("two-b"));
+    let helper = Helper::start("inst-two", &[]);
+    let user = User::new("inst-two-user", &helper, &e1);
+    let c2 = user.with_conf(&e2, "second.conf");
+    let (n1, n2) = (iname("a"), iname("b"));
+    let (s1, h1) = free_ports();
+    user.up(&n1, &user.conf, s1, h1);
+    let (s2, h2) = free_ports();
+    user.up(&n2, &c2, s2, h2);
+    let b1 = curl_ok(&[
+        "--socks5-hostname",
+        &format!("127.0.0.1:{s1}"),
+        "http://exit.test/",
+    ]);
+    let b2 = curl_ok(&[
+        "--socks5-hostname",
+        &format!("127.0.0.1:{s2}"),
+        "http://exit.test/",
+    ]);
+    assert_eq!(b1, e1.http_body());
+    assert_eq!(b2, e2.http_body());
+    assert_ne!(b1, b2);
+    let out = user.warren(&["down", "--all"]);
+    assert!(out.status.success());
+    assert!(!netns_exists(&n1) && !netns_exists(&n2));
+}
+
+#[test]
+fn killing_the_worker_removes_the_instance() {
+    if !require_root("killing_the_worker_removes_the_instance") {
+        return;
+    }
+    let exit = WgExit::start("kill");
+    let helper = Helper::start("inst-kill", &[]);
+    let user = User::new("inst-kill-user", &helper, &exit);
+    let name = iname("k");
+    let (sp, hp) = free_ports();
+    let up = user.up(&name, &user.conf, sp, hp);
+    let worker = up["worker_pid"].as_i64().expect("pid");
+    assert!(netns_exists(&name));
+    // SAFETY: kill with a pid we were given for a process we started.
+    unsafe { libc::kill(worker as i32, libc::SIGKILL) };
+    assert!(
+        wait_for(Duration::from_secs(5), || !netns_exists(&name)),
+        "namespace survived its worker"
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || port_free(sp) && port_free(hp)),
+        "ports survived the worker"
+    );
+}
+
+#[test]
+fn unreachable_peer_fails_up_clearly_and_leaves_nothing() {
+    if !require_root("unreachable_peer_fails_up_clearly_and_leaves_nothing") {
+        return;
+    }
+    let mut exit = WgExit::start("unreach");
+    exit.stop_wireguard();
+    let helper = Helper::start("inst-unreach", &[]);
+    let user = User::new("inst-unreach-user", &helper, &exit);
+    let name = iname("u");
+    let (sp, hp) = free_ports();
+    let out = user.warren(&[
+        "up",
+        &name,
+        "--wg",
+        user.conf.to_str().expect("utf-8"),
+        "--socks-port",
+        &sp.to_string(),
+        "--http-port",
+        &hp.to_string(),
+        "--timeout",
+        "1",
+    ]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("no WireGuard handshake"),
+        "unclear error: {err}"
+    );
+    assert!(
+        err.contains(&exit.endpoint().to_string()),
+        "error does not name the endpoint: {err}"
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || !netns_exists(&name)),
+        "namespace left behind"
+    );
+    assert!(port_free(sp) && port_free(hp), "ports left bound");
+}
+
+#[test]
+fn a_taken_port_is_a_clear_error_and_leaves_nothing() {
+    if !require_root("a_taken_port_is_a_clear_error_and_leaves_nothing") {
+        return;
+    }
+    let exit = WgExit::start("port");
+    let helper = Helper::start("inst-port", &[]);
+    let user = User::new("inst-port-user", &helper, &exit);
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let tp = taken.local_addr().expect("addr").port();
+    let (_, hp) = free_ports();
+    let name = iname("p");
+    let out = user.warren(&[
+        "up",
+        &name,
+        "--wg",
+        user.conf.to_str().expect("utf-8"),
+        "--socks-port",
+        &tp.to_string(),
+        "--http-port",
+        &hp.to_string(),
+    ]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!("127.0.0.1:{tp}")) && err.contains("SOCKS5"),
+        "unclear error: {err}"
+    );
+    assert!(!netns_exists(&name));
+    assert!(port_free(hp));
+}
+
+#[test]
+fn peer_restart_recovers_and_a_dead_peer_fails_socks_clients_fast() {
+    if !require_root("peer_restart_recovers_and_a_dead_peer_fails_socks_clients_fast") {
+        return;
+    }
+    let mut exit = WgExit::start("restart");
+    let helper = Helper::start("inst-restart", &[]);
+    let user = User::new("inst-restart-user", &helper, &exit);
+    let name = iname("r");
+    let (sp, hp) = free_ports();
+    user.up(&name, &user.conf, sp, hp);
+    let socks = format!("127.0.0.1:{sp}");
+    assert_eq!(
+        curl_ok(&["--socks5", &socks, &exit.url_v4("/")]),
+        exit.http_body()
+    );
+    // Peer gone: the SOCKS client gets an answer (failure), not a hang.
+    exit.stop_wireguard();
+    let t = std::time::Instant::now();
+    let (ok, _, _) = curl(&["--socks5", &socks, "--max-time", "20", &exit.url_v4("/")]);
+    assert!(!ok, "a request through a dead peer succeeded");
+    assert!(
+        t.elapsed() < Duration::from_secs(19),
+        "the SOCKS client hung until curl gave up"
+    );
+    // Peer back (new process, no session): the handshake recovers on its own.
+    exit.restart_wireguard();
+    let back = wait_for(Duration::from_secs(45), || {
+        curl(&["--socks5", &socks, "--max-time", "3", &exit.url_v4("/")]).1 == exit.http_body()
+    });
+    assert!(
+        back,
+        "no recovery after the peer restarted\n{}",
+        user.log(&name)
+    );
+    let _ = user.warren(&["down", &name]);
+}
+
+#[test]
+fn udp_associate_goes_through_the_tunnel() {
+    if !require_root("udp_associate_goes_through_the_tunnel") {
+        return;
+    }
+    let exit = WgExit::start("udp");
+    let helper = Helper::start("inst-udp", &[]);
+    let user = User::new("inst-udp-user", &helper, &exit);
+    let name = iname("d");
+    let (sp, hp) = free_ports();
+    user.up(&name, &user.conf, sp, hp);
+    let echoed = socks_udp_echo(
+        format!("127.0.0.1:{sp}").parse().expect("addr"),
+        SocketAddr::new(exit.tunnel_v4().into(), 7),
+        b"warren-udp-through-tunnel",
+    );
+    assert_eq!(echoed, b"warren-udp-through-tunnel");
+    let _ = user.warren(&["down", &name]);
+}
+
+/// One UDP ASSOCIATE round trip through a SOCKS5 server.
+fn socks_udp_echo(socks: SocketAddr, target: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    use std::io::{Read, Write};
+    let mut ctl = std::net::TcpStream::connect(socks).expect("connect socks");
+    ctl.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    ctl.write_all(&[5, 1, 0]).expect("greeting");
+    let mut b = [0u8; 2];
+    ctl.read_exact(&mut b).expect("method");
+    assert_eq!(b, [5, 0]);
+    ctl.write_all(&[5, 3, 0, 1, 0, 0, 0, 0, 0, 0])
+        .expect("associate");
+    let mut r = [0u8; 10];
+    ctl.read_exact(&mut r).expect("reply");
+    assert_eq!(r[1], 0, "associate refused: {r:?}");
+    let relay = SocketAddr::new(
+        std::net::Ipv4Addr::new(r[4], r[5], r[6], r[7]).into(),
+        u16::from_be_bytes([r[8], r[9]]),
+    );
+    let u = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    u.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let SocketAddr::V4(t) = target else {
+        panic!("v4 target")
+    };
+    let mut d = vec![0, 0, 0, 1];
+    d.extend_from_slice(&t.ip().octets());
+    d.extend_from_slice(&t.port().to_be_bytes());
+    d.extend_from_slice(payload);
+    for _ in 0..3 {
+        u.send_to(&d, relay).expect("send");
+        let mut buf = [0u8; 2048];
+        if let Ok((n, _)) = u.recv_from(&mut buf) {
+            assert!(n >= 10, "short answer");
+            return buf[10..n].to_vec();
+        }
+    }
+    panic!("no UDP answer through the association");
+}
+
+#[test]
+fn nothing_in_plaintext_leaves_on_the_exit_link() {
+    if !require_root("nothing_in_plaintext_leaves_on_the_exit_link") {
+        return;
+    }
+    let exit = WgExit::start("leak");
+    let helper = Helper::start("inst-leak", &[]);
+    let user = User::new("inst-leak-user", &helper, &exit);
+    let name = iname("l");
+    let (sp, hp) = free_ports();
+    user.up(&name, &user.conf, sp, hp);
+    let marker = format!("WARRENLEAK{}", std::process::id());
+    let pcap = user.dir.join("cap.txt");
+    let capture = |send: &dyn Fn()| -> String {
+        let mut tcpdump = warren_tests::Proc::new(
+            Command::new("tcpdump")
+                .args(["-l", "-n", "-A", "-U", "-i", exit.host_veth()])
+                .stdout(std::fs::File::create(&pcap).expect("cap file"))
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("tcpdump"),
+            None,
+        );
+        std::thread::sleep(Duration::from_millis(700));
+        send();
+        std::thread::sleep(Duration::from_millis(500));
+        tcpdump.signal(nix::sys::signal::Signal::SIGINT);
+        let _ = tcpdump.wait_timeout(Duration::from_secs(5));
+        std::fs::read_to_string(&pcap).unwrap_or_default()
+    };
+    // Negative control: the marker sent in the clear to the exit's link
+    // address is seen by the capture.
+    let seen = capture(&|| {
+        let u = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        let _ = u.send_to(marker.as_bytes(), (exit.endpoint().ip(), 9));
+    });
+    assert!(
+        seen.contains(&marker),
+        "the capture does not see plaintext; the test would prove nothing"
+    );
+    // Through the instance: only ciphertext on the link.
+    let url = exit.url_v4(&format!("/{marker}"));
+    let seen = capture(&|| {
+        let _ = curl(&["--socks5", &format!("127.0.0.1:{sp}"), &url]);
+        let _ = curl(&["-x", &format!("http://127.0.0.1:{hp}"), &url]);
+    });
+    assert!(seen.contains("UDP"), "no tunnel traffic captured at all");
+    assert!(
+        !seen.contains(&marker),
+        "plaintext marker seen on the exit link"
+    );
+    let _ = user.warren(&["down", &name]);
+}

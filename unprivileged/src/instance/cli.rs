@@ -1,0 +1,723 @@
+//! `warren up`, `warren down`, `warren exec`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use warren_ipc::instance::{ExitStatus, InstanceName, InstanceSpec, IpPrefix, SpawnSpec};
+use warren_ipc::msg::Event;
+use zeroize::Zeroizing;
+
+use super::{WorkerConfig, WorkerReport};
+use crate::autostart::{AutostartPolicy, connect_or_autostart};
+use crate::exit;
+use crate::helper_client::{ClientError, HelperClient};
+use crate::wg::conf;
+
+/// Default MTU when the file names none (wg-quick's usual choice).
+const DEFAULT_MTU: u16 = 1420;
+/// How many port pairs `up` tries from 1080/8118 upward.
+const PORT_TRIES: u16 = 100;
+
+/// Arguments of `warren up`.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "\
+Creates namespace instance NAME whose only way out is the WireGuard peer in
+FILE (wg-quick format), and serves a SOCKS5 and an HTTP proxy on the host
+whose connections leave through it. Several instances can run at once.
+Returns once the first handshake completed; the instance keeps running
+until `warren down NAME` (or, with --foreground, until Ctrl-C).
+
+Examples:
+  warren up work --wg ~/wg/work.conf
+  curl --socks5-hostname 127.0.0.1:1080 http://intranet.example/
+  warren exec work -- ssh build-host
+  warren status
+  warren down work")]
+pub struct UpArgs {
+    /// Instance name: 1-15 of a-z, 0-9 and '-'.
+    pub name: String,
+    /// The wg-quick configuration file of the exit.
+    #[arg(long, value_name = "FILE")]
+    pub wg: PathBuf,
+    /// SOCKS5 port on the host [default: the first free pair from 1080/8118 up].
+    #[arg(long, value_name = "N")]
+    pub socks_port: Option<u16>,
+    /// HTTP proxy port on the host [default: see --socks-port].
+    #[arg(long, value_name = "N")]
+    pub http_port: Option<u16>,
+    /// Address the proxies listen on (loopback clients only are served).
+    #[arg(long, default_value = "127.0.0.1", value_name = "ADDR")]
+    pub listen: std::net::IpAddr,
+    /// Seconds to wait for the first handshake.
+    #[arg(long, default_value_t = 10.0, value_name = "SECS")]
+    pub timeout: f64,
+    /// Stay attached: logs on this terminal, Ctrl-C takes the instance down.
+    #[arg(long)]
+    pub foreground: bool,
+    /// Print one JSON object on success.
+    #[arg(long)]
+    pub json: bool,
+    /// Worker logs at debug level.
+    #[arg(short, long)]
+    pub verbose: bool,
+}
+
+/// Arguments of `warren down`.
+#[derive(Debug, clap::Args)]
+pub struct DownArgs {
+    /// The instance to take down.
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    pub name: Option<String>,
+    /// Take down every instance of yours.
+    #[arg(long)]
+    pub all: bool,
+}
+
+/// Arguments of `warren exec`.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "\
+Runs CMD inside instance NAME's network namespace as yourself, with your
+terminal, environment and working directory; DNS inside is the tunnel's.
+The exit status is CMD's (128+N when killed by signal N).
+
+Example:
+  warren exec work -- curl http://intranet.example/")]
+pub struct ExecArgs {
+    /// The instance.
+    pub name: String,
+    /// The program and its arguments (after `--`).
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<String>,
+}
+
+/// How `up`, `down` and `exec` reach the helper.
+#[derive(Debug, Clone)]
+pub struct HelperTarget {
+    /// Socket path.
+    pub path: PathBuf,
+    /// Autostart policy.
+    pub policy: AutostartPolicy,
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
+fn fail(cmd: &str, msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("warren {cmd}: {msg}");
+    exit::code(exit::FAILURE)
+}
+
+/// The listeners: explicit ports, or the first free pair upward.
+fn listeners(args: &UpArgs) -> Result<(TcpListener, TcpListener), String> {
+    let ip = args.listen;
+    let bind = |p: u16, what: &str| {
+        TcpListener::bind(SocketAddr::new(ip, p))
+            .map_err(|e| format!("cannot listen on {ip}:{p} for {what}: {e}"))
+    };
+    match (args.socks_port, args.http_port) {
+        (Some(s), Some(h)) => Ok((bind(s, "SOCKS5")?, bind(h, "HTTP")?)),
+        (s, h) => {
+            for i in 0..PORT_TRIES {
+                let sp = s.unwrap_or(1080 + i);
+                let hp = h.unwrap_or(8118 + i);
+                if let (Ok(a), Ok(b)) = (
+                    TcpListener::bind(SocketAddr::new(ip, sp)),
+                    TcpListener::bind(SocketAddr::new(ip, hp)),
+                ) {
+                    return Ok((a, b));
+                }
+                if s.is_some() && h.is_some() {
+                    break;
+                }
+                if let Some(sp) = s {
+                    bind(sp, "SOCKS5")?;
+                }
+                if let Some(hp) = h {
+                    bind(hp, "HTTP")?;
+                }
+            }
+            Err(format!(
+                "no free port pair on {ip} from 1080/8118 to {}/{}; choose --socks-port and --http-port",
+                1080 + PORT_TRIES - 1,
+                8118 + PORT_TRIES - 1
+            ))
+        }
+    }
+}
+
+/// The tunnel's UDP socket in the host namespace: dual-stack when IPv6
+/// exists, on ListenPort or an ephemeral port.
+fn tunnel_socket(port: Option<u16>) -> std::io::Result<UdpSocket> {
+    let port = port.unwrap_or(0);
+    match UdpSocket::bind(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port)) {
+        Ok(s) => Ok(s),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(e),
+        Err(_) => UdpSocket::bind(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port)),
+    }
+}
+
+fn log_path(name: &str) -> PathBuf {
+    crate::proxy::status::runtime_dir(&crate::config::ProcessEnv)
+        .join(format!("instance-{name}.log"))
+}
+
+fn open_log(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(d) = path.parent() {
+        crate::proxy::status::ensure_private_dir(d)?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let s = std::fs::read_to_string(path).unwrap_or_default();
+    let v: Vec<&str> = s.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The environment the worker gets: enough to find its runtime directory
+/// and honour the tuning knobs, nothing else.
+fn worker_env() -> Vec<String> {
+    const KEEP: &[&str] = &[
+        "PATH",
+        "HOME",
+        "USER",
+        "LANG",
+        "XDG_RUNTIME_DIR",
+        "WARREN_WG_GSO",
+        "WARREN_WG_SOCKBUF",
+    ];
+    KEEP.iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| format!("{k}={v}")))
+        .collect()
+}
+
+/// Everything `up` prepared before asking the helper.
+struct Prepared {
+    name: InstanceName,
+    spec: InstanceSpec,
+    worker: Zeroizing<Vec<u8>>,
+    socks: TcpListener,
+    http: TcpListener,
+    udp: UdpSocket,
+    relay: UdpSocket,
+    endpoint_text: String,
+    socks_addr: SocketAddr,
+    http_addr: SocketAddr,
+}
+
+fn prepare(args: &UpArgs) -> Result<Prepared, (u8, String)> {
+    let name = InstanceName::new(&args.name).map_err(|e| {
+        (
+            exit::USAGE,
+            format!("instance name {:?}: {}", args.name, e.reason),
+        )
+    })?;
+    let (wg, warnings) = conf::load(&args.wg).map_err(|e| (exit::CONFIG, e.to_string()))?;
+    for w in warnings {
+        eprintln!("warren up: warning: {w}");
+    }
+    if !(0.1..=600.0).contains(&args.timeout) {
+        return Err((
+            exit::USAGE,
+            "--timeout must be between 0.1 and 600 seconds".into(),
+        ));
+    }
+    // Endpoints are resolved here, in the host namespace (the worker's
+    // own lookups would go through the tunnel that is not up yet).
+    let mut endpoints = Vec::new();
+    let mut shown = Vec::new();
+    for p in &wg.peers {
+        let ep = match &p.endpoint {
+            None => None,
+            Some(e) => {
+                let addrs = e.resolve().map_err(|err| {
+                    (
+                        exit::CONFIG,
+                        format!("{}: cannot resolve Endpoint {e}: {err}", args.wg.display()),
+                    )
+                })?;
+                let a = addrs.into_iter().next().ok_or_else(|| {
+                    (
+                        exit::CONFIG,
+                        format!("{}: Endpoint {e} has no address", args.wg.display()),
+                    )
+                })?;
+                shown.push(a.to_string());
+                Some(a)
+            }
+        };
+        endpoints.push(ep);
+    }
+    if endpoints.iter().all(Option::is_none) {
+        return Err((
+            exit::CONFIG,
+            format!(
+                "{}: no [Peer] has an Endpoint; an instance must know where its exit is",
+                args.wg.display()
+            ),
+        ));
+    }
+    let mtu = wg.interface.mtu.unwrap_or(DEFAULT_MTU);
+    let mut routes: Vec<IpPrefix> = Vec::new();
+    for p in &wg.peers {
+        for a in &p.allowed_ips {
+            if !routes.contains(a) {
+                routes.push(*a);
+            }
+        }
+    }
+    let spec = InstanceSpec::new(
+        name.clone(),
+        mtu,
+        wg.interface.addresses.clone(),
+        routes,
+        wg.interface.dns.clone(),
+    )
+    .map_err(|e| (exit::CONFIG, format!("{}: {}", args.wg.display(), e)))?;
+    let (socks, http) = listeners(args).map_err(|e| (exit::FAILURE, e))?;
+    let socks_addr = socks
+        .local_addr()
+        .map_err(|e| (exit::FAILURE, e.to_string()))?;
+    let http_addr = http
+        .local_addr()
+        .map_err(|e| (exit::FAILURE, e.to_string()))?;
+    let udp = tunnel_socket(wg.interface.listen_port).map_err(|e| {
+        (
+            exit::FAILURE,
+            format!(
+                "cannot bind the tunnel's UDP socket (ListenPort {:?}): {e}",
+                wg.interface.listen_port
+            ),
+        )
+    })?;
+    let relay = UdpSocket::bind(SocketAddr::new(args.listen, 0)).map_err(|e| {
+        (
+            exit::FAILURE,
+            format!("cannot bind the SOCKS5 UDP relay on {}: {e}", args.listen),
+        )
+    })?;
+    let cfg = WorkerConfig {
+        name: name.to_string(),
+        wg,
+        endpoints,
+        mtu,
+        handshake_timeout_ms: (args.timeout * 1000.0) as u64,
+        socks: socks_addr,
+        http: http_addr,
+        connect_timeout_ms: 10_000,
+        max_connections: 10_000,
+        verbose: args.verbose,
+    };
+    let mut worker =
+        Zeroizing::new(serde_json::to_vec(&cfg).map_err(|e| (exit::FAILURE, e.to_string()))?);
+    worker.push(b'\n');
+    Ok(Prepared {
+        name,
+        spec,
+        worker,
+        socks,
+        http,
+        udp,
+        relay,
+        endpoint_text: shown.join(", "),
+        socks_addr,
+        http_addr,
+    })
+}
+
+/// Runs `warren up`.
+pub fn run_up(args: UpArgs, target: HelperTarget) -> ExitCode {
+    let started = Instant::now();
+    let p = match prepare(&args) {
+        Ok(p) => p,
+        Err((code, msg)) => {
+            eprintln!("warren up: {msg}");
+            return exit::code(code);
+        }
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => return fail("up", format!("cannot start the async runtime: {e}")),
+    };
+    rt.block_on(up(args, target, p, started))
+}
+
+async fn up(args: UpArgs, target: HelperTarget, p: Prepared, started: Instant) -> ExitCode {
+    let mut helper = match connect_or_autostart(&target.path, &target.policy).await {
+        Ok(h) => h,
+        Err(e) => return crate::cli::report_client_error(&e),
+    };
+    let (_info, tun) = match helper.create_instance(p.spec.clone()).await {
+        Ok(x) => x,
+        Err(e) => return crate::cli::report_client_error(&e),
+    };
+    // From here on, any failure must take the instance down again.
+    match launch(&args, &mut helper, &p, tun).await {
+        Ok((pid, handshake_ms)) => {
+            let total = started.elapsed();
+            if args.json {
+                let v = serde_json::json!({
+                    "name": p.name.as_str(),
+                    "socks": p.socks_addr.to_string(),
+                    "http": p.http_addr.to_string(),
+                    "endpoint": p.endpoint_text,
+                    "worker_pid": pid,
+                    "handshake_ms": handshake_ms,
+                    "up_ms": total.as_secs_f64() * 1000.0,
+                });
+                println!("{v}");
+            } else {
+                println!(
+                    "{} is up: SOCKS5 {}, HTTP {}; exit {} (handshake after {} ms, {:.1} ms in all)",
+                    p.name,
+                    p.socks_addr,
+                    p.http_addr,
+                    p.endpoint_text,
+                    handshake_ms,
+                    total.as_secs_f64() * 1000.0
+                );
+                if !args.foreground {
+                    println!(
+                        "  try: curl --socks5-hostname {} http://.../   |   warren exec {} -- CMD   |   warren down {}",
+                        p.socks_addr, p.name, p.name
+                    );
+                }
+            }
+            let _ = std::io::stdout().flush();
+            if args.foreground {
+                return foreground(&mut helper, &p.name, pid).await;
+            }
+            exit::code(exit::OK)
+        }
+        Err((pid, msg)) => {
+            let _ = helper.destroy_instance(&p.name).await;
+            // Return only once the worker is gone, so its listeners are
+            // closed when the caller sees the failure.
+            if let Some(pid) = pid {
+                let _ = tokio::time::timeout(Duration::from_secs(3), async {
+                    loop {
+                        match helper.next_event().await {
+                            Ok(Event::Exited { pid: p, .. }) if p == pid => break,
+                            Ok(_) => {}
+                            Err(_) => break,
+                        }
+                    }
+                })
+                .await;
+            }
+            eprintln!("warren up: {msg}");
+            exit::code(exit::FAILURE)
+        }
+    }
+}
+
+/// Spawns the worker and waits for its report.
+async fn launch(
+    args: &UpArgs,
+    helper: &mut HelperClient,
+    p: &Prepared,
+    tun: OwnedFd,
+) -> Result<(i32, u64), (Option<i32>, String)> {
+    let pid = std::cell::Cell::new(None);
+    launch_inner(args, helper, p, tun, &pid)
+        .await
+        .map_err(|e| (pid.get(), e))
+}
+
+async fn launch_inner(
+    args: &UpArgs,
+    helper: &mut HelperClient,
+    p: &Prepared,
+    tun: OwnedFd,
+    spawned: &std::cell::Cell<Option<i32>>,
+) -> Result<(i32, u64), String> {
+    let (mut ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
+    let log = log_path(p.name.as_str());
+    let log_file = if args.foreground {
+        None
+    } else {
+        Some(open_log(&log).map_err(|e| format!("cannot open the log {}: {e}", log.display()))?)
+    };
+    let stderr = std::io::stderr();
+    let (out1, out2): (BorrowedFd<'_>, BorrowedFd<'_>) = match &log_file {
+        Some(f) => (f.as_fd(), f.as_fd()),
+        None => (stderr.as_fd(), stderr.as_fd()),
+    };
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find the warren binary: {e}"))?;
+    let spec = SpawnSpec {
+        instance: p.name.clone(),
+        argv: vec![exe.to_string_lossy().into_owned(), "instance-worker".into()],
+        env: worker_env(),
+        cwd: "/".into(),
+        n_fds: 0,
+        private_resolv: true,
+        bind_lease: true,
+    };
+    let fds = [
+        theirs.as_fd(),
+        out1,
+        out2,
+        tun.as_fd(),
+        p.udp.as_fd(),
+        p.socks.as_fd(),
+        p.http.as_fd(),
+        p.relay.as_fd(),
+    ];
+    let pid = helper
+        .spawn(spec, &fds)
+        .await
+        .map_err(|e| format!("cannot start the worker: {e}"))?;
+    spawned.set(Some(pid));
+    drop(theirs);
+    drop(tun);
+    ours.write_all(&p.worker)
+        .map_err(|e| format!("cannot configure the worker: {e}"))?;
+    // The report, read on a thread (a blocking read of at most a line).
+    let wait = Duration::from_secs_f64(args.timeout) + Duration::from_secs(5);
+    ours.set_read_timeout(Some(wait))
+        .map_err(|e| e.to_string())?;
+    let reader = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut line = String::new();
+        BufReader::new((&ours).take(64 * 1024))
+            .read_line(&mut line)
+            .map(|_| line)
+    });
+    let line = match reader.await {
+        Ok(Ok(l)) => l,
+        Ok(Err(e)) => {
+            return Err(format!(
+                "the worker did not answer: {e}{}",
+                log_hint(&log, args.foreground)
+            ));
+        }
+        Err(e) => return Err(format!("waiting for the worker: {e}")),
+    };
+    match serde_json::from_str::<WorkerReport>(line.trim()) {
+        Ok(WorkerReport::Ready { handshake_ms }) => Ok((pid, handshake_ms)),
+        Ok(WorkerReport::Failed { reason }) => Err(reason),
+        Err(_) if line.is_empty() => Err(format!(
+            "the worker exited before the tunnel came up{}",
+            log_hint(&log, args.foreground)
+        )),
+        Err(e) => Err(format!("the worker answered garbage ({e})")),
+    }
+}
+
+fn log_hint(log: &Path, foreground: bool) -> String {
+    if foreground {
+        return String::new();
+    }
+    let t = tail(log, 5);
+    if t.is_empty() {
+        format!(" (log: {})", log.display())
+    } else {
+        format!("; last lines of {}:\n{t}", log.display())
+    }
+}
+
+async fn foreground(helper: &mut HelperClient, name: &InstanceName, pid: i32) -> ExitCode {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return fail("up", "cannot install signal handlers");
+    };
+    loop {
+        tokio::select! {
+            _ = int.recv() => break,
+            _ = term.recv() => break,
+            ev = helper.next_event() => match ev {
+                Ok(Event::Exited { pid: p, status }) if p == pid => {
+                    eprintln!("warren up: the worker ended ({status:?}); {name} is down");
+                    return exit::code(exit::FAILURE);
+                }
+                Ok(_) => {}
+                Err(e) => return crate::cli::report_client_error(&e),
+            }
+        }
+    }
+    match helper.destroy_instance(name).await {
+        Ok(()) => {
+            eprintln!("warren up: {name} is down");
+            exit::code(exit::OK)
+        }
+        Err(e) => crate::cli::report_client_error(&e),
+    }
+}
+
+/// Runs `warren down`.
+pub fn run_down(args: DownArgs, target: HelperTarget) -> ExitCode {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => return fail("down", format!("cannot start the async runtime: {e}")),
+    };
+    rt.block_on(async move {
+        // No helper running means no instance: nothing to start it for.
+        let mut helper = match HelperClient::connect(&target.path).await {
+            Ok(h) => h,
+            Err(ClientError::NoSocket(_) | ClientError::NotListening(_)) => {
+                return if args.all {
+                    exit::code(exit::OK)
+                } else {
+                    fail(
+                        "down",
+                        format!(
+                            "no instance {}: the helper is not running",
+                            args.name.unwrap_or_default()
+                        ),
+                    )
+                };
+            }
+            Err(e) => return crate::cli::report_client_error(&e),
+        };
+        let list = match helper.list_instances().await {
+            Ok(l) => l,
+            Err(e) => return crate::cli::report_client_error(&e),
+        };
+        let names: Vec<InstanceName> = if args.all {
+            let me = nix::unistd::getuid().as_raw();
+            list.iter()
+                .filter(|i| i.owner_uid == me)
+                .map(|i| i.name.clone())
+                .collect()
+        } else {
+            let raw = args.name.unwrap_or_default();
+            let n = match InstanceName::new(&raw) {
+                Ok(n) => n,
+                Err(e) => {
+                    eprintln!("warren down: instance name {raw:?}: {}", e.reason);
+                    return exit::code(exit::USAGE);
+                }
+            };
+            if !list.iter().any(|i| i.name == n) {
+                return fail("down", format!("no instance {n} (see `warren status`)"));
+            }
+            vec![n]
+        };
+        let dir = crate::proxy::status::runtime_dir(&crate::config::ProcessEnv);
+        let mut code = exit::code(exit::OK);
+        for n in names {
+            let worker = list.iter().find(|i| i.name == n).and_then(|i| {
+                i.lease
+                    .strip_prefix("worker ")
+                    .and_then(|p| p.parse::<u32>().ok())
+            });
+            match helper.destroy_instance(&n).await {
+                Ok(()) => {
+                    if let Some(pid) = worker {
+                        let _ = std::fs::remove_file(dir.join(format!("proxy-{pid}.sock")));
+                    }
+                    println!("{n} is down");
+                }
+                Err(e) => code = crate::cli::report_client_error(&e),
+            }
+        }
+        code
+    })
+}
+
+/// Runs `warren exec`.
+pub fn run_exec(args: ExecArgs, target: HelperTarget) -> ExitCode {
+    let name = match InstanceName::new(&args.name) {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("warren exec: instance name {:?}: {}", args.name, e.reason);
+            return exit::code(exit::USAGE);
+        }
+    };
+    let cwd = std::env::current_dir()
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "/".into());
+    let env: Vec<String> = std::env::vars_os()
+        .filter_map(|(k, v)| Some(format!("{}={}", k.to_str()?, v.to_str()?)))
+        .filter(|e| e.len() < warren_ipc::instance::MAX_ARG_LEN)
+        .take(warren_ipc::instance::MAX_ARGS)
+        .collect();
+    let spec = SpawnSpec {
+        instance: name.clone(),
+        argv: args.command,
+        env,
+        cwd,
+        n_fds: 0,
+        private_resolv: true,
+        bind_lease: false,
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => return fail("exec", format!("cannot start the async runtime: {e}")),
+    };
+    rt.block_on(async move {
+        let mut helper = match HelperClient::connect(&target.path).await {
+            Ok(h) => h,
+            Err(ClientError::NoSocket(_) | ClientError::NotListening(_)) => {
+                return fail(
+                    "exec",
+                    format!("no instance {name}: the helper is not running"),
+                );
+            }
+            Err(e) => return crate::cli::report_client_error(&e),
+        };
+        let (i, o, e) = (std::io::stdin(), std::io::stdout(), std::io::stderr());
+        let pid = match helper.spawn(spec, &[i.as_fd(), o.as_fd(), e.as_fd()]).await {
+            Ok(pid) => pid,
+            Err(err) => return crate::cli::report_client_error(&err),
+        };
+        // The program runs as us, so we may signal it ourselves: what the
+        // terminal sends us, it gets.
+        use tokio::signal::unix::{SignalKind, signal};
+        let kinds = [
+            (SignalKind::interrupt(), libc::SIGINT),
+            (SignalKind::terminate(), libc::SIGTERM),
+            (SignalKind::hangup(), libc::SIGHUP),
+            (SignalKind::quit(), libc::SIGQUIT),
+        ];
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<i32>(8);
+        for (k, n) in kinds {
+            if let Ok(mut s) = signal(k) {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    while s.recv().await.is_some() {
+                        let _ = tx.send(n).await;
+                    }
+                });
+            }
+        }
+        loop {
+            tokio::select! {
+                Some(sig) = rx.recv() => {
+                    // SAFETY: kill has no memory-safety preconditions.
+                    unsafe { libc::kill(pid, sig) };
+                }
+                ev = helper.next_event() => match ev {
+                    Ok(Event::Exited { pid: p, status }) if p == pid => {
+                        return match status {
+                            ExitStatus::Code(c) => ExitCode::from(c.clamp(0, 255) as u8),
+                            ExitStatus::Signal(s) => ExitCode::from((128 + s).clamp(0, 255) as u8),
+                        };
+                    }
+                    Ok(Event::InstanceGone { .. }) => {
+                        return fail("exec", format!("instance {name} went away"));
+                    }
+                    Ok(_) => {}
+                    Err(err) => return crate::cli::report_client_error(&err),
+                }
+            }
+        }
+    })
+}

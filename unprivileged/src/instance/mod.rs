@@ -1,0 +1,120 @@
+//! Namespace instances: `warren up`, `down`, `exec`, and the worker that
+//! runs inside each instance.
+//!
+//! `warren up NAME --wg FILE` (the client, in the host namespace) binds the
+//! SOCKS5 and HTTP listeners, the SOCKS5 UDP relay socket and the tunnel's
+//! UDP socket, asks the helper for the instance (a namespace with a TUN),
+//! and has the helper spawn the worker in it as the calling user with
+//! those descriptors. The configuration, keys included, goes to the worker
+//! over a socket pair (never argv or environment); the worker answers once
+//! the first handshake completed. The worker holds the instance's lease:
+//! when it exits, however it exits, the helper removes the namespace.
+//!
+//! Descriptors of a worker (see [`worker`]):
+//!
+//! | fd | what |
+//! |----|------|
+//! | 0 | control socket (config in, readiness out) |
+//! | 1, 2 | log file |
+//! | 3 | TUN device |
+//! | 4 | tunnel UDP socket (host namespace) |
+//! | 5 | SOCKS5 listener (host namespace) |
+//! | 6 | HTTP listener (host namespace) |
+//! | 7 | SOCKS5 UDP relay socket (host namespace) |
+
+pub mod cli;
+pub mod dns;
+pub mod udpmux;
+pub mod worker;
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::wg::conf::WgConfig;
+
+/// Descriptor numbers in the worker.
+pub mod fds {
+    /// Control socket.
+    pub const CONTROL: i32 = 0;
+    /// TUN device.
+    pub const TUN: i32 = 3;
+    /// Tunnel UDP socket.
+    pub const UDP: i32 = 4;
+    /// SOCKS5 listener.
+    pub const SOCKS: i32 = 5;
+    /// HTTP listener.
+    pub const HTTP: i32 = 6;
+    /// SOCKS5 UDP relay socket.
+    pub const RELAY: i32 = 7;
+}
+
+/// What `warren up` sends the worker (one JSON line).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerConfig {
+    /// Instance name.
+    pub name: String,
+    /// The parsed wg-quick file, keys included.
+    pub wg: WgConfig,
+    /// Each peer's endpoint, resolved in the host namespace.
+    pub endpoints: Vec<Option<SocketAddr>>,
+    /// The TUN's MTU.
+    pub mtu: u16,
+    /// How long to wait for the first handshake.
+    pub handshake_timeout_ms: u64,
+    /// The listeners, for status output.
+    pub socks: SocketAddr,
+    /// The HTTP listener.
+    pub http: SocketAddr,
+    /// Connect timeout for proxied connections.
+    pub connect_timeout_ms: u64,
+    /// Most simultaneous proxied connections.
+    pub max_connections: usize,
+    /// Log at debug level.
+    pub verbose: bool,
+}
+
+/// The worker's answer on the control socket (one JSON line).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum WorkerReport {
+    /// The first handshake completed after this many ms.
+    Ready {
+        /// Time from the engine's start to the completed handshake.
+        handshake_ms: u64,
+    },
+    /// The worker gives up.
+    Failed {
+        /// Why, for the user.
+        reason: String,
+    },
+}
+
+/// What `warren status` shows of an instance.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InstanceStatus {
+    /// Its name.
+    pub name: String,
+    /// SOCKS5 listener.
+    pub socks: String,
+    /// HTTP listener.
+    pub http: String,
+    /// Its peers.
+    pub peers: Vec<PeerStatus>,
+}
+
+/// A peer in [`InstanceStatus`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PeerStatus {
+    /// Public key (base64).
+    pub public_key: String,
+    /// Current endpoint.
+    pub endpoint: Option<String>,
+    /// Seconds since the last completed handshake; none yet if absent.
+    pub last_handshake_secs: Option<u64>,
+    /// Inner bytes received from the peer.
+    pub rx_bytes: u64,
+    /// Inner bytes sent to the peer.
+    pub tx_bytes: u64,
+    /// No handshake for 90 s: the peer is unreachable.
+    pub unreachable: bool,
+}

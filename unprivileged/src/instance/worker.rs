@@ -1,0 +1,410 @@
+//! The instance worker (`warren instance-worker`, started by the helper
+//! inside the instance's namespace as the user; never by hand).
+//!
+//! It reads its configuration from the control socket (fd 0), runs the
+//! WireGuard engine on its own thread, reports readiness once the first
+//! handshake completed, then serves SOCKS5 and HTTP on the inherited
+//! host-side listeners. Its outbound connections are made inside the
+//! namespace, so they leave through the TUN and the tunnel.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+use zeroize::{Zeroize, Zeroizing};
+
+use super::dns::Resolver;
+use super::{InstanceStatus, PeerStatus, WorkerConfig, WorkerReport, fds};
+use crate::exit;
+use crate::proxy::server::{Access, Egress, Protocol, Settings, serve};
+use crate::transport::wire::Target;
+use crate::wg::engine::{Engine, EngineConfig, EngineStats, PeerSpec};
+
+/// Largest configuration accepted on the control socket.
+const MAX_CONFIG: u64 = 1 << 20;
+
+/// Outbound connections from inside the namespace; names resolved by the
+/// tunnel's DNS servers.
+#[derive(Debug, Clone)]
+pub struct TunnelEgress {
+    /// The resolver.
+    pub dns: Resolver,
+    /// Connect timeout (DNS included).
+    pub timeout: Duration,
+}
+
+impl Egress for TunnelEgress {
+    async fn connect(&self, target: &Target) -> std::io::Result<TcpStream> {
+        let fut = async {
+            match target {
+                Target::Addr(a) => TcpStream::connect(a).await,
+                Target::Domain(d, p) => {
+                    let addrs = self.dns.lookup(d).await?;
+                    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
+                    for ip in addrs {
+                        match TcpStream::connect(SocketAddr::new(ip, *p)).await {
+                            Ok(s) => return Ok(s),
+                            Err(e) => last = e,
+                        }
+                    }
+                    Err(last)
+                }
+            }
+        };
+        tokio::time::timeout(self.timeout, fut)
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+    }
+}
+
+/// Takes ownership of an inherited descriptor after checking it is open.
+fn inherit(fd: RawFd, what: &str) -> Result<OwnedFd, String> {
+    // SAFETY: F_GETFD only queries the descriptor table.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(format!(
+            "descriptor {fd} ({what}) is missing: the worker is started by `warren up` through the helper, not by hand"
+        ));
+    }
+    // SAFETY: the helper placed this descriptor for us at exec; nothing
+    // else in this process owns it, and it is taken exactly once.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // Not inherited by anything this process might start.
+    // SAFETY: sets FD_CLOEXEC on an open descriptor.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    Ok(owned)
+}
+
+fn report(ctl: &mut UnixStream, r: &WorkerReport) {
+    let mut line = serde_json::to_vec(r).unwrap_or_default();
+    line.push(b'\n');
+    let _ = ctl.write_all(&line);
+}
+
+fn read_config(ctl: &mut UnixStream) -> Result<WorkerConfig, String> {
+    ctl.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let mut line = Zeroizing::new(Vec::new());
+    BufReader::new(ctl.take(MAX_CONFIG))
+        .read_until(b'\n', &mut line)
+        .map_err(|e| format!("reading the configuration: {e}"))?;
+    let cfg = serde_json::from_slice(&line).map_err(|e| format!("bad configuration: {e}"));
+    line.zeroize();
+    cfg
+}
+
+/// Runs the worker; never returns while the instance is up.
+pub fn run() -> ExitCode {
+    let ctl = match inherit(fds::CONTROL, "control socket") {
+        Ok(fd) => UnixStream::from(fd),
+        Err(e) => {
+            eprintln!("warren instance-worker: {e}");
+            return exit::code(exit::USAGE);
+        }
+    };
+    let mut ctl = ctl;
+    let cfg = match read_config(&mut ctl) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("warren instance-worker: {e}");
+            report(&mut ctl, &WorkerReport::Failed { reason: e });
+            return exit::code(exit::FAILURE);
+        }
+    };
+    crate::cli::init_logging(cfg.verbose);
+    match start(cfg, ctl) {
+        Ok(code) => code,
+        Err(e) => {
+            error!("{e}");
+            exit::code(exit::FAILURE)
+        }
+    }
+}
+
+fn start(cfg: WorkerConfig, mut ctl: UnixStream) -> Result<ExitCode, String> {
+    let taken = (|| {
+        Ok::<_, String>((
+            inherit(fds::TUN, "TUN")?,
+            inherit(fds::UDP, "tunnel UDP socket")?,
+            inherit(fds::SOCKS, "SOCKS5 listener")?,
+            inherit(fds::HTTP, "HTTP listener")?,
+            inherit(fds::RELAY, "UDP relay socket")?,
+        ))
+    })();
+    let (tun, udp, socks, http, relay) = match taken {
+        Ok(x) => x,
+        Err(e) => {
+            report(&mut ctl, &WorkerReport::Failed { reason: e.clone() });
+            return Err(e);
+        }
+    };
+    let peers: Vec<PeerSpec> = cfg
+        .wg
+        .peers
+        .iter()
+        .zip(cfg.endpoints.iter().chain(std::iter::repeat(&None)))
+        .map(|(p, ep)| PeerSpec {
+            public_key: p.public_key.0,
+            preshared_key: p
+                .preshared_key
+                .as_ref()
+                .map(|k| Zeroizing::new(*k.as_bytes())),
+            endpoint: *ep,
+            allowed_ips: p.allowed_ips.clone(),
+            keepalive: p.persistent_keepalive,
+        })
+        .collect();
+    let mut ecfg = EngineConfig {
+        private_key: Zeroizing::new(*cfg.wg.interface.private_key.as_bytes()),
+        peers,
+        mtu: cfg.mtu,
+        gso: true,
+        socket_buffer: 4 << 20,
+    };
+    ecfg.tuning_from_env();
+    let udp = std::net::UdpSocket::from(udp);
+    let (engine, engine_stop, stats) = match Engine::new(ecfg, tun, udp) {
+        Ok(x) => x,
+        Err(e) => {
+            let reason = format!("cannot start the WireGuard engine: {e}");
+            report(
+                &mut ctl,
+                &WorkerReport::Failed {
+                    reason: reason.clone(),
+                },
+            );
+            return Err(reason);
+        }
+    };
+    let started = Instant::now();
+    let engine_thread = std::thread::Builder::new()
+        .name("wg-engine".into())
+        .spawn(move || {
+            if let Err(e) = engine.run() {
+                // The instance is useless without its engine: exit, and the
+                // helper removes the namespace.
+                error!(error = %e, "WireGuard engine failed; stopping the instance");
+                std::process::exit(1);
+            }
+        })
+        .map_err(|e| format!("cannot start the engine thread: {e}"))?;
+    // Wait for the first completed handshake.
+    let deadline = started + Duration::from_millis(cfg.handshake_timeout_ms);
+    loop {
+        if stats.last_handshake_age().is_some() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            let eps: Vec<String> = cfg
+                .endpoints
+                .iter()
+                .flatten()
+                .map(ToString::to_string)
+                .collect();
+            let reason = format!(
+                "no WireGuard handshake with {} within {:.1} s: the peer is unreachable, not running, or does not know this key (check Endpoint, PublicKey and that the peer lists this client's public key {})",
+                if eps.is_empty() {
+                    "the peer".to_string()
+                } else {
+                    eps.join(", ")
+                },
+                cfg.handshake_timeout_ms as f64 / 1000.0,
+                cfg.wg.public_key()
+            );
+            report(
+                &mut ctl,
+                &WorkerReport::Failed {
+                    reason: reason.clone(),
+                },
+            );
+            engine_stop.stop();
+            let _ = engine_thread.join();
+            return Err(reason);
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    let handshake_ms = started.elapsed().as_millis() as u64;
+    info!(instance = %cfg.name, handshake_ms, "first handshake completed");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    let code = rt.block_on(serve_instance(
+        cfg,
+        ctl,
+        socks,
+        http,
+        relay,
+        stats,
+        handshake_ms,
+    ));
+    engine_stop.stop();
+    let _ = engine_thread.join();
+    Ok(code)
+}
+
+async fn serve_instance(
+    cfg: WorkerConfig,
+    mut ctl: UnixStream,
+    socks: OwnedFd,
+    http: OwnedFd,
+    relay: OwnedFd,
+    stats: Arc<EngineStats>,
+    handshake_ms: u64,
+) -> ExitCode {
+    let listen = |fd: OwnedFd| {
+        let l = std::net::TcpListener::from(fd);
+        l.set_nonblocking(true)?;
+        tokio::net::TcpListener::from_std(l)
+    };
+    let (socks_l, http_l) = match (listen(socks), listen(http)) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => {
+            let reason = format!("inherited listeners unusable: {e}");
+            report(
+                &mut ctl,
+                &WorkerReport::Failed {
+                    reason: reason.clone(),
+                },
+            );
+            error!("{reason}");
+            return exit::code(exit::FAILURE);
+        }
+    };
+    let relay = match super::udpmux::UdpMux::from_fd(relay) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            warn!(error = %e, "no UDP relay socket: SOCKS5 UDP ASSOCIATE is refused");
+            None
+        }
+    };
+    let dns = Resolver::new(
+        cfg.wg.interface.dns.clone(),
+        cfg.wg.interface.dns_search.clone(),
+    );
+    let egress = Arc::new(TunnelEgress {
+        dns: dns.clone(),
+        timeout: Duration::from_millis(cfg.connect_timeout_ms.max(100)),
+    });
+    let loopback: Vec<(IpAddr, u8)> = vec![
+        (IpAddr::from([127, 0, 0, 0]), 8),
+        (IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1]), 128),
+    ];
+    let settings = Arc::new(Settings {
+        access: Access {
+            allow: loopback,
+            credentials: None,
+        },
+        max_connections: cfg.max_connections.max(1),
+        udp_relay: relay,
+        resolver: Some(dns),
+        ..Settings::default()
+    });
+    let stop = CancellationToken::new();
+    let tasks = vec![
+        tokio::spawn(serve(
+            socks_l,
+            Protocol::Socks5,
+            settings.clone(),
+            egress.clone(),
+            stop.clone(),
+        )),
+        tokio::spawn(serve(
+            http_l,
+            Protocol::Http,
+            settings.clone(),
+            egress,
+            stop.clone(),
+        )),
+    ];
+    let env = crate::config::ProcessEnv;
+    let control = match crate::proxy::cli::control_socket(&env) {
+        Ok((l, path)) => {
+            let counters = settings.counters.clone();
+            let (name, socks_s, http_s) = (
+                cfg.name.clone(),
+                cfg.socks.to_string(),
+                cfg.http.to_string(),
+            );
+            let stats = stats.clone();
+            let snap = move || {
+                let mut s =
+                    counters.snapshot(std::process::id(), vec![socks_s.clone(), http_s.clone()]);
+                s.instance = Some(instance_status(&name, &socks_s, &http_s, &stats));
+                s
+            };
+            Some(tokio::spawn(crate::proxy::cli::control_loop(
+                l,
+                path,
+                snap,
+                stop.clone(),
+            )))
+        }
+        Err(e) => {
+            warn!(error = %e, "no control socket; `warren status` will not see this instance");
+            None
+        }
+    };
+    report(&mut ctl, &WorkerReport::Ready { handshake_ms });
+    drop(ctl);
+    info!(instance = %cfg.name, socks = %cfg.socks, http = %cfg.http, "instance serving");
+    use tokio::signal::unix::{SignalKind, signal};
+    if let (Ok(mut t), Ok(mut i)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
+    }
+    info!("stopping");
+    stop.cancel();
+    // Live connections get a short grace period; the namespace goes away
+    // with this process anyway.
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        for t in tasks {
+            let _ = t.await;
+        }
+    })
+    .await;
+    if let Some(c) = control {
+        let _ = c.await;
+    }
+    exit::code(exit::OK)
+}
+
+fn instance_status(name: &str, socks: &str, http: &str, stats: &EngineStats) -> InstanceStatus {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    InstanceStatus {
+        name: name.into(),
+        socks: socks.into(),
+        http: http.into(),
+        peers: stats
+            .peers
+            .iter()
+            .map(|p| {
+                let hs = p.last_handshake_ms.load(Relaxed);
+                PeerStatus {
+                    public_key: p.public_key.clone(),
+                    endpoint: p
+                        .endpoint
+                        .lock()
+                        .ok()
+                        .and_then(|g| g.map(|a| a.to_string())),
+                    last_handshake_secs: (hs > 0).then(|| now.saturating_sub(hs) / 1000),
+                    rx_bytes: p.rx_bytes.load(Relaxed),
+                    tx_bytes: p.tx_bytes.load(Relaxed),
+                    unreachable: p.expired.load(Relaxed),
+                }
+            })
+            .collect(),
+    }
+}

@@ -1,0 +1,5 @@
+//! WireGuard: the wg-quick file format ([`conf`]) and the userspace engine
+//! around boringtun's `Tunn` ([`engine`]).
+
+pub mod conf;
+pub mod engine;
