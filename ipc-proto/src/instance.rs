@@ -12,6 +12,9 @@ use thiserror::Error;
 
 /// Most addresses, routes or DNS servers in one request.
 pub const MAX_LIST: usize = 32;
+/// Most routes in one request (wg-quick files that carve private ranges
+/// out of `0.0.0.0/0` list a few hundred prefixes).
+pub const MAX_ROUTES: usize = 1024;
 /// Most arguments, environment entries or bytes of one of them in a spawn.
 pub const MAX_ARGS: usize = 256;
 /// Longest argument, environment entry or path in a spawn.
@@ -211,13 +214,13 @@ impl InstanceSpec {
         if addresses.is_empty() {
             return Err(invalid("addresses", "at least one address is needed"));
         }
-        for (field, n) in [
-            ("addresses", addresses.len()),
-            ("routes", routes.len()),
-            ("dns", dns.len()),
+        for (field, n, max) in [
+            ("addresses", addresses.len(), MAX_LIST),
+            ("routes", routes.len(), MAX_ROUTES),
+            ("dns", dns.len(), MAX_LIST),
         ] {
-            if n > MAX_LIST {
-                return Err(invalid(field, format!("at most {MAX_LIST} entries")));
+            if n > max {
+                return Err(invalid(field, format!("at most {max} entries")));
             }
         }
         if mtu < 1280 && addresses.iter().any(|a| a.addr().is_ipv6()) {

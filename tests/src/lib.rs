@@ -353,3 +353,42 @@ impl Drop for TestNs {
             .output();
     }
 }
+
+/// Starts the helper inside the lab host, with the lab's resolv.conf bound
+/// over /etc/resolv.conf in a private mount namespace.
+pub fn start_lab_helper(
+    host: &TestNs,
+    resolv: &std::path::Path,
+    sock: &std::path::Path,
+    log: &std::path::Path,
+) -> Proc {
+    let script = format!(
+        "mount --bind {resolv} /etc/resolv.conf && exec ip netns exec {ns} {helper} serve --socket {sock} --group 60100 --config /nonexistent/x.toml",
+        resolv = resolv.display(),
+        ns = host.name,
+        helper = bin("warren-helper").display(),
+        sock = sock.display()
+    );
+    let child = Command::new("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .stderr(std::fs::File::create(log).expect("log"))
+        .spawn()
+        .expect("helper in the lab host");
+    let helper = Proc::new(child, Some(log.to_path_buf()));
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            std::os::unix::net::UnixStream::connect(sock).is_ok()
+        }),
+        "{}",
+        helper.log()
+    );
+    helper
+}

@@ -807,6 +807,22 @@ impl WgExit {
         v4(self.k, 1)
     }
 
+    /// Moves the host side of the exit's link (with its address) into
+    /// network namespace `ns`, which then plays the host that reaches the
+    /// exit (for full-host tunnel tests, where the real host must not be
+    /// rerouted).
+    pub fn move_uplink_to(&mut self, ns: &str) {
+        let a = format!("{}/30", self.host_addr());
+        ip(&["link", "set", &self.host_veth, "netns", ns]);
+        ip(&["-n", ns, "addr", "add", &a, "dev", &self.host_veth]);
+        ip(&["-n", ns, "link", "set", &self.host_veth, "up"]);
+        ip(&["-n", ns, "link", "set", "lo", "up"]);
+        self._host_link = Link {
+            netns: Some(ns.to_string()),
+            name: self.host_veth.clone(),
+        };
+    }
+
     /// The exit-side veth (in the exit namespace); its address is the
     /// endpoint's.
     pub fn exit_veth(&self) -> &str {

@@ -818,7 +818,7 @@ impl HostLab {
         let resolv = dir.join("resolv.conf");
         std::fs::write(&resolv, "nameserver 198.18.52.53\n").expect("resolv");
         let sock = dir.join("helper.sock");
-        let helper = start_lab_helper(&host, &resolv, &sock, &dir.join("helper.log"));
+        let helper = warren_tests::start_lab_helper(&host, &resolv, &sock, &dir.join("helper.log"));
         HostLab {
             host,
             other,
@@ -898,44 +898,6 @@ impl HostLab {
         let out = listener.wait_with_output().expect("listener output");
         String::from_utf8_lossy(&out.stdout).contains("GOT")
     }
-}
-
-/// Starts the helper inside the lab host, with the lab's resolv.conf bound
-/// over /etc/resolv.conf in a private mount namespace.
-fn start_lab_helper(
-    host: &warren_tests::TestNs,
-    resolv: &std::path::Path,
-    sock: &std::path::Path,
-    log: &std::path::Path,
-) -> Proc {
-    let script = format!(
-        "mount --bind {resolv} /etc/resolv.conf && exec ip netns exec {ns} {helper} serve --socket {sock} --group 60100 --config /nonexistent/x.toml",
-        resolv = resolv.display(),
-        ns = host.name,
-        helper = bin("warren-helper").display(),
-        sock = sock.display()
-    );
-    let child = Command::new("unshare")
-        .args([
-            "--mount",
-            "--propagation",
-            "private",
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ])
-        .stderr(std::fs::File::create(log).expect("log"))
-        .spawn()
-        .expect("helper in the lab host");
-    let helper = Proc::new(child, Some(log.to_path_buf()));
-    assert!(
-        wait_for(Duration::from_secs(10), || StdUnixStream::connect(sock)
-            .is_ok()),
-        "{}",
-        helper.log()
-    );
-    helper
 }
 
 impl Drop for HostLab {
@@ -1090,7 +1052,7 @@ fn kill_9_of_the_helper_with_a_host_tunnel_then_restart_restores_the_host() {
     );
     // ...until it starts again (same journal, same lab host).
     let _ = std::fs::remove_file(&lab.sock);
-    lab.helper = start_lab_helper(
+    lab.helper = warren_tests::start_lab_helper(
         &lab.host,
         &lab.resolv,
         &lab.sock,

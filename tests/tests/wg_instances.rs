@@ -23,7 +23,7 @@ struct User {
 }
 
 impl User {
-    fn new(tag: &str, helper: &Helper, exit: &WgExit) -> User {
+    fn new(tag: &str, helper_socket: &Path, exit: &WgExit) -> User {
         let dir = TestDir::new(tag);
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
             .expect("chmod");
@@ -35,7 +35,7 @@ impl User {
         User {
             dir,
             conf,
-            helper_socket: helper.socket.clone(),
+            helper_socket: helper_socket.to_path_buf(),
         }
     }
 
@@ -152,7 +152,7 @@ fn up_proxies_exec_status_and_down_through_a_wireguard_go_exit() {
     }
     let exit = WgExit::start("inst-main");
     let helper = Helper::start("inst-main", &[]);
-    let user = User::new("inst-main-user", &helper, &exit);
+    let user = User::new("inst-main-user", &helper.socket, &exit);
     let name = iname("i");
     let (sp, hp) = free_ports();
     let up = user.up(&name, &user.conf, sp, hp);
@@ -252,7 +252,7 @@ fn two_instances_reach_two_exits_at_once() {
     }
     let (e1, e2) = (WgExit::start("two-a"), WgExit::start("two-b"));
     let helper = Helper::start("inst-two", &[]);
-    let user = User::new("inst-two-user", &helper, &e1);
+    let user = User::new("inst-two-user", &helper.socket, &e1);
     let c2 = user.with_conf(&e2, "second.conf");
     let (n1, n2) = (iname("a"), iname("b"));
     let (s1, h1) = free_ports();
@@ -284,7 +284,7 @@ fn killing_the_worker_removes_the_instance() {
     }
     let exit = WgExit::start("kill");
     let helper = Helper::start("inst-kill", &[]);
-    let user = User::new("inst-kill-user", &helper, &exit);
+    let user = User::new("inst-kill-user", &helper.socket, &exit);
     let name = iname("k");
     let (sp, hp) = free_ports();
     let up = user.up(&name, &user.conf, sp, hp);
@@ -310,7 +310,7 @@ fn unreachable_peer_fails_up_clearly_and_leaves_nothing() {
     let mut exit = WgExit::start("unreach");
     exit.stop_wireguard();
     let helper = Helper::start("inst-unreach", &[]);
-    let user = User::new("inst-unreach-user", &helper, &exit);
+    let user = User::new("inst-unreach-user", &helper.socket, &exit);
     let name = iname("u");
     let (sp, hp) = free_ports();
     let out = user.warren(&[
@@ -349,7 +349,7 @@ fn a_taken_port_is_a_clear_error_and_leaves_nothing() {
     }
     let exit = WgExit::start("port");
     let helper = Helper::start("inst-port", &[]);
-    let user = User::new("inst-port-user", &helper, &exit);
+    let user = User::new("inst-port-user", &helper.socket, &exit);
     let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
     let tp = taken.local_addr().expect("addr").port();
     let (_, hp) = free_ports();
@@ -381,7 +381,7 @@ fn peer_restart_recovers_and_a_dead_peer_fails_socks_clients_fast() {
     }
     let mut exit = WgExit::start("restart");
     let helper = Helper::start("inst-restart", &[]);
-    let user = User::new("inst-restart-user", &helper, &exit);
+    let user = User::new("inst-restart-user", &helper.socket, &exit);
     let name = iname("r");
     let (sp, hp) = free_ports();
     user.up(&name, &user.conf, sp, hp);
@@ -419,7 +419,7 @@ fn udp_associate_goes_through_the_tunnel() {
     }
     let exit = WgExit::start("udp");
     let helper = Helper::start("inst-udp", &[]);
-    let user = User::new("inst-udp-user", &helper, &exit);
+    let user = User::new("inst-udp-user", &helper.socket, &exit);
     let name = iname("d");
     let (sp, hp) = free_ports();
     user.up(&name, &user.conf, sp, hp);
@@ -479,7 +479,7 @@ fn nothing_in_plaintext_leaves_on_the_exit_link() {
     }
     let exit = WgExit::start("leak");
     let helper = Helper::start("inst-leak", &[]);
-    let user = User::new("inst-leak-user", &helper, &exit);
+    let user = User::new("inst-leak-user", &helper.socket, &exit);
     let name = iname("l");
     let (sp, hp) = free_ports();
     user.up(&name, &user.conf, sp, hp);
@@ -524,4 +524,137 @@ fn nothing_in_plaintext_leaves_on_the_exit_link() {
         "plaintext marker seen on the exit link"
     );
     let _ = user.warren(&["down", &name]);
+}
+
+#[test]
+fn host_tunnel_routes_a_lab_host_and_down_restores_it() {
+    if !require_root("host_tunnel_routes_a_lab_host_and_down_restores_it") {
+        return;
+    }
+    let mut exit = WgExit::start("host");
+    let lab = warren_tests::TestNs::new(&format!("wrhl{}", std::process::id() % 100_000));
+    exit.move_uplink_to(&lab.name);
+    let dir = TestDir::new("inst-host");
+    let resolv = dir.join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 198.18.52.53\n").expect("resolv");
+    let sock = dir.join("helper.sock");
+    let mut helper = warren_tests::start_lab_helper(&lab, &resolv, &sock, &dir.join("helper.log"));
+    let user = User::new("inst-host-user", &sock, &exit);
+    let snapshot = || {
+        let mut s = String::new();
+        for args in [
+            &["rule", "show"][..],
+            &["route", "show", "table", "all"],
+            &["-6", "rule", "show"],
+        ] {
+            let out = run_limited(Command::new("ip").args(["-n", &lab.name]).args(args), LIMIT);
+            s.push_str(
+                &text(&out.stdout)
+                    .lines()
+                    .filter(|l| !l.contains("fe80:"))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            );
+        }
+        let nft = run_limited(lab.exec("nft").args(["list", "ruleset"]), LIMIT);
+        s.push_str(&text(&nft.stdout));
+        s.push_str(&std::fs::read_to_string(&resolv).expect("resolv"));
+        s
+    };
+    let before = snapshot();
+    let name = format!("h{}", std::process::id() % 100_000);
+    let out = user.warren(&[
+        "up",
+        "--host",
+        &name,
+        "--wg",
+        user.conf.to_str().expect("utf-8"),
+        "--kill-switch",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "up --host: {}\n{}\n{}",
+        text(&out.stderr),
+        user.log(&name),
+        helper.log()
+    );
+    let up: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let worker = up["worker_pid"].as_i64().expect("pid");
+    // The lab host's own traffic goes through the tunnel, DNS too.
+    let got = run_limited(
+        lab.exec("curl")
+            .args(["-sS", "--max-time", "8", &exit.url_v4("/")]),
+        LIMIT,
+    );
+    assert_eq!(text(&got.stdout), exit.http_body(), "{}", text(&got.stderr));
+    let r = std::fs::read_to_string(&resolv).expect("resolv");
+    assert!(
+        r.contains(&format!("nameserver {}", exit.tunnel_v4())),
+        "DNS not switched: {r}"
+    );
+    let st = user.warren(&["status", "--json"]);
+    assert!(
+        text(&st.stdout).contains("\"host\":true"),
+        "{}",
+        text(&st.stdout)
+    );
+    // down restores routes, rules, firewall and DNS; the worker ends.
+    let out = user.warren(&["down", &name]);
+    assert!(out.status.success(), "down: {}", text(&out.stderr));
+    assert!(
+        wait_for(Duration::from_secs(5), || !pid_alive(worker)),
+        "tunnel worker still running"
+    );
+    assert_eq!(snapshot(), before, "the lab host was not restored");
+    helper.signal(nix::sys::signal::Signal::SIGTERM);
+    let _ = helper.wait_timeout(Duration::from_secs(10));
+}
+
+#[test]
+fn host_tunnel_is_restored_when_its_worker_is_killed() {
+    if !require_root("host_tunnel_is_restored_when_its_worker_is_killed") {
+        return;
+    }
+    let mut exit = WgExit::start("hostkill");
+    let lab = warren_tests::TestNs::new(&format!("wrhk{}", std::process::id() % 100_000));
+    exit.move_uplink_to(&lab.name);
+    let dir = TestDir::new("inst-hostkill");
+    let resolv = dir.join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 198.18.52.53\n").expect("resolv");
+    let sock = dir.join("helper.sock");
+    let mut helper = warren_tests::start_lab_helper(&lab, &resolv, &sock, &dir.join("helper.log"));
+    let user = User::new("inst-hostkill-user", &sock, &exit);
+    let name = format!("k{}", std::process::id() % 100_000);
+    let out = user.warren(&[
+        "up",
+        "--host",
+        &name,
+        "--wg",
+        user.conf.to_str().expect("utf-8"),
+        "--json",
+    ]);
+    assert!(out.status.success(), "up --host: {}", text(&out.stderr));
+    let up: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let worker = up["worker_pid"].as_i64().expect("pid");
+    // SAFETY: kill with a pid of a process this test started.
+    unsafe { libc::kill(worker as i32, libc::SIGKILL) };
+    let restored = wait_for(Duration::from_secs(5), || {
+        std::fs::read_to_string(&resolv).is_ok_and(|r| r == "nameserver 198.18.52.53\n")
+            && !text(
+                &run_limited(
+                    Command::new("ip").args(["-n", &lab.name, "rule", "show"]),
+                    LIMIT,
+                )
+                .stdout,
+            )
+            .contains("lookup 518")
+    });
+    assert!(
+        restored,
+        "the lab host was not restored after kill -9 of the tunnel's worker\n{}",
+        helper.log()
+    );
+    helper.signal(nix::sys::signal::Signal::SIGTERM);
+    let _ = helper.wait_timeout(Duration::from_secs(10));
 }

@@ -152,6 +152,13 @@ impl HelperClient {
         })
     }
 
+    /// The connection's socket, e.g. to hand the connection (and the
+    /// leases bound to it) to another process.
+    pub fn socket(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.conn.stream().as_fd()
+    }
+
     /// Changes how long a read polls before sleeping (`None`: never polls).
     pub fn set_spin(&mut self, spin: Option<std::time::Duration>) {
         self.conn.set_spin(spin);

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use warren_ipc::instance::{ExitStatus, InstanceName, InstanceSpec, IpPrefix, SpawnSpec};
+use warren_ipc::instance::{ExitStatus, InstanceName, InstanceSpec, SpawnSpec};
 use warren_ipc::msg::Event;
 use zeroize::Zeroizing;
 
@@ -65,6 +65,15 @@ pub struct UpArgs {
     /// Worker logs at debug level.
     #[arg(short, long)]
     pub verbose: bool,
+    /// Route the whole host through the tunnel instead (like `wg-quick
+    /// up`): routes, DNS, and with --kill-switch a firewall; NAME at most
+    /// 12 characters. Restored on `warren down NAME` and when the tunnel's
+    /// process dies.
+    #[arg(long, conflicts_with_all = ["socks_port", "http_port"])]
+    pub host: bool,
+    /// With --host: drop all traffic that does not go through the tunnel.
+    #[arg(long, requires = "host")]
+    pub kill_switch: bool,
 }
 
 /// Arguments of `warren down`.
@@ -219,6 +228,51 @@ struct Prepared {
     http_addr: SocketAddr,
 }
 
+/// An exit code and a message.
+type Failure = (u8, String);
+
+/// Resolves each peer's endpoint here, in the host namespace (the worker's
+/// own lookups would go through the tunnel that is not up yet).
+fn resolve_endpoints(
+    wg: &conf::WgConfig,
+    file: &Path,
+) -> Result<(Vec<Option<SocketAddr>>, String), Failure> {
+    let mut endpoints = Vec::new();
+    let mut shown = Vec::new();
+    for p in &wg.peers {
+        let ep = match &p.endpoint {
+            None => None,
+            Some(e) => {
+                let addrs = e.resolve().map_err(|err| {
+                    (
+                        exit::CONFIG,
+                        format!("{}: cannot resolve Endpoint {e}: {err}", file.display()),
+                    )
+                })?;
+                let a = addrs.into_iter().next().ok_or_else(|| {
+                    (
+                        exit::CONFIG,
+                        format!("{}: Endpoint {e} has no address", file.display()),
+                    )
+                })?;
+                shown.push(a.to_string());
+                Some(a)
+            }
+        };
+        endpoints.push(ep);
+    }
+    if endpoints.iter().all(Option::is_none) {
+        return Err((
+            exit::CONFIG,
+            format!(
+                "{}: no [Peer] has an Endpoint; warren must know where its exit is",
+                file.display()
+            ),
+        ));
+    }
+    Ok((endpoints, shown.join(", ")))
+}
+
 fn prepare(args: &UpArgs) -> Result<Prepared, (u8, String)> {
     let name = InstanceName::new(&args.name).map_err(|e| {
         (
@@ -236,55 +290,13 @@ fn prepare(args: &UpArgs) -> Result<Prepared, (u8, String)> {
             "--timeout must be between 0.1 and 600 seconds".into(),
         ));
     }
-    // Endpoints are resolved here, in the host namespace (the worker's
-    // own lookups would go through the tunnel that is not up yet).
-    let mut endpoints = Vec::new();
-    let mut shown = Vec::new();
-    for p in &wg.peers {
-        let ep = match &p.endpoint {
-            None => None,
-            Some(e) => {
-                let addrs = e.resolve().map_err(|err| {
-                    (
-                        exit::CONFIG,
-                        format!("{}: cannot resolve Endpoint {e}: {err}", args.wg.display()),
-                    )
-                })?;
-                let a = addrs.into_iter().next().ok_or_else(|| {
-                    (
-                        exit::CONFIG,
-                        format!("{}: Endpoint {e} has no address", args.wg.display()),
-                    )
-                })?;
-                shown.push(a.to_string());
-                Some(a)
-            }
-        };
-        endpoints.push(ep);
-    }
-    if endpoints.iter().all(Option::is_none) {
-        return Err((
-            exit::CONFIG,
-            format!(
-                "{}: no [Peer] has an Endpoint; an instance must know where its exit is",
-                args.wg.display()
-            ),
-        ));
-    }
+    let (endpoints, endpoint_text) = resolve_endpoints(&wg, &args.wg)?;
     let mtu = wg.interface.mtu.unwrap_or(DEFAULT_MTU);
-    let mut routes: Vec<IpPrefix> = Vec::new();
-    for p in &wg.peers {
-        for a in &p.allowed_ips {
-            if !routes.contains(a) {
-                routes.push(*a);
-            }
-        }
-    }
     let spec = InstanceSpec::new(
         name.clone(),
         mtu,
         wg.interface.addresses.clone(),
-        routes,
+        wg.allowed_ips(),
         wg.interface.dns.clone(),
     )
     .map_err(|e| (exit::CONFIG, format!("{}: {}", args.wg.display(), e)))?;
@@ -321,6 +333,7 @@ fn prepare(args: &UpArgs) -> Result<Prepared, (u8, String)> {
         connect_timeout_ms: 10_000,
         max_connections: 10_000,
         verbose: args.verbose,
+        host: false,
     };
     let mut worker =
         Zeroizing::new(serde_json::to_vec(&cfg).map_err(|e| (exit::FAILURE, e.to_string()))?);
@@ -333,7 +346,7 @@ fn prepare(args: &UpArgs) -> Result<Prepared, (u8, String)> {
         http,
         udp,
         relay,
-        endpoint_text: shown.join(", "),
+        endpoint_text,
         socks_addr,
         http_addr,
     })
@@ -341,6 +354,9 @@ fn prepare(args: &UpArgs) -> Result<Prepared, (u8, String)> {
 
 /// Runs `warren up`.
 pub fn run_up(args: UpArgs, target: HelperTarget) -> ExitCode {
+    if args.host {
+        return run_up_host(args, target);
+    }
     let started = Instant::now();
     let p = match prepare(&args) {
         Ok(p) => p,
@@ -720,4 +736,200 @@ pub fn run_exec(args: ExecArgs, target: HelperTarget) -> ExitCode {
             }
         }
     })
+}
+
+/// The parts of `up --host` known before asking the helper.
+struct HostPrepared {
+    spec: warren_ipc::instance::HostTunnelSpec,
+    worker: Zeroizing<Vec<u8>>,
+    listen_port: Option<u16>,
+    endpoint_text: String,
+}
+
+fn prepare_host(args: &UpArgs) -> Result<HostPrepared, (u8, String)> {
+    let name = InstanceName::new(&args.name).map_err(|e| {
+        (
+            exit::USAGE,
+            format!("tunnel name {:?}: {}", args.name, e.reason),
+        )
+    })?;
+    let (wg, warnings) = conf::load(&args.wg).map_err(|e| (exit::CONFIG, e.to_string()))?;
+    for w in warnings {
+        eprintln!("warren up: warning: {w}");
+    }
+    let (endpoints, shown) = resolve_endpoints(&wg, &args.wg)?;
+    let mtu = wg.interface.mtu.unwrap_or(DEFAULT_MTU);
+    let spec = warren_ipc::instance::HostTunnelSpec::new(
+        name.clone(),
+        mtu,
+        wg.interface.addresses.clone(),
+        wg.allowed_ips(),
+        wg.interface.dns.clone(),
+        args.kill_switch,
+    )
+    .map_err(|e| (exit::CONFIG, format!("{}: {}", args.wg.display(), e)))?;
+    let listen_port = wg.interface.listen_port;
+    let unused: SocketAddr = (Ipv4Addr::LOCALHOST, 0).into();
+    let cfg = WorkerConfig {
+        name: name.to_string(),
+        wg,
+        endpoints,
+        mtu,
+        handshake_timeout_ms: (args.timeout * 1000.0) as u64,
+        socks: unused,
+        http: unused,
+        connect_timeout_ms: 10_000,
+        max_connections: 1,
+        verbose: args.verbose,
+        host: true,
+    };
+    let mut worker =
+        Zeroizing::new(serde_json::to_vec(&cfg).map_err(|e| (exit::FAILURE, e.to_string()))?);
+    worker.push(b'\n');
+    Ok(HostPrepared {
+        spec,
+        worker,
+        listen_port,
+        endpoint_text: shown,
+    })
+}
+
+/// Runs `warren up --host`: the helper routes the host through a TUN; a
+/// worker started here (in its own session) runs the engine and holds the
+/// helper connection, which is the tunnel's lease.
+fn run_up_host(args: UpArgs, target: HelperTarget) -> ExitCode {
+    let started = Instant::now();
+    let p = match prepare_host(&args) {
+        Ok(p) => p,
+        Err((code, msg)) => {
+            eprintln!("warren up: {msg}");
+            return exit::code(code);
+        }
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => return fail("up", format!("cannot start the async runtime: {e}")),
+    };
+    rt.block_on(async move {
+        let mut helper = match connect_or_autostart(&target.path, &target.policy).await {
+            Ok(h) => h,
+            Err(e) => return crate::cli::report_client_error(&e),
+        };
+        let name = p.spec.name.clone();
+        let (_info, tun, udp) = match helper.create_host_tunnel(p.spec.clone()).await {
+            Ok(x) => x,
+            Err(e) => return crate::cli::report_client_error(&e),
+        };
+        match launch_host(&args, &helper, &p, tun, udp).await {
+            Ok((pid, handshake_ms)) => {
+                let total = started.elapsed().as_secs_f64() * 1000.0;
+                if args.json {
+                    let v = serde_json::json!({
+                        "name": name.as_str(), "host": true, "endpoint": p.endpoint_text,
+                        "worker_pid": pid, "handshake_ms": handshake_ms, "up_ms": total,
+                    });
+                    println!("{v}");
+                } else {
+                    println!(
+                        "{name} is up: this host routes through {} (handshake after {handshake_ms} ms, {total:.1} ms in all); `warren down {name}` restores it",
+                        p.endpoint_text
+                    );
+                }
+                exit::code(exit::OK)
+            }
+            Err(msg) => {
+                let _ = helper.destroy_instance(&name).await;
+                eprintln!("warren up: {msg}");
+                exit::code(exit::FAILURE)
+            }
+        }
+    })
+}
+
+async fn launch_host(
+    args: &UpArgs,
+    helper: &HelperClient,
+    p: &HostPrepared,
+    tun: OwnedFd,
+    udp: OwnedFd,
+) -> Result<(u32, u64), String> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    if let Some(port) = p.listen_port {
+        let addr = nix::sys::socket::SockaddrIn6::from(std::net::SocketAddrV6::new(
+            Ipv6Addr::UNSPECIFIED,
+            port,
+            0,
+            0,
+        ));
+        nix::sys::socket::bind(udp.as_raw_fd(), &addr).map_err(|e| {
+            format!("cannot bind the tunnel's UDP socket to ListenPort {port}: {e}")
+        })?;
+    }
+    let (mut ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
+    let log = log_path(p.spec.name.as_str());
+    let log_file =
+        open_log(&log).map_err(|e| format!("cannot open the log {}: {e}", log.display()))?;
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find the warren binary: {e}"))?;
+    let src: Vec<i32> = vec![
+        theirs.as_raw_fd(),
+        log_file.as_raw_fd(),
+        log_file.as_raw_fd(),
+        tun.as_raw_fd(),
+        udp.as_raw_fd(),
+        helper.socket().as_raw_fd(),
+    ];
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("instance-worker");
+    // SAFETY: the closure runs between fork and exec and makes only
+    // async-signal-safe system calls (dup2, close, setsid) on descriptors
+    // that are open in the child; it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            let base = 100;
+            for (i, fd) in src.iter().enumerate() {
+                if libc::dup2(*fd, base + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for i in 0..src.len() as i32 {
+                if libc::dup2(base + i, i) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(base + i);
+            }
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start the tunnel's worker: {e}"))?;
+    let pid = child.id();
+    drop(theirs);
+    ours.write_all(&p.worker)
+        .map_err(|e| format!("cannot configure the worker: {e}"))?;
+    let wait = Duration::from_secs_f64(args.timeout) + Duration::from_secs(5);
+    ours.set_read_timeout(Some(wait))
+        .map_err(|e| e.to_string())?;
+    let line = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut line = String::new();
+        BufReader::new((&ours).take(64 * 1024))
+            .read_line(&mut line)
+            .map(|_| line)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| format!("the worker did not answer: {e}{}", log_hint(&log, false)))?;
+    // The worker is not our child to wait for: it lives on in its own session.
+    drop(child);
+    match serde_json::from_str::<WorkerReport>(line.trim()) {
+        Ok(WorkerReport::Ready { handshake_ms }) => Ok((pid, handshake_ms)),
+        Ok(WorkerReport::Failed { reason }) => Err(reason),
+        Err(_) => Err(format!(
+            "the worker exited before the tunnel came up{}",
+            log_hint(&log, false)
+        )),
+    }
 }

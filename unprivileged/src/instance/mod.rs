@@ -21,6 +21,12 @@
 //! | 5 | SOCKS5 listener (host namespace) |
 //! | 6 | HTTP listener (host namespace) |
 //! | 7 | SOCKS5 UDP relay socket (host namespace) |
+//!
+//! `warren up --host` (a full-host tunnel) starts the same worker itself,
+//! without the helper's spawn: fds 0 to 4 as above, and fd 5 is the helper
+//! connection that holds the host tunnel's lease (no proxies). When the
+//! worker ends, the connection closes and the helper restores the host's
+//! routes, rules, DNS and firewall.
 
 pub mod cli;
 pub mod dns;
@@ -47,6 +53,8 @@ pub mod fds {
     pub const HTTP: i32 = 6;
     /// SOCKS5 UDP relay socket.
     pub const RELAY: i32 = 7;
+    /// Host tunnels: the helper connection holding the lease.
+    pub const HELPER: i32 = 5;
 }
 
 /// What `warren up` sends the worker (one JSON line).
@@ -72,6 +80,10 @@ pub struct WorkerConfig {
     pub max_connections: usize,
     /// Log at debug level.
     pub verbose: bool,
+    /// A full-host tunnel (`warren up --host`): no proxies; fd 5 is the
+    /// helper connection that holds the tunnel's lease.
+    #[serde(default)]
+    pub host: bool,
 }
 
 /// The worker's answer on the control socket (one JSON line).
@@ -94,6 +106,9 @@ pub enum WorkerReport {
 pub struct InstanceStatus {
     /// Its name.
     pub name: String,
+    /// A full-host tunnel rather than a namespace instance.
+    #[serde(default)]
+    pub host: bool,
     /// SOCKS5 listener.
     pub socks: String,
     /// HTTP listener.

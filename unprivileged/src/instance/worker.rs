@@ -128,17 +128,36 @@ pub fn run() -> ExitCode {
     }
 }
 
+/// What the worker serves once the tunnel is up.
+enum Front {
+    /// A namespace instance: SOCKS5, HTTP and the UDP relay.
+    Proxies {
+        socks: OwnedFd,
+        http: OwnedFd,
+        relay: OwnedFd,
+    },
+    /// A host tunnel: the helper connection holding its lease.
+    Host { helper: OwnedFd },
+}
+
 fn start(cfg: WorkerConfig, mut ctl: UnixStream) -> Result<ExitCode, String> {
     let taken = (|| {
-        Ok::<_, String>((
-            inherit(fds::TUN, "TUN")?,
-            inherit(fds::UDP, "tunnel UDP socket")?,
-            inherit(fds::SOCKS, "SOCKS5 listener")?,
-            inherit(fds::HTTP, "HTTP listener")?,
-            inherit(fds::RELAY, "UDP relay socket")?,
-        ))
+        let tun = inherit(fds::TUN, "TUN")?;
+        let udp = inherit(fds::UDP, "tunnel UDP socket")?;
+        let front = if cfg.host {
+            Front::Host {
+                helper: inherit(fds::HELPER, "helper connection")?,
+            }
+        } else {
+            Front::Proxies {
+                socks: inherit(fds::SOCKS, "SOCKS5 listener")?,
+                http: inherit(fds::HTTP, "HTTP listener")?,
+                relay: inherit(fds::RELAY, "UDP relay socket")?,
+            }
+        };
+        Ok::<_, String>((tun, udp, front))
     })();
-    let (tun, udp, socks, http, relay) = match taken {
+    let (tun, udp, front) = match taken {
         Ok(x) => x,
         Err(e) => {
             report(&mut ctl, &WorkerReport::Failed { reason: e.clone() });
@@ -236,15 +255,18 @@ fn start(cfg: WorkerConfig, mut ctl: UnixStream) -> Result<ExitCode, String> {
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
-    let code = rt.block_on(serve_instance(
-        cfg,
-        ctl,
-        socks,
-        http,
-        relay,
-        stats,
-        handshake_ms,
-    ));
+    let code = match front {
+        Front::Proxies { socks, http, relay } => rt.block_on(serve_instance(
+            cfg,
+            ctl,
+            socks,
+            http,
+            relay,
+            stats,
+            handshake_ms,
+        )),
+        Front::Host { helper } => rt.block_on(serve_host(cfg, ctl, helper, stats, handshake_ms)),
+    };
     engine_stop.stop();
     let _ = engine_thread.join();
     Ok(code)
@@ -378,6 +400,96 @@ async fn serve_instance(
     exit::code(exit::OK)
 }
 
+/// A host tunnel: status socket, and wait until the helper removes the
+/// tunnel (`warren down`), the helper goes away, or a signal.
+async fn serve_host(
+    cfg: WorkerConfig,
+    mut ctl: UnixStream,
+    helper: OwnedFd,
+    stats: Arc<EngineStats>,
+    handshake_ms: u64,
+) -> ExitCode {
+    let stop = CancellationToken::new();
+    let env = crate::config::ProcessEnv;
+    let control = match crate::proxy::cli::control_socket(&env) {
+        Ok((l, path)) => {
+            let name = cfg.name.clone();
+            let stats = stats.clone();
+            let snap = move || {
+                let mut s = crate::proxy::status::Snapshot {
+                    pid: std::process::id(),
+                    ..Default::default()
+                };
+                let mut i = instance_status(&name, "-", "-", &stats);
+                i.host = true;
+                s.instance = Some(i);
+                s
+            };
+            Some(tokio::spawn(crate::proxy::cli::control_loop(
+                l,
+                path,
+                snap,
+                stop.clone(),
+            )))
+        }
+        Err(e) => {
+            warn!(error = %e, "no control socket; `warren status` will not see this tunnel");
+            None
+        }
+    };
+    let conn = std::os::unix::net::UnixStream::from(helper);
+    let conn = match conn
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::UnixStream::from_std(conn))
+    {
+        Ok(c) => c,
+        Err(e) => {
+            let reason = format!("helper connection unusable: {e}");
+            report(
+                &mut ctl,
+                &WorkerReport::Failed {
+                    reason: reason.clone(),
+                },
+            );
+            error!("{reason}");
+            return exit::code(exit::FAILURE);
+        }
+    };
+    let mut conn = warren_ipc::conn::FramedConn::new(conn);
+    report(&mut ctl, &WorkerReport::Ready { handshake_ms });
+    drop(ctl);
+    info!(tunnel = %cfg.name, "host tunnel serving");
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut t), Ok(mut i)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return exit::code(exit::FAILURE);
+    };
+    loop {
+        tokio::select! {
+            _ = t.recv() => break,
+            _ = i.recv() => break,
+            f = conn.read_frame::<warren_ipc::ServerFrame>(None) => match f {
+                Ok((warren_ipc::ServerFrame::Event(warren_ipc::Event::InstanceGone { name }), _)) => {
+                    info!(tunnel = %name, "the helper removed the tunnel");
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    info!(error = %e, "helper connection closed; the helper restores the host");
+                    break;
+                }
+            }
+        }
+    }
+    stop.cancel();
+    if let Some(c) = control {
+        let _ = c.await;
+    }
+    exit::code(exit::OK)
+}
+
 fn instance_status(name: &str, socks: &str, http: &str, stats: &EngineStats) -> InstanceStatus {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -385,6 +497,7 @@ fn instance_status(name: &str, socks: &str, http: &str, stats: &EngineStats) -> 
         .unwrap_or(0);
     InstanceStatus {
         name: name.into(),
+        host: false,
         socks: socks.into(),
         http: http.into(),
         peers: stats

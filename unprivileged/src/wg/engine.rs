@@ -360,7 +360,21 @@ impl Engine {
                 self.network_in(&mut io)?;
             }
             if fds[1].revents != 0 {
-                self.tun_in(&mut io)?;
+                match self.tun_in(&mut io) {
+                    Ok(()) => {}
+                    // The device was deleted (the helper removed the
+                    // tunnel): nothing more to carry.
+                    Err(e)
+                        if matches!(
+                            e.raw_os_error(),
+                            Some(libc::EBADFD | libc::EIO | libc::ENODEV)
+                        ) =>
+                    {
+                        info!(error = %e, "TUN device gone; WireGuard engine stopping");
+                        return Ok(());
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             let now = Instant::now();
             if now >= next_tick {
