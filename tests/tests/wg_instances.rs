@@ -658,3 +658,35 @@ fn host_tunnel_is_restored_when_its_worker_is_killed() {
     helper.signal(nix::sys::signal::Signal::SIGTERM);
     let _ = helper.wait_timeout(Duration::from_secs(10));
 }
+
+#[test]
+fn dns_from_the_instance_reaches_only_the_tunnel_dns() {
+    if !require_root("dns_from_the_instance_reaches_only_the_tunnel_dns") {
+        return;
+    }
+    let exit = WgExit::start("dns");
+    let helper = Helper::start("inst-dns", &[]);
+    let user = User::new("inst-dns-user", &helper.socket, &exit);
+    // A resolver on the host side of the exit's link: nothing may reach it.
+    let host_dns = UdpSocket::bind((exit.host_addr(), 53)).expect("host-side DNS listener");
+    host_dns.set_nonblocking(true).expect("nonblocking");
+    let name = iname("n");
+    let (sp, hp) = free_ports();
+    user.up(&name, &user.conf, sp, hp);
+    let tag = std::process::id();
+    let names = [
+        format!("socks-{tag}.exit.test"),
+        format!("http-{tag}.exit.test"),
+        format!("exec-{tag}.exit.test"),
+    ];
+    let _ = curl(&["--socks5-hostname", &format!("127.0.0.1:{sp}"), &format!("http://{}/", names[0])]);
+    let _ = curl(&["-x", &format!("http://127.0.0.1:{hp}"), &format!("http://{}/", names[1])]);
+    let _ = user.warren(&["exec", &name, "--", "getent", "hosts", &names[2]]);
+    let asked = exit.dns_queries();
+    for n in &names {
+        assert!(asked.iter().any(|q| q == n), "{n} never reached the tunnel's DNS: {asked:?}");
+    }
+    let mut b = [0u8; 512];
+    assert!(host_dns.recv_from(&mut b).is_err(), "a DNS query reached the host-side resolver");
+    let _ = user.warren(&["down", &name]);
+}
