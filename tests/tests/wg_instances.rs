@@ -50,6 +50,36 @@ impl User {
     /// `warren ARGS` as the test user.
     fn warren(&self, args: &[&str]) -> Output {
         let mut c = as_user(ids::MEMBER, ids::GROUP, &[ids::GROUP], &bin("warren"));
+        self.run(&mut c, args)
+    }
+
+    /// `warren ARGS` as the test user, seeing `hosts` and `resolv` as its
+    /// /etc/hosts and /etc/resolv.conf (a private mount namespace).
+    fn warren_with_etc(&self, hosts: &Path, resolv: &Path, args: &[&str]) -> Output {
+        let script = format!(
+            "mount --bind {} /etc/hosts && mount --bind {} /etc/resolv.conf && exec setpriv --reuid={} --regid={} --groups={} --inh-caps=-all -- {} \"$@\"",
+            hosts.display(),
+            resolv.display(),
+            ids::MEMBER,
+            ids::GROUP,
+            ids::GROUP,
+            bin("warren").display()
+        );
+        let mut c = Command::new("unshare");
+        c.args([
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            &script,
+            "sh",
+        ]);
+        self.run(&mut c, args)
+    }
+
+    fn run(&self, c: &mut Command, args: &[&str]) -> Output {
         c.args(["--no-autostart"])
             .args(args)
             .env_clear()
@@ -58,7 +88,7 @@ impl User {
             .env("HOME", self.dir.path())
             .env("WARREN_HELPER_SOCKET", &self.helper_socket)
             .current_dir(self.dir.path());
-        run_limited(&mut c, LIMIT)
+        run_limited(c, LIMIT)
     }
 
     fn up(&self, name: &str, conf: &Path, socks: u16, http: u16) -> serde_json::Value {
@@ -679,14 +709,150 @@ fn dns_from_the_instance_reaches_only_the_tunnel_dns() {
         format!("http-{tag}.exit.test"),
         format!("exec-{tag}.exit.test"),
     ];
-    let _ = curl(&["--socks5-hostname", &format!("127.0.0.1:{sp}"), &format!("http://{}/", names[0])]);
-    let _ = curl(&["-x", &format!("http://127.0.0.1:{hp}"), &format!("http://{}/", names[1])]);
+    let _ = curl(&[
+        "--socks5-hostname",
+        &format!("127.0.0.1:{sp}"),
+        &format!("http://{}/", names[0]),
+    ]);
+    let _ = curl(&[
+        "-x",
+        &format!("http://127.0.0.1:{hp}"),
+        &format!("http://{}/", names[1]),
+    ]);
     let _ = user.warren(&["exec", &name, "--", "getent", "hosts", &names[2]]);
     let asked = exit.dns_queries();
     for n in &names {
-        assert!(asked.iter().any(|q| q == n), "{n} never reached the tunnel's DNS: {asked:?}");
+        assert!(
+            asked.iter().any(|q| q == n),
+            "{n} never reached the tunnel's DNS: {asked:?}"
+        );
     }
     let mut b = [0u8; 512];
-    assert!(host_dns.recv_from(&mut b).is_err(), "a DNS query reached the host-side resolver");
+    assert!(
+        host_dns.recv_from(&mut b).is_err(),
+        "a DNS query reached the host-side resolver"
+    );
+    let _ = user.warren(&["down", &name]);
+}
+
+/// A DNS server on `addr` answering A queries for `name` with `ip`
+/// (NXDOMAIN otherwise) until the returned flag is set; counts queries.
+fn fake_dns(
+    addr: SocketAddr,
+    name: &str,
+    ip: std::net::Ipv4Addr,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::sync::Arc<std::sync::atomic::AtomicU32>,
+) {
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let count = std::sync::Arc::new(AtomicU32::new(0));
+    let sock = UdpSocket::bind(addr).expect("fake DNS bind");
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    let (st, ct) = (stop.clone(), count.clone());
+    let mut qname = Vec::new();
+    for l in name.split('.') {
+        qname.push(l.len() as u8);
+        qname.extend_from_slice(l.as_bytes());
+    }
+    qname.push(0);
+    std::thread::spawn(move || {
+        let mut b = [0u8; 512];
+        let t0 = std::time::Instant::now();
+        while !st.load(Ordering::Relaxed) && t0.elapsed() < Duration::from_secs(120) {
+            let Ok((n, from)) = sock.recv_from(&mut b) else {
+                continue;
+            };
+            if n < 12 + qname.len() + 4 {
+                continue;
+            }
+            ct.fetch_add(1, Ordering::Relaxed);
+            let q = &b[12..12 + qname.len() + 4];
+            let qtype = u16::from_be_bytes([q[qname.len()], q[qname.len() + 1]]);
+            let hit = b[12..12 + qname.len()].eq_ignore_ascii_case(&qname);
+            let mut r = b[..12 + qname.len() + 4].to_vec();
+            r[2] = 0x81;
+            r[3] = if hit { 0x80 } else { 0x83 };
+            r[6..12].copy_from_slice(&[0, 0, 0, 0, 0, 0]);
+            if hit && qtype == 1 {
+                r[7] = 1;
+                r.extend_from_slice(&[0xC0, 12, 0, 1, 0, 1, 0, 0, 0, 5, 0, 4]);
+                r.extend_from_slice(&ip.octets());
+            }
+            let _ = sock.send_to(&r, from);
+        }
+    });
+    (stop, count)
+}
+
+#[test]
+fn a_named_endpoint_is_looked_up_again_when_handshakes_fail() {
+    if !require_root("a_named_endpoint_is_looked_up_again_when_handshakes_fail") {
+        return;
+    }
+    let exit = WgExit::start("reresolve");
+    let helper = Helper::start("inst-reresolve", &[]);
+    let user = User::new("inst-reresolve-user", &helper.socket, &exit);
+    let host = format!("exit-{}.test", std::process::id());
+    // At start the name points at an address where no WireGuard answers
+    // (the host's own end of the link); the DNS server knows better.
+    let hosts = user.dir.join("hosts");
+    std::fs::write(
+        &hosts,
+        format!("127.0.0.1 localhost\n{} {host}\n", exit.host_addr()),
+    )
+    .expect("hosts");
+    let resolv = user.dir.join("resolv.conf");
+    let dns_addr: SocketAddr = (std::net::Ipv4Addr::new(127, 0, 0, 77), 53).into();
+    std::fs::write(&resolv, format!("nameserver {}\n", dns_addr.ip())).expect("resolv");
+    let std::net::IpAddr::V4(real) = exit.endpoint().ip() else {
+        panic!("v4 endpoint")
+    };
+    let (stop, asked) = fake_dns(dns_addr, &host, real);
+    let conf = std::fs::read_to_string(&user.conf).expect("conf").replace(
+        &format!("Endpoint = {}", exit.endpoint()),
+        &format!("Endpoint = {host}:{}", exit.endpoint().port()),
+    );
+    assert!(conf.contains(&host), "endpoint not replaced in {conf}");
+    let named = user.dir.join("named.conf");
+    std::fs::write(&named, conf).expect("write");
+    std::fs::set_permissions(&named, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    chown(&named);
+    let name = iname("rr");
+    let (sp, hp) = free_ports();
+    let out = user.warren_with_etc(
+        &hosts,
+        &resolv,
+        &[
+            "up",
+            &name,
+            "--wg",
+            named.to_str().expect("utf-8"),
+            "--socks-port",
+            &sp.to_string(),
+            "--http-port",
+            &hp.to_string(),
+            "--timeout",
+            "20",
+            "--json",
+        ],
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        out.status.success(),
+        "up with a stale name: {}\n{}",
+        text(&out.stderr),
+        user.log(&name)
+    );
+    assert!(
+        asked.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "the host's DNS was never asked"
+    );
+    assert_eq!(
+        curl_ok(&["--socks5", &format!("127.0.0.1:{sp}"), &exit.url_v4("/")]),
+        exit.http_body()
+    );
     let _ = user.warren(&["down", &name]);
 }

@@ -228,6 +228,20 @@ struct Prepared {
     http_addr: SocketAddr,
 }
 
+/// The host's DNS servers (`nameserver` lines of /etc/resolv.conf), for
+/// the worker's later lookups of endpoint names.
+fn host_nameservers() -> Vec<std::net::IpAddr> {
+    std::fs::read_to_string("/etc/resolv.conf")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next() == Some("nameserver")).then(|| w.next()?.parse().ok())?
+        })
+        .take(3)
+        .collect()
+}
+
 /// An exit code and a message.
 type Failure = (u8, String);
 
@@ -326,6 +340,7 @@ fn prepare(args: &UpArgs) -> Result<Prepared, (u8, String)> {
         name: name.to_string(),
         wg,
         endpoints,
+        host_dns: host_nameservers(),
         mtu,
         handshake_timeout_ms: (args.timeout * 1000.0) as u64,
         socks: socks_addr,
@@ -774,6 +789,7 @@ fn prepare_host(args: &UpArgs) -> Result<HostPrepared, (u8, String)> {
         name: name.to_string(),
         wg,
         endpoints,
+        host_dns: host_nameservers(),
         mtu,
         handshake_timeout_ms: (args.timeout * 1000.0) as u64,
         socks: unused,

@@ -66,6 +66,9 @@ pub struct WorkerConfig {
     pub wg: WgConfig,
     /// Each peer's endpoint, resolved in the host namespace.
     pub endpoints: Vec<Option<SocketAddr>>,
+    /// The host's DNS servers, for looking endpoint names up again.
+    #[serde(default)]
+    pub host_dns: Vec<std::net::IpAddr>,
     /// The TUN's MTU.
     pub mtu: u16,
     /// How long to wait for the first handshake.

@@ -176,6 +176,10 @@ fn start(cfg: WorkerConfig, mut ctl: UnixStream) -> Result<ExitCode, String> {
                 .as_ref()
                 .map(|k| Zeroizing::new(*k.as_bytes())),
             endpoint: *ep,
+            endpoint_name: match &p.endpoint {
+                Some(crate::wg::conf::Endpoint::Name { host, port }) => Some((host.clone(), *port)),
+                _ => None,
+            },
             allowed_ips: p.allowed_ips.clone(),
             keepalive: p.persistent_keepalive,
         })
@@ -186,6 +190,11 @@ fn start(cfg: WorkerConfig, mut ctl: UnixStream) -> Result<ExitCode, String> {
         mtu: cfg.mtu,
         gso: true,
         socket_buffer: 4 << 20,
+        host_dns: cfg
+            .host_dns
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, 53))
+            .collect(),
     };
     ecfg.tuning_from_env();
     let udp = std::net::UdpSocket::from(udp);

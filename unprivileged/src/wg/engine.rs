@@ -59,6 +59,9 @@ pub struct PeerSpec {
     pub preshared_key: Option<Zeroizing<[u8; 32]>>,
     /// Where to send until the peer roams; `None` waits to be contacted.
     pub endpoint: Option<SocketAddr>,
+    /// The endpoint's host name and port when it was given by name: it is
+    /// looked up again when handshakes stop.
+    pub endpoint_name: Option<(String, u16)>,
     /// Inner addresses routed to (and accepted from) this peer.
     pub allowed_ips: Vec<IpPrefix>,
     /// Keepalive interval in seconds.
@@ -78,6 +81,9 @@ pub struct EngineConfig {
     pub gso: bool,
     /// Receive/send buffer size asked for on the UDP socket.
     pub socket_buffer: usize,
+    /// DNS servers reachable from the UDP socket's namespace (the host's),
+    /// for looking endpoint names up again.
+    pub host_dns: Vec<SocketAddr>,
 }
 
 impl EngineConfig {
@@ -168,6 +174,10 @@ impl StopHandle {
 struct Peer {
     tunn: Tunn,
     endpoint: Option<SocketAddr>,
+    name: Option<(String, u16)>,
+    last_lookup: Option<Instant>,
+    /// Ids of the outstanding A and AAAA queries for `name`.
+    lookup_ids: (u16, u16),
     allowed: Vec<IpPrefix>,
     stats: Arc<PeerStats>,
     static_public: [u8; 32],
@@ -188,7 +198,17 @@ pub struct Engine {
     stats: Arc<EngineStats>,
     gso: bool,
     slot: usize,
+    host_dns: Vec<SocketAddr>,
+    started: Instant,
 }
+
+/// A peer never reached is looked up again after this long.
+const LOOKUP_FIRST: Duration = Duration::from_secs(5);
+/// A peer whose last handshake is older than this is looked up again (as
+/// wireguard-tools' reresolve-dns.sh does).
+const LOOKUP_STALE: Duration = Duration::from_secs(135);
+/// Between two lookups of one name.
+const LOOKUP_EVERY: Duration = Duration::from_secs(10);
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -272,6 +292,9 @@ impl Engine {
             peers.push(Peer {
                 tunn,
                 endpoint: p.endpoint,
+                name: p.endpoint_name.clone(),
+                last_lookup: None,
+                lookup_ids: (0, 0),
                 allowed: p.allowed_ips.clone(),
                 stats: ps,
                 static_public: p.public_key,
@@ -309,6 +332,8 @@ impl Engine {
             stats: stats.clone(),
             gso: cfg.gso,
             slot,
+            host_dns: cfg.host_dns,
+            started: Instant::now(),
         };
         Ok((engine, StopHandle(stop), stats))
     }
@@ -422,6 +447,10 @@ impl Engine {
                 let (len, src) = io.rx_meta[k];
                 let Some(src) = src else { continue };
                 let dg = &io.rx[k * io.slot..k * io.slot + len];
+                if src.port() == 53 && self.host_dns.contains(&src) {
+                    self.lookup_answer(dg);
+                    continue;
+                }
                 let Some((pi, handshake)) = self.peer_for_datagram(dg) else {
                     self.stats.rx_invalid.fetch_add(1, Relaxed);
                     continue;
@@ -566,7 +595,83 @@ impl Engine {
         send_to(&self.udp, self.udp_v6, b, to, &self.stats);
     }
 
+    /// Asks the host's DNS servers for the addresses of peers whose
+    /// endpoint was given by name and who stopped answering.
+    fn lookups(&mut self) {
+        let now = Instant::now();
+        let now_ms = unix_ms();
+        for i in 0..self.peers.len() {
+            let p = &self.peers[i];
+            let Some((host, _)) = &p.name else { continue };
+            let last = p.stats.last_handshake_ms.load(Relaxed);
+            let stale = if last == 0 {
+                self.started.elapsed() >= LOOKUP_FIRST
+            } else {
+                now_ms.saturating_sub(last) >= LOOKUP_STALE.as_millis() as u64
+            };
+            let due = p.last_lookup.is_none_or(|t| now - t >= LOOKUP_EVERY);
+            if !stale || !due || self.host_dns.is_empty() {
+                continue;
+            }
+            let ids = (rand_u16(), rand_u16());
+            let (Ok(qa), Ok(qaaaa)) = (
+                crate::instance::dns::query(ids.0, host, 1),
+                crate::instance::dns::query(ids.1, host, 28),
+            ) else {
+                continue;
+            };
+            debug!(peer = %p.stats.public_key, %host, "no recent handshake: looking the endpoint up again");
+            for s in &self.host_dns {
+                send_to(&self.udp, self.udp_v6, &qa, *s, &self.stats);
+                send_to(&self.udp, self.udp_v6, &qaaaa, *s, &self.stats);
+            }
+            let p = &mut self.peers[i];
+            p.last_lookup = Some(now);
+            p.lookup_ids = ids;
+        }
+    }
+
+    /// An answer from a host DNS server: moves the peer it was for to the
+    /// new address (IPv4 answers preferred, as at start).
+    fn lookup_answer(&mut self, dg: &[u8]) {
+        if dg.len() < 2 {
+            return;
+        }
+        let id = u16::from_be_bytes([dg[0], dg[1]]);
+        for p in &mut self.peers {
+            let Some((host, port)) = &p.name else {
+                continue;
+            };
+            if id == 0 || (id != p.lookup_ids.0 && id != p.lookup_ids.1) {
+                continue;
+            }
+            let Ok(addrs) = crate::instance::dns::parse_response(dg, id) else {
+                return;
+            };
+            let Some(ip) = addrs.iter().find(|a| a.is_ipv4()).or(addrs.first()) else {
+                return;
+            };
+            let ep = SocketAddr::new(*ip, *port);
+            if p.endpoint != Some(ep) {
+                info!(peer = %p.stats.public_key, %host, endpoint = %ep, "endpoint looked up again: moving");
+                p.endpoint = Some(ep);
+                if let Ok(mut g) = p.stats.endpoint.lock() {
+                    *g = Some(ep);
+                }
+                // Try the new address right away.
+                let mut buf = [0u8; 256];
+                if let TunnResult::WriteToNetwork(b) =
+                    p.tunn.format_handshake_initiation(&mut buf, true)
+                {
+                    send_to(&self.udp, self.udp_v6, b, ep, &self.stats);
+                }
+            }
+            return;
+        }
+    }
+
     fn timers(&mut self, io: &mut Buffers) {
+        self.lookups();
         let now_ms = unix_ms();
         for p in &mut self.peers {
             match p.tunn.update_timers(&mut io.scratch) {
@@ -603,6 +708,12 @@ fn note_handshake(p: &Peer, now_ms: u64) {
         }
         p.stats.expired.store(false, Relaxed);
     }
+}
+
+fn rand_u16() -> u16 {
+    let mut b = [0u8; 2];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    u16::from_be_bytes(b).max(1)
 }
 
 fn pollfd(fd: RawFd) -> libc::pollfd {
