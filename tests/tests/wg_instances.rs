@@ -238,6 +238,19 @@ fn up_proxies_exec_status_and_down_through_a_wireguard_go_exit() {
         Some(7),
         "exec returns the program's status"
     );
+    // Ctrl-C (SIGINT to `warren exec`) reaches the program.
+    let mut c = as_user(ids::MEMBER, ids::GROUP, &[ids::GROUP], &bin("warren"));
+    c.args(["--no-autostart", "exec", &name, "--", "sleep", "30"])
+        .env("XDG_RUNTIME_DIR", user.dir.path())
+        .env("WARREN_HELPER_SOCKET", &helper.socket)
+        .stdout(std::process::Stdio::null());
+    let mut sleeper = warren_tests::Proc::new(c.spawn().expect("exec sleep"), None);
+    std::thread::sleep(Duration::from_millis(500));
+    sleeper.signal(nix::sys::signal::Signal::SIGINT);
+    let st = sleeper
+        .wait_timeout(Duration::from_secs(5))
+        .expect("exec did not end on SIGINT");
+    assert_eq!(st.code(), Some(130), "sleep did not die of SIGINT");
 
     // status --json: the instance, its peer, a recent handshake, bytes.
     let out = user.warren(&["status", "--json"]);
