@@ -869,3 +869,56 @@ fn a_named_endpoint_is_looked_up_again_when_handshakes_fail() {
     );
     let _ = user.warren(&["down", &name]);
 }
+
+#[test]
+fn foreground_up_as_the_user_unit_runs_it_stops_on_sigterm() {
+    if !require_root("foreground_up_as_the_user_unit_runs_it_stops_on_sigterm") {
+        return;
+    }
+    // systemd/user/warren-instance@.service runs `warren up %i --wg FILE
+    // --foreground` and stops it with SIGTERM (then `warren down %i`).
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/user/warren-instance@.service"),
+    )
+    .expect("unit");
+    assert!(
+        unit.contains(
+            "ExecStart=/usr/bin/warren up %i --wg %E/warren/instances/%i.conf --foreground"
+        )
+    );
+    let exit = WgExit::start("fg");
+    let helper = Helper::start("inst-fg", &[]);
+    let user = User::new("inst-fg-user", &helper.socket, &exit);
+    let name = iname("f");
+    let (sp, hp) = free_ports();
+    let mut c = as_user(ids::MEMBER, ids::GROUP, &[ids::GROUP], &bin("warren"));
+    c.args(["--no-autostart", "up", &name, "--wg"])
+        .arg(&user.conf)
+        .args([
+            "--foreground",
+            "--socks-port",
+            &sp.to_string(),
+            "--http-port",
+            &hp.to_string(),
+        ])
+        .env("XDG_RUNTIME_DIR", user.dir.path())
+        .env("WARREN_HELPER_SOCKET", &helper.socket)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut fg = warren_tests::Proc::new(c.spawn().expect("up --foreground"), None);
+    let socks = format!("127.0.0.1:{sp}");
+    let up = wait_for(Duration::from_secs(10), || {
+        curl(&["--socks5", &socks, "--max-time", "2", &exit.url_v4("/")]).1 == exit.http_body()
+    });
+    assert!(up, "foreground instance never served");
+    fg.signal(nix::sys::signal::Signal::SIGTERM);
+    let st = fg
+        .wait_timeout(Duration::from_secs(10))
+        .expect("up --foreground did not stop");
+    assert!(st.success(), "{st:?}");
+    assert!(
+        wait_for(Duration::from_secs(5), || !netns_exists(&name)),
+        "namespace left behind"
+    );
+    assert!(wait_for(Duration::from_secs(5), || port_free(sp) && port_free(hp)));
+}
