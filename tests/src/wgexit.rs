@@ -1102,3 +1102,89 @@ impl Drop for PlainClient {
         self.wg.stop();
     }
 }
+
+/// A standard WireGuard client (wireguard-go + `wg`) on `wg0` in an
+/// existing namespace, for pointing at warren's own WireGuard exit.
+#[derive(Debug)]
+pub struct WgGoClient {
+    _wg: Daemon,
+    node: WgNode,
+    peer_public: String,
+    _dir: TestDir,
+}
+
+impl WgGoClient {
+    /// Starts wireguard-go in `netns` configured from a one-peer wg-quick
+    /// client file's text (PrivateKey, Address, PublicKey, PresharedKey,
+    /// Endpoint; all traffic allowed), and routes `routes` through wg0.
+    pub fn from_conf(netns: &str, conf: &str, routes: &[&str]) -> WgGoClient {
+        let field = |key: &str| {
+            conf.lines().find_map(|l| {
+                let (k, v) = l.split_once('=')?;
+                (k.trim() == key).then(|| v.trim().to_string())
+            })
+        };
+        let need = |key: &str| field(key).unwrap_or_else(|| panic!("{key} missing in\n{conf}"));
+        let endpoint: SocketAddr = need("Endpoint").parse().expect("numeric Endpoint");
+        let psk = field("PresharedKey");
+        let (private_key, address, peer_public) =
+            (need("PrivateKey"), need("Address"), need("PublicKey"));
+        let (private_key, address, peer_public) =
+            (private_key.as_str(), address.as_str(), peer_public.as_str());
+        let allowed = "0.0.0.0/0";
+        let psk = psk.as_deref();
+        let dir = TestDir::new("wggo-client");
+        let key = dir.join("key");
+        write_private(&key, &format!("{private_key}\n"));
+        let node = WgNode::new(netns, &dir);
+        let wg = node.start();
+        let key_s = key.to_str().expect("utf-8 path").to_string();
+        let ep = endpoint.to_string();
+        let mut args = vec!["private-key", key_s.as_str(), "peer", peer_public];
+        let psk_path = dir.join("psk");
+        let psk_s = psk_path.to_str().expect("utf-8 path").to_string();
+        if let Some(p) = psk {
+            write_private(&psk_path, &format!("{p}\n"));
+            args.extend(["preshared-key", psk_s.as_str()]);
+        }
+        args.extend([
+            "endpoint",
+            ep.as_str(),
+            "allowed-ips",
+            allowed,
+            "persistent-keepalive",
+            "25",
+        ]);
+        node.set(&args);
+        ip(&["-n", netns, "addr", "add", address, "dev", "wg0"]);
+        ip(&[
+            "-n",
+            netns,
+            "link",
+            "set",
+            "wg0",
+            "mtu",
+            &MTU.to_string(),
+            "up",
+        ]);
+        for r in routes {
+            ip(&["-n", netns, "route", "add", r, "dev", "wg0"]);
+        }
+        WgGoClient {
+            _wg: wg,
+            node,
+            peer_public: peer_public.to_string(),
+            _dir: dir,
+        }
+    }
+
+    /// The latest handshake with the peer (seconds since the epoch).
+    pub fn latest_handshake(&self) -> Option<u64> {
+        handshake_in_dump(&self.node.dump(), &self.peer_public)
+    }
+
+    /// The process id of wireguard-go.
+    pub fn pid(&self) -> i32 {
+        self._wg.proc.pid()
+    }
+}

@@ -198,7 +198,10 @@ pub fn main() -> ExitCode {
         Command::Proxy(args) => proxy_cli::run_proxy(args),
         Command::Config(args) => proxy_cli::run_config(args),
         Command::Status(args) => proxy_cli::run_status(args),
-        Command::Server(args) => transport_cli::run_server(args),
+        Command::Server(args) => match target() {
+            Ok(t) => transport_cli::run_server(args, t),
+            Err(c) => c,
+        },
         Command::Cert(args) => transport_cli::run_cert(args),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "warren", &mut std::io::stdout());

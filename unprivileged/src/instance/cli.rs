@@ -242,6 +242,18 @@ fn host_nameservers() -> Vec<std::net::IpAddr> {
         .collect()
 }
 
+/// The routes to install: the peers' AllowedIPs, for the address families
+/// the interface has an address in (a route for a family the TUN has no
+/// address of could not carry anything, and the kernel refuses some).
+fn routes_for(wg: &conf::WgConfig) -> Vec<warren_ipc::instance::IpPrefix> {
+    let v4 = wg.interface.addresses.iter().any(|a| a.addr().is_ipv4());
+    let v6 = wg.interface.addresses.iter().any(|a| a.addr().is_ipv6());
+    wg.allowed_ips()
+        .into_iter()
+        .filter(|r| if r.addr().is_ipv4() { v4 } else { v6 })
+        .collect()
+}
+
 /// An exit code and a message.
 type Failure = (u8, String);
 
@@ -310,7 +322,7 @@ fn prepare(args: &UpArgs) -> Result<Prepared, (u8, String)> {
         name.clone(),
         mtu,
         wg.interface.addresses.clone(),
-        wg.allowed_ips(),
+        routes_for(&wg),
         wg.interface.dns.clone(),
     )
     .map_err(|e| (exit::CONFIG, format!("{}: {}", args.wg.display(), e)))?;
@@ -778,7 +790,7 @@ fn prepare_host(args: &UpArgs) -> Result<HostPrepared, (u8, String)> {
         name.clone(),
         mtu,
         wg.interface.addresses.clone(),
-        wg.allowed_ips(),
+        routes_for(&wg),
         wg.interface.dns.clone(),
         args.kill_switch,
     )

@@ -510,7 +510,7 @@ fn instance_status(name: &str, socks: &str, http: &str, stats: &EngineStats) -> 
         socks: socks.into(),
         http: http.into(),
         peers: stats
-            .peers
+            .peers()
             .iter()
             .map(|p| {
                 let hs = p.last_handshake_ms.load(Relaxed);

@@ -22,13 +22,17 @@ pub enum ModeArg {
     Tls,
     /// One TLS 1.3 session multiplexing every stream.
     TlsMux,
+    /// A WireGuard exit (`warren server` only): needs --wg and the helper.
+    Wg,
 }
 
-impl From<ModeArg> for Mode {
-    fn from(m: ModeArg) -> Mode {
-        match m {
-            ModeArg::Tls => Mode::Tls,
-            ModeArg::TlsMux => Mode::TlsMux,
+impl ModeArg {
+    /// The TLS transport mode, if this is one.
+    pub fn transport(self) -> Option<Mode> {
+        match self {
+            ModeArg::Tls => Some(Mode::Tls),
+            ModeArg::TlsMux => Some(Mode::TlsMux),
+            ModeArg::Wg => None,
         }
     }
 }
@@ -40,23 +44,37 @@ The shared secret comes from the environment variable WARREN_PASSWORD or from
 --password-file (never from the command line). Clients that fail to
 authenticate, and anyone else, see an ordinary web server serving --decoy.
 
-Example:
+Examples:
   warren cert --name vpn.example.org --out-dir /etc/warren
   WARREN_PASSWORD=... warren server --mode tls-mux --listen 0.0.0.0:443 \\
-      --cert /etc/warren/cert.pem --key /etc/warren/key.pem")]
+      --cert /etc/warren/cert.pem --key /etc/warren/key.pem
+
+  warren server wg keygen --out exit.conf --address 198.19.100.1/24
+  warren server wg add-peer laptop --config exit.conf --endpoint vpn.example.org:51820 > laptop.conf
+  warren server --mode wg --wg exit.conf     # through the helper: TUN, forwarding, NAT")]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct ServerArgs {
+    /// WireGuard exit tools (keygen, add-peer).
+    #[command(subcommand)]
+    pub tool: Option<ServerTool>,
     /// Transport to serve.
     #[arg(long, value_enum)]
-    pub mode: ModeArg,
+    pub mode: Option<ModeArg>,
+    /// --mode wg: the server's wg-quick file (see `warren server wg keygen`).
+    #[arg(long, value_name = "FILE")]
+    pub wg: Option<PathBuf>,
+    /// --mode wg: name of the server tunnel (TUN `wrsNAME`, at most 12 characters).
+    #[arg(long, default_value = "exit")]
+    pub name: String,
     /// Address to listen on.
     #[arg(long, default_value = "0.0.0.0:8443")]
     pub listen: SocketAddr,
-    /// Certificate chain (PEM).
+    /// Certificate chain (PEM) [tls, tls-mux].
     #[arg(long)]
-    pub cert: PathBuf,
-    /// Private key (PEM).
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) [tls, tls-mux].
     #[arg(long)]
-    pub key: PathBuf,
+    pub key: Option<PathBuf>,
     /// File holding the shared secret (instead of WARREN_PASSWORD).
     #[arg(long)]
     pub password_file: Option<PathBuf>,
@@ -73,6 +91,14 @@ pub struct ServerArgs {
     /// Log every stream (debug level).
     #[arg(short, long)]
     pub verbose: bool,
+}
+
+/// `warren server SUBCOMMAND`.
+#[derive(Debug, clap::Subcommand)]
+pub enum ServerTool {
+    /// WireGuard exit files: `keygen`, `add-peer`.
+    #[command(subcommand)]
+    Wg(crate::wg::server::WgTool),
 }
 
 /// Arguments of `warren cert`.
@@ -115,11 +141,28 @@ pub fn read_secret(file: Option<&Path>, env: Option<String>) -> Result<Vec<u8>, 
 }
 
 /// Runs `warren server`.
-pub fn run_server(args: ServerArgs) -> ExitCode {
+pub fn run_server(args: ServerArgs, target: crate::instance::cli::HelperTarget) -> ExitCode {
     crate::cli::init_logging(args.verbose);
     let fail = |msg: String| {
         eprintln!("warren server: {msg}");
         exit::code(exit::CONFIG)
+    };
+    if let Some(ServerTool::Wg(tool)) = args.tool {
+        return crate::wg::server::run_tool(tool);
+    }
+    let Some(mode) = args.mode else {
+        return fail("--mode is required".into());
+    };
+    let Some(mode) = mode.transport() else {
+        return match &args.wg {
+            Some(f) => crate::wg::server::run(f, &args.name, target),
+            None => {
+                fail("--mode wg needs --wg FILE (make one with `warren server wg keygen`)".into())
+            }
+        };
+    };
+    let (Some(cert), Some(keyfile)) = (&args.cert, &args.key) else {
+        return fail("--mode tls and tls-mux need --cert and --key (see `warren cert`)".into());
     };
     let secret = match read_secret(
         args.password_file.as_deref(),
@@ -128,11 +171,11 @@ pub fn run_server(args: ServerArgs) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
-    let certs = match tlsconf::load_certs(&args.cert) {
+    let certs = match tlsconf::load_certs(cert) {
         Ok(c) => c,
         Err(e) => return fail(e.to_string()),
     };
-    let key = match tlsconf::load_key(&args.key) {
+    let key = match tlsconf::load_key(keyfile) {
         Ok(k) => k,
         Err(e) => return fail(e.to_string()),
     };
@@ -147,7 +190,7 @@ pub fn run_server(args: ServerArgs) -> ExitCode {
             ));
         }
     };
-    let mut settings = ServerSettings::new(args.mode.into(), tls, AuthKey::derive(&secret));
+    let mut settings = ServerSettings::new(mode, tls, AuthKey::derive(&secret));
     settings.allow_local_targets = args.allow_local_targets;
     settings.max_pending_handshakes = args.max_pending_handshakes.max(1);
     if let Some(p) = &args.decoy {

@@ -123,8 +123,8 @@ pub struct PeerStats {
 /// Live figures of the engine.
 #[derive(Debug, Default)]
 pub struct EngineStats {
-    /// Per peer, in configuration order.
-    pub peers: Vec<Arc<PeerStats>>,
+    /// Per peer, in configuration order (replaced when the peers change).
+    pub peers: std::sync::RwLock<Vec<Arc<PeerStats>>>,
     /// Datagrams dropped: not WireGuard, unknown peer, failed to decrypt.
     pub rx_invalid: AtomicU64,
     /// Packets dropped: source address not in the sending peer's AllowedIPs.
@@ -139,13 +139,18 @@ impl EngineStats {
     /// Age of the most recent handshake over all peers.
     pub fn last_handshake_age(&self) -> Option<Duration> {
         let newest = self
-            .peers
+            .peers()
             .iter()
             .map(|p| p.last_handshake_ms.load(Relaxed))
             .max()
             .filter(|&ms| ms > 0)?;
         let now = unix_ms();
         Some(Duration::from_millis(now.saturating_sub(newest)))
+    }
+
+    /// The current peers' figures.
+    pub fn peers(&self) -> Vec<Arc<PeerStats>> {
+        self.peers.read().map(|g| g.clone()).unwrap_or_default()
     }
 }
 
@@ -156,11 +161,21 @@ fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Stops a running engine.
+type PendingPeers = Arc<Mutex<Option<Vec<PeerSpec>>>>;
+
+/// Stops a running engine, or changes its peers.
 #[derive(Debug, Clone)]
-pub struct StopHandle(Arc<OwnedFd>);
+pub struct StopHandle(Arc<OwnedFd>, PendingPeers);
 
 impl StopHandle {
+    /// Replaces the peer list (within one timer tick). Peers whose key is
+    /// kept keep their sessions; new ones are added; missing ones removed.
+    pub fn set_peers(&self, peers: Vec<PeerSpec>) {
+        if let Ok(mut g) = self.1.lock() {
+            *g = Some(peers);
+        }
+    }
+
     /// Asks the engine to stop; it returns from [`Engine::run`] promptly.
     pub fn stop(&self) {
         let one: u64 = 1;
@@ -172,6 +187,8 @@ impl StopHandle {
 }
 
 struct Peer {
+    /// Removed by a peer update; its slot stays (session indices name it).
+    removed: bool,
     tunn: Tunn,
     endpoint: Option<SocketAddr>,
     name: Option<(String, u16)>,
@@ -200,6 +217,49 @@ pub struct Engine {
     slot: usize,
     host_dns: Vec<SocketAddr>,
     started: Instant,
+    pending: PendingPeers,
+}
+
+fn new_peer(p: &PeerSpec, slot: usize, key: &StaticSecret, limiter: &Arc<RateLimiter>) -> Peer {
+    let tunn = Tunn::new(
+        key.clone(),
+        PublicKey::from(p.public_key),
+        p.preshared_key.as_deref().copied(),
+        p.keepalive.filter(|&k| k > 0),
+        slot as u32,
+        Some(limiter.clone()),
+    );
+    let stats = Arc::new(PeerStats {
+        public_key: base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            p.public_key,
+        ),
+        endpoint: Mutex::new(p.endpoint),
+        ..Default::default()
+    });
+    Peer {
+        removed: false,
+        tunn,
+        endpoint: p.endpoint,
+        name: p.endpoint_name.clone(),
+        last_lookup: None,
+        lookup_ids: (0, 0),
+        allowed: p.allowed_ips.clone(),
+        stats,
+        static_public: p.public_key,
+    }
+}
+
+/// (prefix, peer slot), longest prefixes first.
+fn route_table(peers: &[Peer]) -> Vec<(IpPrefix, usize)> {
+    let mut routes: Vec<(IpPrefix, usize)> = peers
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| !p.removed)
+        .flat_map(|(i, p)| p.allowed.iter().map(move |a| (*a, i)))
+        .collect();
+    routes.sort_by_key(|r| std::cmp::Reverse(r.0.len()));
+    routes
 }
 
 /// A peer never reached is looked up again after this long.
@@ -253,9 +313,6 @@ impl Engine {
         tun: OwnedFd,
         udp: UdpSocket,
     ) -> io::Result<(Engine, StopHandle, Arc<EngineStats>)> {
-        if cfg.peers.is_empty() {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "no peers"));
-        }
         if cfg.peers.len() > (1 << 24) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -265,42 +322,17 @@ impl Engine {
         let static_private = StaticSecret::from(*cfg.private_key);
         let static_public = PublicKey::from(&static_private);
         let limiter = Arc::new(RateLimiter::new(&static_public, HANDSHAKE_RATE_LIMIT));
-        let mut peers = Vec::with_capacity(cfg.peers.len());
-        let mut routes = Vec::new();
-        let mut stats = EngineStats::default();
-        for (i, p) in cfg.peers.iter().enumerate() {
-            let tunn = Tunn::new(
-                static_private.clone(),
-                PublicKey::from(p.public_key),
-                p.preshared_key.as_deref().copied(),
-                p.keepalive.filter(|&k| k > 0),
-                i as u32,
-                Some(limiter.clone()),
-            );
-            let ps = Arc::new(PeerStats {
-                public_key: base64::Engine::encode(
-                    &base64::engine::general_purpose::STANDARD,
-                    p.public_key,
-                ),
-                endpoint: Mutex::new(p.endpoint),
-                ..Default::default()
-            });
-            stats.peers.push(ps.clone());
-            for a in &p.allowed_ips {
-                routes.push((*a, i));
-            }
-            peers.push(Peer {
-                tunn,
-                endpoint: p.endpoint,
-                name: p.endpoint_name.clone(),
-                last_lookup: None,
-                lookup_ids: (0, 0),
-                allowed: p.allowed_ips.clone(),
-                stats: ps,
-                static_public: p.public_key,
-            });
-        }
-        routes.sort_by_key(|r| std::cmp::Reverse(r.0.len()));
+        let peers: Vec<Peer> = cfg
+            .peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| new_peer(p, i, &static_private, &limiter))
+            .collect();
+        let stats = EngineStats {
+            peers: std::sync::RwLock::new(peers.iter().map(|p| p.stats.clone()).collect()),
+            ..Default::default()
+        };
+        let routes = route_table(&peers);
         // The data path polls: non-blocking reads everywhere, blocking UDP
         // sends (back-pressure instead of drops when the send buffer fills).
         set_nonblocking(tun.as_raw_fd(), true)?;
@@ -319,7 +351,9 @@ impl Engine {
         let stop = Arc::new(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(efd) });
         let slot = (usize::from(cfg.mtu).max(1280) + OVERHEAD + 64).next_multiple_of(64);
         let stats = Arc::new(stats);
+        let pending: PendingPeers = Arc::default();
         let engine = Engine {
+            pending: pending.clone(),
             tun,
             udp,
             udp_v6,
@@ -335,7 +369,7 @@ impl Engine {
             host_dns: cfg.host_dns,
             started: Instant::now(),
         };
-        Ok((engine, StopHandle(stop), stats))
+        Ok((engine, StopHandle(stop, pending), stats))
     }
 
     /// Runs until stopped; returns the first fatal I/O error.
@@ -425,7 +459,7 @@ impl Engine {
                 return self
                     .peers
                     .iter()
-                    .position(|p| p.static_public == half.peer_static_public)
+                    .position(|p| !p.removed && p.static_public == half.peer_static_public)
                     .map(|i| (i, true));
             }
             Packet::HandshakeResponse(r) => {
@@ -436,7 +470,7 @@ impl Engine {
             Packet::PacketData(d) => d.receiver_idx,
         };
         let i = (idx >> 8) as usize;
-        (i < self.peers.len()).then_some((i, false))
+        (i < self.peers.len() && !self.peers[i].removed).then_some((i, false))
     }
 
     fn network_in(&mut self, io: &mut Buffers) -> io::Result<()> {
@@ -670,7 +704,54 @@ impl Engine {
         }
     }
 
+    /// Applies a pending peer update.
+    fn update_peers(&mut self) {
+        let Some(new) = self.pending.lock().ok().and_then(|mut g| g.take()) else {
+            return;
+        };
+        for p in &mut self.peers {
+            if !new.iter().any(|n| n.public_key == p.static_public) {
+                p.removed = true;
+                p.allowed.clear();
+                p.endpoint = None;
+            }
+        }
+        for n in &new {
+            let count = self.peers.len();
+            match self
+                .peers
+                .iter_mut()
+                .find(|p| p.static_public == n.public_key && !p.removed)
+            {
+                Some(p) => {
+                    p.allowed = n.allowed_ips.clone();
+                    if n.endpoint.is_some() {
+                        p.endpoint = n.endpoint;
+                    }
+                }
+                None if count < (1 << 24) => {
+                    let slot = self.peers.len();
+                    let peer = new_peer(n, slot, &self.static_private, &self.limiter);
+                    self.peers.push(peer);
+                }
+                None => warn!("too many peers; one not added"),
+            }
+        }
+        self.routes = route_table(&self.peers);
+        let live: Vec<Arc<PeerStats>> = self
+            .peers
+            .iter()
+            .filter(|p| !p.removed)
+            .map(|p| p.stats.clone())
+            .collect();
+        info!(peers = live.len(), "peers updated");
+        if let Ok(mut g) = self.stats.peers.write() {
+            *g = live;
+        }
+    }
+
     fn timers(&mut self, io: &mut Buffers) {
+        self.update_peers();
         self.lookups();
         let now_ms = unix_ms();
         for p in &mut self.peers {

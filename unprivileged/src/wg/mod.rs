@@ -3,3 +3,4 @@
 
 pub mod conf;
 pub mod engine;
+pub mod server;
