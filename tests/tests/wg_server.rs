@@ -11,9 +11,7 @@ use std::time::Duration;
 
 use common::*;
 use warren_tests::wgexit::WgGoClient;
-use warren_tests::{
-    Helper, Proc, TestDir, TestNs, as_user, bin, ids, require_root, run_limited, wait_for,
-};
+use warren_tests::{Helper, Proc, TestDir, TestNs, bin, ids, require_root, run_limited, wait_for};
 
 /// The three namespaces and what runs in them. `n` picks 198.18.n.0/24.
 struct Lab {
