@@ -64,6 +64,17 @@ pub enum Command {
     Proxy(proxy_cli::ProxyArgs),
     /// Validate configuration files.
     Config(proxy_cli::ConfigArgs),
+    /// Build a complete local setup in throwaway namespaces (a warren
+    /// WireGuard exit with a web server, an instance using it), show a curl
+    /// through it, tear it down on Ctrl-C. Needs root.
+    Demo(crate::demo::DemoArgs),
+    /// The demo's web server (used by `warren demo`).
+    #[command(hide = true)]
+    DemoWeb {
+        /// Address to listen on.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+    },
     /// Start namespace instance NAME whose exit is a WireGuard peer, with
     /// SOCKS5 and HTTP proxies on the host.
     Up(instance_cli::UpArgs),
@@ -195,6 +206,8 @@ pub fn main() -> ExitCode {
             Err(c) => c,
         },
         Command::InstanceWorker => crate::instance::worker::run(),
+        Command::Demo(args) => crate::demo::run(args),
+        Command::DemoWeb { listen } => crate::demo::run_web(listen),
         Command::Proxy(args) => proxy_cli::run_proxy(args),
         Command::Config(args) => proxy_cli::run_config(args),
         Command::Status(args) => proxy_cli::run_status(args),

@@ -9,6 +9,7 @@ pub mod autostart;
 pub mod cli;
 pub mod client_config;
 pub mod config;
+pub mod demo;
 pub mod exit;
 pub mod helper_client;
 pub mod instance;
