@@ -87,6 +87,9 @@ pub enum Command {
     Status(proxy_cli::StatusArgs),
     /// Run an exit for warren's own TLS transports (the far end of `warren client`).
     Server(transport_cli::ServerArgs),
+    /// A local SOCKS5 + HTTP proxy whose traffic goes through a `warren
+    /// server` over TLS or multiplexed TLS (rules pick proxy/direct/block).
+    Client(crate::transport::client_cli::ClientArgs),
     /// Write a self-signed certificate and key for `warren server`, and print its pin.
     Cert(transport_cli::CertArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -216,6 +219,7 @@ pub fn main() -> ExitCode {
             Err(c) => c,
         },
         Command::Cert(args) => transport_cli::run_cert(args),
+        Command::Client(args) => crate::transport::client_cli::run_client(args),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "warren", &mut std::io::stdout());
             exit::code(exit::OK)

@@ -42,7 +42,19 @@ pub struct TunnelEgress {
 }
 
 impl Egress for TunnelEgress {
-    async fn connect(&self, target: &Target) -> std::io::Result<TcpStream> {
+    async fn connect(
+        &self,
+        target: &Target,
+        _: crate::rules::Action,
+    ) -> std::io::Result<crate::proxy::server::Outbound> {
+        self.tcp(target)
+            .await
+            .map(crate::proxy::server::Outbound::Tcp)
+    }
+}
+
+impl TunnelEgress {
+    async fn tcp(&self, target: &Target) -> std::io::Result<TcpStream> {
         let fut = async {
             match target {
                 Target::Addr(a) => TcpStream::connect(a).await,

@@ -133,9 +133,21 @@ async fn reload_loop(
 
 /// Runs `warren proxy`.
 pub fn run_proxy(args: ProxyArgs) -> ExitCode {
+    run_intake(args, "proxy", |direct| Ok(Arc::new(direct)))
+}
+
+/// Runs the SOCKS5/HTTP intake of `warren proxy` and `warren client`:
+/// listeners, rules (reloaded on SIGHUP and file change), the control
+/// socket for `warren status`, and graceful shutdown; `egress` builds where
+/// connections go from the direct egress (with its connect timeout).
+pub fn run_intake<E: super::server::Egress>(
+    args: ProxyArgs,
+    cmd: &str,
+    egress: impl FnOnce(Direct) -> Result<Arc<E>, String>,
+) -> ExitCode {
     crate::cli::init_logging(args.verbose);
     let usage = |m: String| {
-        eprintln!("warren proxy: {m}");
+        eprintln!("warren {cmd}: {m}");
         exit::code(exit::USAGE)
     };
     let env = crate::config::ProcessEnv;
@@ -197,14 +209,21 @@ pub fn run_proxy(args: ProxyArgs) -> ExitCode {
         rules: rules.clone(),
         ..Settings::default()
     });
-    let egress = Arc::new(Direct {
+    let direct = Direct {
         timeout: Duration::from_secs(
             args.connect_timeout
                 .or(cfg.proxy.connect_timeout)
                 .unwrap_or(10)
                 .max(1),
         ),
-    });
+    };
+    let egress = match egress(direct) {
+        Ok(e) => e,
+        Err(m) => {
+            eprintln!("warren {cmd}: {m}");
+            return exit::code(exit::CONFIG);
+        }
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -212,7 +231,7 @@ pub fn run_proxy(args: ProxyArgs) -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("warren proxy: cannot start the runtime: {e}");
+            eprintln!("warren {cmd}: cannot start the runtime: {e}");
             return exit::code(exit::FAILURE);
         }
     };
@@ -228,7 +247,7 @@ pub fn run_proxy(args: ProxyArgs) -> ExitCode {
             let l = match tokio::net::TcpListener::bind(addr).await {
                 Ok(l) => l,
                 Err(e) => {
-                    eprintln!("warren proxy: cannot listen on {addr}: {e}");
+                    eprintln!("warren {cmd}: cannot listen on {addr}: {e}");
                     return exit::code(exit::FAILURE);
                 }
             };
@@ -243,7 +262,7 @@ pub fn run_proxy(args: ProxyArgs) -> ExitCode {
             )));
         }
         if tasks.is_empty() {
-            eprintln!("warren proxy: both listeners are off");
+            eprintln!("warren {cmd}: both listeners are off");
             return exit::code(exit::USAGE);
         }
         let control = match control_socket(&env) {

@@ -20,13 +20,73 @@ use super::socks5::{self, Cmd, Reply};
 use crate::transport::io::{Prefixed, read_until};
 use crate::transport::wire::Target;
 
+/// A connection an egress made: a TCP socket (relayed with splice), or a
+/// stream of a transport (relayed by copying).
+pub enum Outbound {
+    /// A plain TCP connection.
+    Tcp(TcpStream),
+    /// A stream of a tunnel transport.
+    Stream(crate::transport::io::BoxStream),
+}
+
+impl std::fmt::Debug for Outbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outbound::Tcp(t) => f.debug_tuple("Tcp").field(t).finish(),
+            Outbound::Stream(_) => f.write_str("Stream"),
+        }
+    }
+}
+
+impl From<TcpStream> for Outbound {
+    fn from(t: TcpStream) -> Self {
+        Outbound::Tcp(t)
+    }
+}
+
+impl Outbound {
+    fn prepare(&self) {
+        if let Outbound::Tcp(t) = self {
+            let _ = t.set_nodelay(true);
+        }
+    }
+
+    fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Outbound::Tcp(t) => t.local_addr().ok(),
+            Outbound::Stream(_) => None,
+        }
+    }
+
+    async fn write_all(&mut self, b: &[u8]) -> std::io::Result<()> {
+        match self {
+            Outbound::Tcp(t) => t.write_all(b).await,
+            Outbound::Stream(st) => st.write_all(b).await,
+        }
+    }
+}
+
+/// A datagram channel an egress opened for a SOCKS5 UDP association
+/// (frames of [`crate::transport::wire::udp_frame`] over a stream).
+pub type UdpTunnel = crate::transport::io::BoxStream;
+
 /// Where proxied connections go.
 pub trait Egress: Send + Sync + 'static {
-    /// Opens a TCP connection to `target`.
+    /// Opens a connection to `target` for a request the rules sent to
+    /// `action` ([`crate::rules::Action::Proxy`] or `Direct`).
     fn connect(
         &self,
         target: &Target,
-    ) -> impl std::future::Future<Output = std::io::Result<TcpStream>> + Send;
+        action: crate::rules::Action,
+    ) -> impl std::future::Future<Output = std::io::Result<Outbound>> + Send;
+
+    /// A tunnel for UDP associations, if this egress has one (otherwise
+    /// datagrams leave from local sockets).
+    fn udp_tunnel(
+        &self,
+    ) -> impl std::future::Future<Output = Option<std::io::Result<UdpTunnel>>> + Send {
+        std::future::ready(None)
+    }
 }
 
 /// Straight out of this host.
@@ -37,7 +97,14 @@ pub struct Direct {
 }
 
 impl Egress for Direct {
-    async fn connect(&self, target: &Target) -> std::io::Result<TcpStream> {
+    async fn connect(&self, target: &Target, _: crate::rules::Action) -> std::io::Result<Outbound> {
+        self.tcp(target).await.map(Outbound::Tcp)
+    }
+}
+
+impl Direct {
+    /// A TCP connection to `target` from this host, within the timeout.
+    pub async fn tcp(&self, target: &Target) -> std::io::Result<TcpStream> {
         let fut = async {
             match target {
                 Target::Addr(a) => TcpStream::connect(a).await,
@@ -266,7 +333,7 @@ async fn socks<E: Egress>(mut sock: TcpStream, peer: SocketAddr, s: &Settings, e
                     .write_all(&socks5::reply(Reply::NotAllowed, unspecified))
                     .await;
             }
-            let out = match egress.connect(&target).await {
+            let out = match egress.connect(&target, d.action).await {
                 Ok(o) => o,
                 Err(e) => {
                     info!(%peer, %target, error = %e, "connect failed");
@@ -275,13 +342,13 @@ async fn socks<E: Egress>(mut sock: TcpStream, peer: SocketAddr, s: &Settings, e
                         .await;
                 }
             };
-            let _ = out.set_nodelay(true);
+            out.prepare();
             let bound = out.local_addr().unwrap_or(unspecified);
             sock.write_all(&socks5::reply(Reply::Succeeded, bound))
                 .await?;
             relay(sock, rest, out, peer, &target, s).await
         }
-        Cmd::UdpAssociate => udp_associate(sock, peer, &target, s).await,
+        Cmd::UdpAssociate => udp_associate(sock, peer, &target, s, egress).await,
     }
 }
 
@@ -289,9 +356,9 @@ async fn socks<E: Egress>(mut sock: TcpStream, peer: SocketAddr, s: &Settings, e
 /// with splice(2): the bytes never enter user space. `early` is what the
 /// client sent after its request, already read.
 async fn relay(
-    client: TcpStream,
+    mut client: TcpStream,
     early: Vec<u8>,
-    mut out: TcpStream,
+    mut out: Outbound,
     peer: SocketAddr,
     target: &Target,
     s: &Settings,
@@ -300,11 +367,68 @@ async fn relay(
         out.write_all(&early).await?;
         s.counters.bytes_up.fetch_add(early.len() as u64, Relaxed);
     }
-    let (up, down) = super::splice::relay(&client, &out).await?;
+    let (up, down) = match &mut out {
+        Outbound::Tcp(t) => super::splice::relay(&client, t).await?,
+        Outbound::Stream(st) => tokio::io::copy_bidirectional(&mut client, st).await?,
+    };
     s.counters.bytes_up.fetch_add(up, Relaxed);
     s.counters.bytes_down.fetch_add(down, Relaxed);
     debug!(%peer, %target, up, down, "relay done");
     Ok(())
+}
+
+/// UDP frames over a transport stream (one association).
+struct UdpFrames {
+    rd: tokio::io::ReadHalf<UdpTunnel>,
+    wr: tokio::io::WriteHalf<UdpTunnel>,
+    buf: Vec<u8>,
+}
+
+impl UdpFrames {
+    fn new(t: UdpTunnel) -> UdpFrames {
+        let (rd, wr) = tokio::io::split(t);
+        UdpFrames {
+            rd,
+            wr,
+            buf: Vec::with_capacity(4096),
+        }
+    }
+
+    async fn send(&mut self, target: &Target, payload: &[u8]) -> std::io::Result<()> {
+        let f = crate::transport::wire::udp_frame(target, payload)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+        self.wr.write_all(&f).await
+    }
+
+    /// The next datagram from the far end: its source and payload.
+    async fn recv(&mut self) -> std::io::Result<(SocketAddr, Vec<u8>)> {
+        loop {
+            match crate::transport::wire::parse_udp_frame(&self.buf) {
+                Ok(Some(((t, payload), n))) => {
+                    let from = match t {
+                        Target::Addr(a) => a,
+                        Target::Domain(..) => SocketAddr::from(([0, 0, 0, 0], 0)),
+                    };
+                    let p = payload.to_vec();
+                    self.buf.drain(..n);
+                    return Ok((from, p));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        e.to_string(),
+                    ));
+                }
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            let n = self.rd.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
 }
 
 /// The client-facing side of a UDP association: a socket of its own, or
@@ -351,11 +475,12 @@ fn unmap_v4(a: SocketAddr) -> SocketAddr {
 /// come back with the SOCKS header. The relay is a socket of its own on
 /// the control connection's address, or the instance's shared relay. The
 /// association ends with the TCP control connection.
-async fn udp_associate(
+async fn udp_associate<E: Egress>(
     mut ctl: TcpStream,
     peer: SocketAddr,
     announced: &Target,
     s: &Settings,
+    egress: &E,
 ) -> Res {
     let local_ip = ctl.local_addr()?.ip();
     let announced = match announced {
@@ -384,8 +509,26 @@ async fn udp_associate(
     let mut client: Option<SocketAddr> = None;
     let (mut inb, mut outb) = (vec![0u8; 65_536], vec![0u8; 65_536]);
     let mut ctl_buf = [0u8; 64];
+    // Datagrams the rules send to the egress's tunnel (if it has one) go
+    // there as frames, opened on first use.
+    let mut tunnel: Option<UdpFrames> = None;
+    let mut tunnel_failed = false;
     loop {
         tokio::select! {
+            r = async { match tunnel.as_mut() { Some(t) => t.recv().await, None => std::future::pending().await } } => {
+                match r {
+                    Ok((from, payload)) => {
+                        if let Some(c) = client {
+                            s.counters.bytes_down.fetch_add(payload.len() as u64, Relaxed);
+                            let _ = relay.send_to(&socks5::udp_datagram(from, &payload), c).await;
+                        }
+                    }
+                    Err(e) => {
+                        debug!(%peer, error = %e, "UDP tunnel closed");
+                        tunnel = None;
+                    }
+                }
+            }
             r = ctl.read(&mut ctl_buf) => {
                 if matches!(r, Ok(0) | Err(_)) {
                     debug!(%peer, "UDP association ended with its control connection");
@@ -406,9 +549,29 @@ async fn udp_associate(
                     debug!(%peer, "dropped a malformed or fragmented datagram");
                     continue;
                 };
-                if s.rules.get().decide(rule_host(&target)).action == crate::rules::Action::Block {
+                let action = s.rules.get().decide(rule_host(&target)).action;
+                if action == crate::rules::Action::Block {
                     s.counters.blocked.fetch_add(1, Relaxed);
                     continue;
+                }
+                if action == crate::rules::Action::Proxy && !tunnel_failed {
+                    if tunnel.is_none() {
+                        match egress.udp_tunnel().await {
+                            Some(Ok(t)) => tunnel = Some(UdpFrames::new(t)),
+                            Some(Err(e)) => {
+                                info!(%peer, error = %e, "cannot open the UDP tunnel; dropping datagrams for it");
+                                tunnel_failed = true;
+                                continue;
+                            }
+                            None => tunnel_failed = true,
+                        }
+                    }
+                    if let Some(t) = tunnel.as_mut() {
+                        if t.send(&target, payload).await.is_ok() {
+                            s.counters.bytes_up.fetch_add(payload.len() as u64, Relaxed);
+                        }
+                        continue;
+                    }
                 }
                 let dst = match target {
                     Target::Addr(a) => Some(a),
@@ -486,7 +649,7 @@ async fn http_proxy<E: Egress>(
             )
             .await;
     }
-    let mut out = match egress.connect(&req.target).await {
+    let mut out = match egress.connect(&req.target, d.action).await {
         Ok(o) => o,
         Err(e) => {
             info!(%peer, target = %req.target, error = %e, "connect failed");
@@ -500,7 +663,7 @@ async fn http_proxy<E: Egress>(
             return sock.write_all(msg.as_bytes()).await;
         }
     };
-    let _ = out.set_nodelay(true);
+    out.prepare();
     if req.method == "CONNECT" {
         sock.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
             .await?;

@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod cli;
 pub mod client;
+pub mod client_cli;
 pub mod http;
 pub mod io;
 pub mod server;
