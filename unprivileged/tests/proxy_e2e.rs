@@ -14,6 +14,8 @@ struct Proxy {
     child: Child,
     socks: SocketAddr,
     http: SocketAddr,
+    /// Every line the proxy logged so far.
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     /// The proxy's runtime directory (control socket), removed with it.
     _run: tempfile::TempDir,
 }
@@ -43,9 +45,14 @@ fn proxy(extra: &[&str], env: &[(&str, &str)]) -> Proxy {
     // Read the log on a thread (never block the test on it); keep draining
     // it so the proxy never blocks on a full pipe.
     let (tx, rx) = std::sync::mpsc::channel();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log2 = log.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
+            if let Ok(mut l) = log2.lock() {
+                l.push(line.clone());
+            }
             let addr = line
                 .split("listen=")
                 .nth(1)
@@ -72,8 +79,65 @@ fn proxy(extra: &[&str], env: &[(&str, &str)]) -> Proxy {
         child,
         socks,
         http,
+        log,
         _run: run,
     }
+}
+
+#[test]
+fn access_log_has_one_structured_line_per_connection_and_is_off_by_default() {
+    let o = origin("127.0.0.1:0", "logged");
+    let quiet = proxy(&[], &[]);
+    assert_eq!(
+        curl(&[
+            "--socks5",
+            &quiet.socks.to_string(),
+            &format!("http://{o}/")
+        ]),
+        "logged"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !quiet
+            .log
+            .lock()
+            .expect("log")
+            .iter()
+            .any(|l| l.contains("warren::access")),
+        "access log on by default"
+    );
+    let p = proxy(&["--access-log"], &[]);
+    assert_eq!(
+        curl(&["--socks5", &p.socks.to_string(), &format!("http://{o}/")]),
+        "logged"
+    );
+    let line = (0..50)
+        .find_map(|_| {
+            let found = p
+                .log
+                .lock()
+                .expect("log")
+                .iter()
+                .find(|l| l.contains("warren::access"))
+                .cloned();
+            if found.is_none() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            found
+        })
+        .expect("an access log line");
+    for field in [
+        "client=127.0.0.1:",
+        &format!("target={o}"),
+        "rule=\"default\"",
+        "action=Proxy",
+        "bytes_up=",
+        "bytes_down=",
+        "duration_ms=",
+    ] {
+        assert!(line.contains(field), "{field} missing in {line}");
+    }
+    assert!(!line.contains("bytes_down=0 "), "no bytes counted: {line}");
 }
 
 #[test]

@@ -54,6 +54,10 @@ pub struct ProxyArgs {
     /// Log every connection (debug level).
     #[arg(short, long)]
     pub verbose: bool,
+    /// One structured line per finished connection: client, target, rule,
+    /// action, bytes each way, duration (config: `[proxy] access_log`).
+    #[arg(long)]
+    pub access_log: bool,
 }
 
 fn parse_cidr(s: &str) -> Result<(IpAddr, u8), String> {
@@ -206,6 +210,7 @@ pub fn run_intake<E: super::server::Egress>(
             .unwrap_or(10_000)
             .max(1),
         idle_timeout: Duration::from_secs(cfg.proxy.idle_timeout.unwrap_or(300).max(1)),
+        access_log: args.access_log || cfg.proxy.access_log.unwrap_or(false),
         rules: rules.clone(),
         ..Settings::default()
     });

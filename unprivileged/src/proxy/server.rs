@@ -163,6 +163,8 @@ pub struct Settings {
     pub rules: crate::rules::SharedRules,
     /// Counters served to `warren status`.
     pub counters: Arc<super::status::Counters>,
+    /// Log one line per finished connection (target `warren::access`).
+    pub access_log: bool,
     /// A shared host-side UDP relay (namespace instances); otherwise each
     /// association binds its own.
     pub udp_relay: Option<Arc<crate::instance::udpmux::UdpMux>>,
@@ -186,6 +188,7 @@ impl Default for Settings {
             idle_timeout: Duration::from_secs(300),
             rules: crate::rules::SharedRules::default(),
             counters: Arc::default(),
+            access_log: false,
             udp_relay: None,
             resolver: None,
         }
@@ -346,7 +349,7 @@ async fn socks<E: Egress>(mut sock: TcpStream, peer: SocketAddr, s: &Settings, e
             let bound = out.local_addr().unwrap_or(unspecified);
             sock.write_all(&socks5::reply(Reply::Succeeded, bound))
                 .await?;
-            relay(sock, rest, out, peer, &target, s).await
+            relay(sock, rest, out, peer, &target, d, s).await
         }
         Cmd::UdpAssociate => udp_associate(sock, peer, &target, s, egress).await,
     }
@@ -361,16 +364,37 @@ async fn relay(
     mut out: Outbound,
     peer: SocketAddr,
     target: &Target,
+    decision: crate::rules::Decision,
     s: &Settings,
 ) -> Res {
+    let started = std::time::Instant::now();
     if !early.is_empty() {
         out.write_all(&early).await?;
         s.counters.bytes_up.fetch_add(early.len() as u64, Relaxed);
     }
-    let (up, down) = match &mut out {
-        Outbound::Tcp(t) => super::splice::relay(&client, t).await?,
-        Outbound::Stream(st) => tokio::io::copy_bidirectional(&mut client, st).await?,
+    let r = match &mut out {
+        Outbound::Tcp(t) => super::splice::relay(&client, t, s.idle_timeout).await,
+        Outbound::Stream(st) => tokio::io::copy_bidirectional(&mut client, st).await,
     };
+    let (up, down, end) = match &r {
+        Ok((u, d)) => (*u, *d, "closed".to_string()),
+        Err(e) => (0, 0, e.to_string()),
+    };
+    if s.access_log {
+        info!(
+            target: "warren::access",
+            client = %peer,
+            %target,
+            rule = decision.rule.map_or("default".to_string(), |l| format!("line {l}")),
+            action = ?decision.action,
+            bytes_up = up + early.len() as u64,
+            bytes_down = down,
+            duration_ms = started.elapsed().as_millis() as u64,
+            end = %end,
+            "connection"
+        );
+    }
+    let (up, down) = r?;
     s.counters.bytes_up.fetch_add(up, Relaxed);
     s.counters.bytes_down.fetch_add(down, Relaxed);
     debug!(%peer, %target, up, down, "relay done");
@@ -667,10 +691,10 @@ async fn http_proxy<E: Egress>(
     if req.method == "CONNECT" {
         sock.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
             .await?;
-        return relay(sock, rest, out, peer, &req.target, s).await;
+        return relay(sock, rest, out, peer, &req.target, d, s).await;
     }
     // Absolute-form: one request per upstream connection; the body (any
     // framing) and the response are relayed as they are.
     out.write_all(&req.upstream_head()).await?;
-    relay(sock, rest, out, peer, &req.target, s).await
+    relay(sock, rest, out, peer, &req.target, d, s).await
 }

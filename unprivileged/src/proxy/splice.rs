@@ -5,6 +5,8 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
 
 use nix::fcntl::{SpliceFFlags, splice};
 use tokio::io::Interest;
@@ -38,7 +40,7 @@ fn flags() -> SpliceFFlags {
 
 /// One direction: `from` → `to` until `from` ends; then shuts `to`'s write
 /// side. Returns the bytes moved.
-async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
+async fn one_way(from: &TcpStream, to: &TcpStream, seen: &Activity) -> io::Result<u64> {
     // The pipe is made when the first bytes (or the EOF) arrive, so an idle
     // connection holds no pipe (fewer descriptors and no kernel pipe
     // memory for the 10,000-idle-connections case).
@@ -71,16 +73,52 @@ async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
             .await?;
         pipe.held -= n;
         total += n as u64;
+        seen.touch();
     }
     // Propagate the half-close.
     let _ = nix::sys::socket::shutdown(to.as_raw_fd(), nix::sys::socket::Shutdown::Write);
     Ok(total)
 }
 
-/// Relays both ways until both directions have ended. Returns bytes
-/// (a → b, b → a).
-pub async fn relay(a: &TcpStream, b: &TcpStream) -> io::Result<(u64, u64)> {
-    tokio::try_join!(one_way(a, b), one_way(b, a))
+/// When bytes last moved, in ms since the relay started.
+struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        self.last_ms
+            .store(self.start.elapsed().as_millis() as u64, Relaxed);
+    }
+
+    fn idle_for(&self) -> Duration {
+        let now = self.start.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.last_ms.load(Relaxed)))
+    }
+}
+
+/// Relays both ways until both directions have ended, or until no byte
+/// moved either way for `idle` (then `TimedOut`). Returns bytes (a → b,
+/// b → a).
+pub async fn relay(a: &TcpStream, b: &TcpStream, idle: Duration) -> io::Result<(u64, u64)> {
+    let seen = Activity {
+        start: Instant::now(),
+        last_ms: AtomicU64::new(0),
+    };
+    let watch = async {
+        let step = (idle / 4).max(Duration::from_millis(50));
+        loop {
+            tokio::time::sleep(step).await;
+            if seen.idle_for() >= idle {
+                return io::Error::from(io::ErrorKind::TimedOut);
+            }
+        }
+    };
+    tokio::select! {
+        r = async { tokio::try_join!(one_way(a, b, &seen), one_way(b, a, &seen)) } => r,
+        e = watch => Err(e),
+    }
 }
 
 #[cfg(test)]
@@ -103,7 +141,7 @@ mod tests {
         // client <-> (c1 | relay | o1) <-> origin
         let (mut client, c1) = pair().await;
         let (o1, mut origin) = pair().await;
-        let relay = tokio::spawn(async move { relay(&c1, &o1).await });
+        let relay = tokio::spawn(async move { relay(&c1, &o1, Duration::from_secs(30)).await });
         let big = vec![7u8; 3 << 20];
         client.write_all(&big).await.expect("write");
         client.shutdown().await.expect("half-close");
@@ -121,5 +159,27 @@ mod tests {
         assert_eq!(back, b"answer");
         let (up, down) = relay.await.expect("join").expect("relay");
         assert_eq!((up, down), (big.len() as u64, 6));
+    }
+
+    #[tokio::test]
+    async fn an_idle_relay_times_out_but_a_busy_one_does_not() {
+        let (mut client, c1) = pair().await;
+        let (o1, mut origin) = pair().await;
+        let idle = Duration::from_millis(300);
+        let relay = tokio::spawn(async move { relay(&c1, &o1, idle).await });
+        // Traffic every 100 ms for a second keeps it alive.
+        let mut buf = [0u8; 1];
+        for _ in 0..10 {
+            client.write_all(b"x").await.expect("write");
+            origin.read_exact(&mut buf).await.expect("read");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(!relay.is_finished(), "a busy relay timed out");
+        // Then silence: it ends with TimedOut.
+        let r = tokio::time::timeout(Duration::from_secs(5), relay)
+            .await
+            .expect("relay did not time out")
+            .expect("join");
+        assert_eq!(r.expect_err("idle").kind(), io::ErrorKind::TimedOut);
     }
 }
