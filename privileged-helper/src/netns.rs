@@ -7,16 +7,14 @@
 //! short-lived std thread that calls `unshare`/`setns` and then exits; no
 //! tokio worker ever changes namespace (CRATES.md).
 
-use std::ffi::CString;
 use std::fs::File;
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use futures::TryStreamExt;
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sched::{CloneFlags, setns, unshare};
 use thiserror::Error;
@@ -26,8 +24,7 @@ use warren_ipc::instance::{InstanceName, InstanceSpec};
 pub const NETNS_DIR: &str = "/run/netns";
 /// Where per-namespace configuration lives (what `ip netns exec` binds).
 pub const ETC_NETNS_DIR: &str = "/etc/netns";
-/// The TUN device's name inside every instance (each namespace has its own).
-pub const TUN_NAME: &str = "wr0";
+pub use warren_netconf::{TUN_NAME, link_up_with_addresses, open_tun_named};
 
 /// A failed step, with what it was doing.
 #[derive(Debug, Error)]
@@ -207,158 +204,11 @@ pub fn exists(name: &InstanceName) -> bool {
     in_host_mount_ns(|| Ok(path.exists())).unwrap_or(true)
 }
 
-#[repr(C)]
-struct IfReq {
-    name: [u8; libc::IFNAMSIZ],
-    flags: libc::c_short,
-    _pad: [u8; 22],
-}
-
-nix::ioctl_write_int!(tunsetiff, b'T', 202);
-
-/// Opens a TUN device named `name` (no packet information header,
-/// non-blocking, close-on-exec) in the calling thread's namespace. The
-/// device lives as long as a descriptor to it is open.
-pub fn open_tun_named(name: &str) -> io::Result<OwnedFd> {
-    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
-        return Err(io::Error::from(io::ErrorKind::InvalidInput));
-    }
-    let path = CString::new("/dev/net/tun").map_err(io::Error::other)?;
-    // SAFETY: a valid NUL-terminated path and plain flags.
-    let fd = unsafe {
-        libc::open(
-            path.as_ptr(),
-            libc::O_RDWR | libc::O_CLOEXEC | libc::O_NONBLOCK,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just returned by open and is owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut req = IfReq {
-        name: [0; libc::IFNAMSIZ],
-        flags: (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short,
-        _pad: [0; 22],
-    };
-    req.name[..name.len()].copy_from_slice(name.as_bytes());
-    // SAFETY: TUNSETIFF reads an ifreq; `req` is a properly laid out,
-    // initialized ifreq that outlives the call.
-    unsafe { tunsetiff(fd.as_raw_fd(), (&raw const req) as u64) }.map_err(nix_io)?;
-    Ok(fd)
-}
-
-/// The index of link `name`.
-async fn link_index(handle: &rtnetlink::Handle, name: &str) -> io::Result<u32> {
-    let mut links = handle.link().get().match_name(name.to_string()).execute();
-    match links.try_next().await {
-        Ok(Some(l)) => Ok(l.header.index),
-        Ok(None) => Err(io::Error::other(format!("no link {name}"))),
-        Err(e) => Err(io::Error::other(e)),
-    }
-}
-
-/// Sets link `name`'s MTU, brings it up and adds `addrs` (IPv6 without
-/// duplicate address detection, so they are usable at once). Returns its
-/// index.
-pub async fn link_up_with_addresses(
-    handle: &rtnetlink::Handle,
-    name: &str,
-    mtu: u16,
-    addrs: &[warren_ipc::instance::IpPrefix],
-) -> io::Result<u32> {
-    use rtnetlink::LinkUnspec;
-    let index = link_index(handle, name).await?;
-    handle
-        .link()
-        .set(
-            LinkUnspec::new_with_index(index)
-                .mtu(u32::from(mtu))
-                .up()
-                .build(),
-        )
-        .execute()
-        .await
-        .map_err(io::Error::other)?;
-    for a in addrs {
-        let mut req = handle.address().add(index, a.addr(), a.len());
-        if a.addr().is_ipv6() {
-            use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
-            req.message_mut()
-                .attributes
-                .push(AddressAttribute::Flags(AddressFlags::Nodad));
-        }
-        req.execute()
-            .await
-            .map_err(|e| io::Error::other(format!("address {a}: {e}")))?;
-    }
-    Ok(index)
-}
-
-/// Inside the namespace: loopback up; TUN with MTU, addresses (IPv6
-/// without duplicate address detection, usable at once) and routes, up.
-async fn configure(spec: &InstanceSpec) -> io::Result<()> {
-    use rtnetlink::{LinkUnspec, RouteMessageBuilder};
-    let (conn, handle, _) = rtnetlink::new_connection()?;
-    let task = tokio::spawn(conn);
-    let res = async {
-        let lo = link_index(&handle, "lo").await?;
-        handle
-            .link()
-            .set(LinkUnspec::new_with_index(lo).up().build())
-            .execute()
-            .await
-            .map_err(io::Error::other)?;
-        let tun = link_up_with_addresses(&handle, TUN_NAME, spec.mtu, &spec.addresses).await?;
-        for r in &spec.routes {
-            let msg = RouteMessageBuilder::<IpAddr>::new()
-                .destination_prefix(r.addr(), r.len())
-                .map_err(|e| io::Error::other(format!("route {r}: {e}")))?
-                .output_interface(tun)
-                .build();
-            handle
-                .route()
-                .add(msg)
-                .replace()
-                .execute()
-                .await
-                .map_err(|e| io::Error::other(format!("route {r}: {e}")))?;
-        }
-        Ok(())
-    }
-    .await;
-    task.abort();
-    res
-}
-
-fn set_ipv6_disabled() -> io::Result<()> {
-    for knob in ["all", "default", "lo"] {
-        let p = format!("/proc/sys/net/ipv6/conf/{knob}/disable_ipv6");
-        match std::fs::write(&p, b"1") {
-            Ok(()) => {}
-            // No IPv6 in this kernel at all: nothing can leak.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 /// Creates the TUN device in the instance's namespace and configures
 /// everything inside it. Returns the TUN descriptor.
 pub fn create_tun_and_configure(ns: &File, spec: &InstanceSpec) -> Result<OwnedFd, NetError> {
-    in_netns(ns, || {
-        let tun = open_tun_named(TUN_NAME)?;
-        if !spec.has_ipv6() {
-            set_ipv6_disabled()?;
-        }
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        rt.block_on(configure(spec))?;
-        Ok(tun)
-    })
-    .map_err(step("configure the instance's TUN device"))
+    in_netns(ns, || warren_netconf::create_tun_here(spec))
+        .map_err(step("configure the instance's TUN device"))
 }
 
 /// Writes `/etc/netns/warren-NAME/resolv.conf` with only the tunnel's DNS

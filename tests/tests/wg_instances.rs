@@ -722,3 +722,176 @@ fn foreground_up_as_the_user_unit_runs_it_stops_on_sigterm() {
     );
     assert!(wait_for(Duration::from_secs(5), || port_free(sp) && port_free(hp)));
 }
+
+/// A character device node for /dev/net/tun that the test user may open
+/// (this machine's is root-only; most distributions ship it 0666), bound
+/// over /dev/net/tun in a private mount namespace for the user's commands.
+fn user_tun_node(dir: &TestDir) -> std::path::PathBuf {
+    let node = dir.join("tun");
+    let out = run_limited(
+        Command::new("mknod")
+            .args(["-m", "0666"])
+            .arg(&node)
+            .args(["c", "10", "200"]),
+        LIMIT,
+    );
+    assert!(out.status.success(), "mknod: {}", text(&out.stderr));
+    node
+}
+
+/// `warren ARGS` as the test user with `tun` as its /dev/net/tun and no
+/// helper socket.
+fn warren_rootless(user: &User, tun: &Path, args: &[&str]) -> std::process::Output {
+    let script = format!(
+        "mount --bind {} /dev/net/tun && exec setpriv --reuid={} --regid={} --groups={} --inh-caps=-all -- {} \"$@\"",
+        tun.display(),
+        ids::MEMBER,
+        ids::GROUP,
+        ids::GROUP,
+        bin("warren").display()
+    );
+    let mut c = Command::new("unshare");
+    c.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+        "sh",
+        "-c",
+        &script,
+        "sh",
+    ])
+    .arg("--no-autostart")
+    .args(args)
+    .env_clear()
+    .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+    .env("XDG_RUNTIME_DIR", user.dir.path())
+    .env("HOME", user.dir.path())
+    .env("WARREN_HELPER_SOCKET", user.dir.join("no-helper.sock"))
+    .current_dir(user.dir.path());
+    run_limited(&mut c, LIMIT)
+}
+
+#[test]
+fn rootless_instance_without_any_helper() {
+    if !require_root("rootless_instance_without_any_helper") {
+        return;
+    }
+    let exit = WgExit::start("rootless");
+    let user = User::new(
+        "inst-rootless-user",
+        &std::path::PathBuf::from("/nonexistent"),
+        &exit,
+    );
+    let tun = user_tun_node(&user.dir);
+    let name = iname("rl");
+    let (sp, hp) = free_ports();
+    let out = warren_rootless(
+        &user,
+        &tun,
+        &[
+            "up",
+            &name,
+            "--wg",
+            user.conf.to_str().expect("utf-8"),
+            "--socks-port",
+            &sp.to_string(),
+            "--http-port",
+            &hp.to_string(),
+            "--json",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "rootless up: {}\n{}",
+        text(&out.stderr),
+        user.log(&name)
+    );
+    assert!(
+        text(&out.stderr).contains("rootless"),
+        "no notice of the fallback: {}",
+        text(&out.stderr)
+    );
+    let up: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(up["rootless"], true);
+    let worker = up["worker_pid"].as_i64().expect("pid");
+    let socks = format!("127.0.0.1:{sp}");
+    assert_eq!(
+        curl_ok(&["--socks5", &socks, &exit.url_v4("/")]),
+        exit.http_body()
+    );
+    assert_eq!(
+        curl_ok(&["--socks5-hostname", &socks, "http://exit.test/"]),
+        exit.http_body()
+    );
+    assert_eq!(
+        curl_ok(&[
+            "-x",
+            &format!("http://127.0.0.1:{hp}"),
+            "http://www.exit.test/"
+        ]),
+        exit.http_body()
+    );
+    let echoed = socks_udp_echo(
+        socks.parse().expect("addr"),
+        SocketAddr::new(exit.tunnel_v4().into(), 7),
+        b"rootless udp",
+    );
+    assert_eq!(echoed, b"rootless udp");
+    // exec joins the worker's namespaces as the same user.
+    let out = warren_rootless(&user, &tun, &["exec", &name, "--", "id", "-u"]);
+    assert!(out.status.success(), "exec: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), ids::MEMBER.to_string());
+    let out = warren_rootless(
+        &user,
+        &tun,
+        &[
+            "exec",
+            &name,
+            "--",
+            "curl",
+            "-sS",
+            "--max-time",
+            "8",
+            "http://exit.test/",
+        ],
+    );
+    assert_eq!(text(&out.stdout), exit.http_body(), "{}", text(&out.stderr));
+    let st = warren_rootless(&user, &tun, &["status", "--json"]);
+    assert!(
+        text(&st.stdout).contains("\"rootless\":true"),
+        "{}",
+        text(&st.stdout)
+    );
+    // kill -9: the kernel removes the namespaces with the last process; the
+    // ports are free again.
+    let ns_inode = std::fs::read_link(format!("/proc/{worker}/ns/net")).expect("netns link");
+    // SAFETY: kill with a pid of a process this test started.
+    unsafe { libc::kill(worker as i32, libc::SIGKILL) };
+    assert!(
+        wait_for(Duration::from_secs(5), || !pid_alive(worker)),
+        "worker survived kill -9"
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || port_free(sp) && port_free(hp)),
+        "listeners survived the worker"
+    );
+    // No process is left in that network namespace.
+    let left = std::fs::read_dir("/proc")
+        .expect("proc")
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .chars()
+                .all(|c| c.is_ascii_digit())
+        })
+        .filter(|e| std::fs::read_link(e.path().join("ns/net")).is_ok_and(|l| l == ns_inode))
+        .count();
+    assert_eq!(
+        left,
+        0,
+        "processes left in the rootless namespace {}",
+        ns_inode.display()
+    );
+}

@@ -74,6 +74,12 @@ pub struct UpArgs {
     /// With --host: drop all traffic that does not go through the tunnel.
     #[arg(long, requires = "host")]
     pub kill_switch: bool,
+    /// Without the helper: the worker makes its own user and network
+    /// namespace (needs unprivileged user namespaces and a usable
+    /// /dev/net/tun). Chosen by itself, with a notice, when no helper is
+    /// reachable and autostart is off or fails.
+    #[arg(long, conflicts_with = "host")]
+    pub rootless: bool,
 }
 
 /// Arguments of `warren down`.
@@ -218,7 +224,7 @@ fn worker_env() -> Vec<String> {
 struct Prepared {
     name: InstanceName,
     spec: InstanceSpec,
-    worker: Zeroizing<Vec<u8>>,
+    cfg: WorkerConfig,
     socks: TcpListener,
     http: TcpListener,
     udp: UdpSocket,
@@ -226,6 +232,13 @@ struct Prepared {
     endpoint_text: String,
     socks_addr: SocketAddr,
     http_addr: SocketAddr,
+}
+
+/// The worker's configuration line (keys included; wiped when dropped).
+fn worker_json(cfg: &WorkerConfig) -> Result<Zeroizing<Vec<u8>>, String> {
+    let mut v = Zeroizing::new(serde_json::to_vec(cfg).map_err(|e| e.to_string())?);
+    v.push(b'\n');
+    Ok(v)
 }
 
 /// The host's DNS servers (`nameserver` lines of /etc/resolv.conf), for
@@ -361,14 +374,12 @@ fn prepare(args: &UpArgs) -> Result<Prepared, (u8, String)> {
         max_connections: 10_000,
         verbose: args.verbose,
         host: false,
+        rootless: None,
     };
-    let mut worker =
-        Zeroizing::new(serde_json::to_vec(&cfg).map_err(|e| (exit::FAILURE, e.to_string()))?);
-    worker.push(b'\n');
     Ok(Prepared {
         name,
         spec,
-        worker,
+        cfg,
         socks,
         http,
         udp,
@@ -400,9 +411,27 @@ pub fn run_up(args: UpArgs, target: HelperTarget) -> ExitCode {
 }
 
 async fn up(args: UpArgs, target: HelperTarget, p: Prepared, started: Instant) -> ExitCode {
-    let mut helper = match connect_or_autostart(&target.path, &target.policy).await {
-        Ok(h) => h,
-        Err(e) => return crate::cli::report_client_error(&e),
+    let helper = if args.rootless {
+        None
+    } else {
+        match connect_or_autostart(&target.path, &target.policy).await {
+            Ok(h) => Some(h),
+            Err(
+                e @ (ClientError::NoSocket(_)
+                | ClientError::NotListening(_)
+                | ClientError::Autostart(_)),
+            ) => {
+                eprintln!(
+                    "warren up: {e}; starting {} rootless (without the helper)",
+                    p.name
+                );
+                None
+            }
+            Err(e) => return crate::cli::report_client_error(&e),
+        }
+    };
+    let Some(mut helper) = helper else {
+        return up_rootless(args, p, started).await;
     };
     let (_info, tun) = match helper.create_instance(p.spec.clone()).await {
         Ok(x) => x,
@@ -411,38 +440,10 @@ async fn up(args: UpArgs, target: HelperTarget, p: Prepared, started: Instant) -
     // From here on, any failure must take the instance down again.
     match launch(&args, &mut helper, &p, tun).await {
         Ok((pid, handshake_ms)) => {
-            let total = started.elapsed();
-            if args.json {
-                let v = serde_json::json!({
-                    "name": p.name.as_str(),
-                    "socks": p.socks_addr.to_string(),
-                    "http": p.http_addr.to_string(),
-                    "endpoint": p.endpoint_text,
-                    "worker_pid": pid,
-                    "handshake_ms": handshake_ms,
-                    "up_ms": total.as_secs_f64() * 1000.0,
-                });
-                println!("{v}");
-            } else {
-                println!(
-                    "{} is up: SOCKS5 {}, HTTP {}; exit {} (handshake after {} ms, {:.1} ms in all)",
-                    p.name,
-                    p.socks_addr,
-                    p.http_addr,
-                    p.endpoint_text,
-                    handshake_ms,
-                    total.as_secs_f64() * 1000.0
-                );
-                if !args.foreground {
-                    println!(
-                        "  try: curl --socks5-hostname {} http://.../   |   warren exec {} -- CMD   |   warren down {}",
-                        p.socks_addr, p.name, p.name
-                    );
-                }
-            }
-            let _ = std::io::stdout().flush();
+            let pid = pid as u32;
+            report_up(&args, &p, pid, handshake_ms, started, false);
             if args.foreground {
-                return foreground(&mut helper, &p.name, pid).await;
+                return foreground(&mut helper, &p.name, pid as i32).await;
             }
             exit::code(exit::OK)
         }
@@ -465,6 +466,135 @@ async fn up(args: UpArgs, target: HelperTarget, p: Prepared, started: Instant) -
             eprintln!("warren up: {msg}");
             exit::code(exit::FAILURE)
         }
+    }
+}
+
+/// Prints what `up` made.
+fn report_up(
+    args: &UpArgs,
+    p: &Prepared,
+    pid: u32,
+    handshake_ms: u64,
+    started: Instant,
+    rootless: bool,
+) {
+    let total = started.elapsed();
+    if args.json {
+        let v = serde_json::json!({
+            "name": p.name.as_str(),
+            "socks": p.socks_addr.to_string(),
+            "http": p.http_addr.to_string(),
+            "endpoint": p.endpoint_text,
+            "worker_pid": pid,
+            "rootless": rootless,
+            "handshake_ms": handshake_ms,
+            "up_ms": total.as_secs_f64() * 1000.0,
+        });
+        println!("{v}");
+    } else {
+        println!(
+            "{} is up{}: SOCKS5 {}, HTTP {}; exit {} (handshake after {} ms, {:.1} ms in all)",
+            p.name,
+            if rootless { " (rootless)" } else { "" },
+            p.socks_addr,
+            p.http_addr,
+            p.endpoint_text,
+            handshake_ms,
+            total.as_secs_f64() * 1000.0
+        );
+        if !args.foreground {
+            println!(
+                "  try: curl --socks5-hostname {} http://.../   |   warren exec {} -- CMD   |   warren down {}",
+                p.socks_addr, p.name, p.name
+            );
+        }
+    }
+    let _ = std::io::stdout().flush();
+}
+
+/// `up` without the helper: the worker makes its own user and network
+/// namespace.
+async fn up_rootless(args: UpArgs, mut p: Prepared, started: Instant) -> ExitCode {
+    use std::os::fd::AsRawFd;
+    p.cfg.rootless = Some(p.spec.clone());
+    let json = match worker_json(&p.cfg) {
+        Ok(j) => j,
+        Err(e) => return fail("up", e),
+    };
+    let extra = [
+        None,
+        Some(p.udp.as_raw_fd()),
+        Some(p.socks.as_raw_fd()),
+        Some(p.http.as_raw_fd()),
+        Some(p.relay.as_raw_fd()),
+    ];
+    match start_direct_worker(
+        p.name.as_str(),
+        &json,
+        &extra,
+        args.timeout,
+        args.foreground,
+    )
+    .await
+    {
+        Ok((pid, handshake_ms)) => {
+            report_up(&args, &p, pid, handshake_ms, started, true);
+            if args.foreground {
+                return foreground_rootless(pid).await;
+            }
+            exit::code(exit::OK)
+        }
+        Err(msg) => {
+            eprintln!("warren up: {msg}");
+            exit::code(exit::FAILURE)
+        }
+    }
+}
+
+/// `--foreground` without the helper: Ctrl-C ends the worker.
+async fn foreground_rootless(pid: u32) -> ExitCode {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return fail("up", "cannot install signal handlers");
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = int.recv() => break,
+            _ = term.recv() => break,
+            _ = tick.tick() => {
+                if !pid_alive(pid) {
+                    return fail("up", "the worker ended");
+                }
+            }
+        }
+    }
+    stop_worker(pid).await;
+    exit::code(exit::OK)
+}
+
+fn pid_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+}
+
+/// SIGTERM to a rootless worker (ours: same user), then SIGKILL after 3 s;
+/// returns once it is gone.
+async fn stop_worker(pid: u32) {
+    let Ok(p) = i32::try_from(pid) else { return };
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(p, libc::SIGTERM) };
+    for i in 0..100 {
+        if !pid_alive(pid) {
+            return;
+        }
+        if i == 60 {
+            // SAFETY: as above.
+            unsafe { libc::kill(p, libc::SIGKILL) };
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -527,7 +657,7 @@ async fn launch_inner(
     spawned.set(Some(pid));
     drop(theirs);
     drop(tun);
-    ours.write_all(&p.worker)
+    ours.write_all(&worker_json(&p.cfg)?)
         .map_err(|e| format!("cannot configure the worker: {e}"))?;
     // The report, read on a thread (a blocking read of at most a line).
     let wait = Duration::from_secs_f64(args.timeout) + Duration::from_secs(5);
@@ -611,6 +741,19 @@ pub fn run_down(args: DownArgs, target: HelperTarget) -> ExitCode {
         Err(e) => return fail("down", format!("cannot start the async runtime: {e}")),
     };
     rt.block_on(async move {
+        // Rootless instances are this user's own processes.
+        let mut stopped = 0;
+        for (pid, n) in rootless_workers() {
+            if args.all || args.name.as_deref() == Some(n.as_str()) {
+                stop_worker(pid).await;
+                let _ = std::fs::remove_file(status_dir().join(format!("proxy-{pid}.sock")));
+                println!("{n} is down");
+                stopped += 1;
+            }
+        }
+        if stopped > 0 && !args.all {
+            return exit::code(exit::OK);
+        }
         // No helper running means no instance: nothing to start it for.
         let mut helper = match HelperClient::connect(&target.path).await {
             Ok(h) => h,
@@ -675,6 +818,81 @@ pub fn run_down(args: DownArgs, target: HelperTarget) -> ExitCode {
     })
 }
 
+fn status_dir() -> PathBuf {
+    crate::proxy::status::runtime_dir(&crate::config::ProcessEnv)
+}
+
+/// (pid, name) of this user's running rootless workers.
+fn rootless_workers() -> Vec<(u32, String)> {
+    crate::proxy::status::query_all(&status_dir())
+        .into_iter()
+        .filter_map(|s| {
+            let i = s.instance?;
+            i.rootless.then_some((s.pid, i.name))
+        })
+        .collect()
+}
+
+/// `warren exec` for a rootless instance: join the worker's user, network
+/// and mount namespaces (we own them: same user) and run the program as
+/// our child, with our terminal.
+fn exec_rootless(pid: u32, command: &[String]) -> ExitCode {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    let open = |ns: &str| std::fs::File::open(format!("/proc/{pid}/ns/{ns}"));
+    let (user, net, mnt) = match (open("user"), open("net"), open("mnt")) {
+        (Ok(u), Ok(n), Ok(m)) => (u, n, m),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+            return fail(
+                "exec",
+                format!("cannot open the instance's namespaces: {e}"),
+            );
+        }
+    };
+    let fds = [
+        (user.as_raw_fd(), libc::CLONE_NEWUSER),
+        (net.as_raw_fd(), libc::CLONE_NEWNET),
+        (mnt.as_raw_fd(), libc::CLONE_NEWNS),
+    ];
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    let cwd_c = std::ffi::CString::new(cwd.as_os_str().as_encoded_bytes()).unwrap_or_default();
+    let mut cmd = std::process::Command::new(&command[0]);
+    cmd.args(&command[1..]);
+    // SAFETY: between fork and exec only raw system calls (setns, chdir)
+    // on descriptors opened before the fork and a pre-built C string.
+    unsafe {
+        cmd.pre_exec(move || {
+            for (fd, kind) in fds {
+                if libc::setns(fd, kind) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            libc::chdir(cwd_c.as_ptr());
+            Ok(())
+        });
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return fail("exec", format!("cannot run {}: {e}", command[0])),
+    };
+    // Ctrl-C reaches the child through the terminal (same process group);
+    // we only wait for it.
+    // SAFETY: sets SIGINT/SIGQUIT to ignored in this process only (the
+    // child was already started with the defaults).
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGQUIT, libc::SIG_IGN);
+    }
+    match child.wait() {
+        Ok(st) => match (st.code(), st.signal()) {
+            (Some(c), _) => ExitCode::from(c.clamp(0, 255) as u8),
+            (None, Some(sig)) => ExitCode::from((128 + sig).clamp(0, 255) as u8),
+            _ => exit::code(exit::FAILURE),
+        },
+        Err(e) => fail("exec", e),
+    }
+}
+
 /// Runs `warren exec`.
 pub fn run_exec(args: ExecArgs, target: HelperTarget) -> ExitCode {
     let name = match InstanceName::new(&args.name) {
@@ -684,6 +902,12 @@ pub fn run_exec(args: ExecArgs, target: HelperTarget) -> ExitCode {
             return exit::code(exit::USAGE);
         }
     };
+    if let Some((pid, _)) = rootless_workers()
+        .into_iter()
+        .find(|(_, n)| n == name.as_str())
+    {
+        return exec_rootless(pid, &args.command);
+    }
     let cwd = std::env::current_dir()
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_else(|_| "/".into());
@@ -810,6 +1034,7 @@ fn prepare_host(args: &UpArgs) -> Result<HostPrepared, (u8, String)> {
         max_connections: 1,
         verbose: args.verbose,
         host: true,
+        rootless: None,
     };
     let mut worker =
         Zeroizing::new(serde_json::to_vec(&cfg).map_err(|e| (exit::FAILURE, e.to_string()))?);
@@ -882,7 +1107,6 @@ async fn launch_host(
     udp: OwnedFd,
 ) -> Result<(u32, u64), String> {
     use std::os::fd::AsRawFd;
-    use std::os::unix::process::CommandExt;
     if let Some(port) = p.listen_port {
         let addr = nix::sys::socket::SockaddrIn6::from(std::net::SocketAddrV6::new(
             Ipv6Addr::UNSPECIFIED,
@@ -894,19 +1118,45 @@ async fn launch_host(
             format!("cannot bind the tunnel's UDP socket to ListenPort {port}: {e}")
         })?;
     }
+    let (pid, handshake_ms) = start_direct_worker(
+        p.spec.name.as_str(),
+        &p.worker,
+        &[
+            Some(tun.as_raw_fd()),
+            Some(udp.as_raw_fd()),
+            Some(helper.socket().as_raw_fd()),
+        ],
+        args.timeout,
+        false,
+    )
+    .await?;
+    Ok((pid, handshake_ms))
+}
+
+/// Starts `warren instance-worker` as a child of this process (no helper
+/// involved) in a session of its own, with the control socket, the log on
+/// 1 and 2, and `extra` as fds 3, 4, ... (`None` leaves that number
+/// closed); sends it `config` and waits for its report.
+async fn start_direct_worker(
+    name: &str,
+    config: &[u8],
+    extra: &[Option<std::os::fd::RawFd>],
+    timeout: f64,
+    foreground: bool,
+) -> Result<(u32, u64), String> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
     let (mut ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
-    let log = log_path(p.spec.name.as_str());
-    let log_file =
-        open_log(&log).map_err(|e| format!("cannot open the log {}: {e}", log.display()))?;
+    let log = log_path(name);
+    let log_file = if foreground {
+        None
+    } else {
+        Some(open_log(&log).map_err(|e| format!("cannot open the log {}: {e}", log.display()))?)
+    };
+    let out = log_file.as_ref().map_or(2, |f| f.as_raw_fd());
     let exe = std::env::current_exe().map_err(|e| format!("cannot find the warren binary: {e}"))?;
-    let src: Vec<i32> = vec![
-        theirs.as_raw_fd(),
-        log_file.as_raw_fd(),
-        log_file.as_raw_fd(),
-        tun.as_raw_fd(),
-        udp.as_raw_fd(),
-        helper.socket().as_raw_fd(),
-    ];
+    let mut src: Vec<Option<i32>> = vec![Some(theirs.as_raw_fd()), Some(out), Some(out)];
+    src.extend_from_slice(extra);
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("instance-worker");
     // SAFETY: the closure runs between fork and exec and makes only
@@ -916,11 +1166,17 @@ async fn launch_host(
         cmd.pre_exec(move || {
             let base = 100;
             for (i, fd) in src.iter().enumerate() {
-                if libc::dup2(*fd, base + i as i32) < 0 {
+                if let Some(fd) = fd
+                    && libc::dup2(*fd, base + i as i32) < 0
+                {
                     return Err(std::io::Error::last_os_error());
                 }
             }
-            for i in 0..src.len() as i32 {
+            for (i, fd) in src.iter().enumerate() {
+                let i = i as i32;
+                if fd.is_none() {
+                    continue;
+                }
                 if libc::dup2(base + i, i) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -932,12 +1188,12 @@ async fn launch_host(
     }
     let child = cmd
         .spawn()
-        .map_err(|e| format!("cannot start the tunnel's worker: {e}"))?;
+        .map_err(|e| format!("cannot start the worker: {e}"))?;
     let pid = child.id();
     drop(theirs);
-    ours.write_all(&p.worker)
+    ours.write_all(config)
         .map_err(|e| format!("cannot configure the worker: {e}"))?;
-    let wait = Duration::from_secs_f64(args.timeout) + Duration::from_secs(5);
+    let wait = Duration::from_secs_f64(timeout) + Duration::from_secs(5);
     ours.set_read_timeout(Some(wait))
         .map_err(|e| e.to_string())?;
     let line = tokio::task::spawn_blocking(move || {
@@ -949,15 +1205,21 @@ async fn launch_host(
     })
     .await
     .map_err(|e| e.to_string())?
-    .map_err(|e| format!("the worker did not answer: {e}{}", log_hint(&log, false)))?;
-    // The worker is not our child to wait for: it lives on in its own session.
+    .map_err(|e| {
+        format!(
+            "the worker did not answer: {e}{}",
+            log_hint(&log, foreground)
+        )
+    })?;
+    // The worker is not our child to wait for: it lives on in its own
+    // session (it is reaped by init when it ends).
     drop(child);
     match serde_json::from_str::<WorkerReport>(line.trim()) {
         Ok(WorkerReport::Ready { handshake_ms }) => Ok((pid, handshake_ms)),
         Ok(WorkerReport::Failed { reason }) => Err(reason),
         Err(_) => Err(format!(
             "the worker exited before the tunnel came up{}",
-            log_hint(&log, false)
+            log_hint(&log, foreground)
         )),
     }
 }

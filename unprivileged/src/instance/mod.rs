@@ -30,6 +30,7 @@
 
 pub mod cli;
 pub mod dns;
+pub mod rootless;
 pub mod udpmux;
 pub mod worker;
 
@@ -87,6 +88,11 @@ pub struct WorkerConfig {
     /// helper connection that holds the tunnel's lease.
     #[serde(default)]
     pub host: bool,
+    /// Rootless (`warren up --rootless`): no helper; the worker makes its
+    /// own user and network namespace, with this TUN configuration, and
+    /// fd 3 is not passed.
+    #[serde(default)]
+    pub rootless: Option<warren_ipc::instance::InstanceSpec>,
 }
 
 /// The worker's answer on the control socket (one JSON line).
@@ -112,6 +118,9 @@ pub struct InstanceStatus {
     /// A full-host tunnel rather than a namespace instance.
     #[serde(default)]
     pub host: bool,
+    /// Runs without the helper, in the worker's own user namespace.
+    #[serde(default)]
+    pub rootless: bool,
     /// SOCKS5 listener.
     pub socks: String,
     /// HTTP listener.

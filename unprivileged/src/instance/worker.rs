@@ -131,6 +131,21 @@ pub fn run() -> ExitCode {
         }
     };
     crate::cli::init_logging(cfg.verbose);
+    if let Some(spec) = &cfg.rootless {
+        // Before any thread exists: unshare(CLONE_NEWUSER) needs a
+        // single-threaded process.
+        if let Err(e) = super::rootless::enter(&cfg.name, spec) {
+            let reason = format!("cannot set up the rootless namespace: {e}");
+            report(
+                &mut ctl,
+                &WorkerReport::Failed {
+                    reason: reason.clone(),
+                },
+            );
+            error!("{reason}");
+            return exit::code(exit::FAILURE);
+        }
+    }
     match start(cfg, ctl) {
         Ok(code) => code,
         Err(e) => {
@@ -153,8 +168,17 @@ enum Front {
 }
 
 fn start(cfg: WorkerConfig, mut ctl: UnixStream) -> Result<ExitCode, String> {
+    let rootless = cfg.rootless.clone();
     let taken = (|| {
-        let tun = inherit(fds::TUN, "TUN")?;
+        let tun = match &rootless {
+            Some(spec) => warren_netconf::create_tun_here(spec).map_err(|e| {
+                format!("cannot create the TUN device in the rootless namespace: {e}")
+            })?,
+            None => inherit(fds::TUN, "TUN")?,
+        };
+        if rootless.is_some() {
+            super::rootless::drop_capabilities()?;
+        }
         let udp = inherit(fds::UDP, "tunnel UDP socket")?;
         let front = if cfg.host {
             Front::Host {
@@ -377,10 +401,13 @@ async fn serve_instance(
                 cfg.http.to_string(),
             );
             let stats = stats.clone();
+            let rootless = cfg.rootless.is_some();
             let snap = move || {
                 let mut s =
                     counters.snapshot(std::process::id(), vec![socks_s.clone(), http_s.clone()]);
-                s.instance = Some(instance_status(&name, &socks_s, &http_s, &stats));
+                let mut i = instance_status(&name, &socks_s, &http_s, &stats);
+                i.rootless = rootless;
+                s.instance = Some(i);
                 s
             };
             Some(tokio::spawn(crate::proxy::cli::control_loop(
@@ -519,6 +546,7 @@ fn instance_status(name: &str, socks: &str, http: &str, stats: &EngineStats) -> 
     InstanceStatus {
         name: name.into(),
         host: false,
+        rootless: false,
         socks: socks.into(),
         http: http.into(),
         peers: stats
