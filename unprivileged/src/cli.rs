@@ -101,6 +101,13 @@ pub enum Command {
     /// the helper; not for use by hand).
     #[command(hide = true)]
     InstanceWorker,
+    /// Opens host-side connections for an instance's reverse forwards
+    /// (started by `warren up`; not for use by hand).
+    #[command(hide = true)]
+    ForwardConnector {
+        /// The allowed targets, in order.
+        targets: Vec<String>,
+    },
     /// Write man pages for warren and its subcommands into DIR (packaging).
     #[command(hide = true)]
     GenerateMan {
@@ -209,6 +216,7 @@ pub fn main() -> ExitCode {
             Err(c) => c,
         },
         Command::InstanceWorker => crate::instance::worker::run(),
+        Command::ForwardConnector { targets } => crate::instance::forward::run_connector(&targets),
         Command::Demo(args) => crate::demo::run(args),
         Command::DemoWeb { listen } => crate::demo::run_web(listen),
         Command::Proxy(args) => proxy_cli::run_proxy(args),

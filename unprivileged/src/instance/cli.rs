@@ -80,6 +80,15 @@ pub struct UpArgs {
     /// reachable and autostart is off or fails.
     #[arg(long, conflicts_with = "host")]
     pub rootless: bool,
+    /// A port on this host forwarded to an address behind the tunnel:
+    /// tcp:LISTEN=TARGET or udp:LISTEN=TARGET, e.g.
+    /// tcp:127.0.0.1:8080=198.19.1.1:80 (repeatable).
+    #[arg(long = "forward", value_name = "SPEC", conflicts_with = "host")]
+    pub forwards: Vec<crate::instance::forward::Forward>,
+    /// A port on the tunnel side forwarded to a service on this host:
+    /// tcp:TUNNEL_ADDR:PORT=127.0.0.1:PORT (repeatable; TCP only).
+    #[arg(long = "reverse", value_name = "SPEC", conflicts_with = "host")]
+    pub reverses: Vec<crate::instance::forward::Forward>,
 }
 
 /// Arguments of `warren down`.
@@ -225,6 +234,8 @@ struct Prepared {
     name: InstanceName,
     spec: InstanceSpec,
     cfg: WorkerConfig,
+    /// The forwards' host-side sockets and the reverse connector's end.
+    extra: Vec<OwnedFd>,
     socks: TcpListener,
     http: TcpListener,
     udp: UdpSocket,
@@ -234,10 +245,73 @@ struct Prepared {
     http_addr: SocketAddr,
 }
 
-/// The worker's configuration line (keys included; wiped when dropped).
+/// Sends the forwards' sockets (and the connector's end) after the
+/// configuration.
+fn send_extra(ctl: &UnixStream, fds: &[OwnedFd]) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    if fds.is_empty() {
+        return Ok(());
+    }
+    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    crate::instance::forward::send_fds(ctl, &raw)
+        .map_err(|e| format!("cannot hand the forwards to the worker: {e}"))
+}
+
+/// Binds the `--forward` sockets on this host, and starts the connector
+/// for `--reverse`s; returns them in the order the worker expects.
+fn forward_sockets(args: &UpArgs) -> Result<Vec<OwnedFd>, String> {
+    use crate::instance::forward::{MAX_FORWARDS, Proto};
+    if args.forwards.len() > MAX_FORWARDS || args.reverses.len() > MAX_FORWARDS {
+        return Err(format!("at most {MAX_FORWARDS} forwards of each kind"));
+    }
+    let mut out = Vec::new();
+    for f in &args.forwards {
+        let fd: OwnedFd = match f.proto {
+            Proto::Tcp => TcpListener::bind(f.listen).map(OwnedFd::from),
+            Proto::Udp => UdpSocket::bind(f.listen).map(OwnedFd::from),
+        }
+        .map_err(|e| format!("--forward: cannot listen on {}: {e}", f.listen))?;
+        out.push(fd);
+    }
+    if !args.reverses.is_empty() {
+        for r in &args.reverses {
+            if r.proto != Proto::Tcp {
+                return Err(format!("--reverse {}: only tcp is supported", r.target));
+            }
+            if r.target.parse::<SocketAddr>().is_err() {
+                return Err(format!(
+                    "--reverse: the host-side target {:?} must be ADDRESS:PORT",
+                    r.target
+                ));
+            }
+        }
+        let (worker_end, connector_end) =
+            UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
+        let exe =
+            std::env::current_exe().map_err(|e| format!("cannot find the warren binary: {e}"))?;
+        use std::os::unix::process::CommandExt;
+        std::process::Command::new(exe)
+            .arg("forward-connector")
+            .args(args.reverses.iter().map(|r| r.target.clone()))
+            .stdin(std::process::Stdio::from(OwnedFd::from(connector_end)))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .process_group(0)
+            .spawn()
+            .map_err(|e| format!("cannot start the reverse-forward connector: {e}"))?;
+        out.push(OwnedFd::from(worker_end));
+    }
+    Ok(out)
+}
+
+/// The worker's configuration message: a 4-byte big-endian length and the
+/// JSON (keys included; wiped when dropped).
 fn worker_json(cfg: &WorkerConfig) -> Result<Zeroizing<Vec<u8>>, String> {
-    let mut v = Zeroizing::new(serde_json::to_vec(cfg).map_err(|e| e.to_string())?);
-    v.push(b'\n');
+    let body = Zeroizing::new(serde_json::to_vec(cfg).map_err(|e| e.to_string())?);
+    let len = u32::try_from(body.len()).map_err(|_| "configuration too large".to_string())?;
+    let mut v = Zeroizing::new(Vec::with_capacity(body.len() + 4));
+    v.extend_from_slice(&len.to_be_bytes());
+    v.extend_from_slice(&body);
     Ok(v)
 }
 
@@ -375,11 +449,15 @@ fn prepare(args: &UpArgs) -> Result<Prepared, (u8, String)> {
         verbose: args.verbose,
         host: false,
         rootless: None,
+        forwards: args.forwards.clone(),
+        reverses: args.reverses.clone(),
     };
+    let extra = forward_sockets(args).map_err(|e| (exit::FAILURE, e))?;
     Ok(Prepared {
         name,
         spec,
         cfg,
+        extra,
         socks,
         http,
         udp,
@@ -531,6 +609,7 @@ async fn up_rootless(args: UpArgs, mut p: Prepared, started: Instant) -> ExitCod
     match start_direct_worker(
         p.name.as_str(),
         &json,
+        &p.extra,
         &extra,
         args.timeout,
         args.foreground,
@@ -659,6 +738,7 @@ async fn launch_inner(
     drop(tun);
     ours.write_all(&worker_json(&p.cfg)?)
         .map_err(|e| format!("cannot configure the worker: {e}"))?;
+    send_extra(&ours, &p.extra)?;
     // The report, read on a thread (a blocking read of at most a line).
     let wait = Duration::from_secs_f64(args.timeout) + Duration::from_secs(5);
     ours.set_read_timeout(Some(wait))
@@ -1035,10 +1115,10 @@ fn prepare_host(args: &UpArgs) -> Result<HostPrepared, (u8, String)> {
         verbose: args.verbose,
         host: true,
         rootless: None,
+        forwards: Vec::new(),
+        reverses: Vec::new(),
     };
-    let mut worker =
-        Zeroizing::new(serde_json::to_vec(&cfg).map_err(|e| (exit::FAILURE, e.to_string()))?);
-    worker.push(b'\n');
+    let worker = worker_json(&cfg).map_err(|e| (exit::FAILURE, e))?;
     Ok(HostPrepared {
         spec,
         worker,
@@ -1121,6 +1201,7 @@ async fn launch_host(
     let (pid, handshake_ms) = start_direct_worker(
         p.spec.name.as_str(),
         &p.worker,
+        &[],
         &[
             Some(tun.as_raw_fd()),
             Some(udp.as_raw_fd()),
@@ -1140,6 +1221,7 @@ async fn launch_host(
 async fn start_direct_worker(
     name: &str,
     config: &[u8],
+    after: &[OwnedFd],
     extra: &[Option<std::os::fd::RawFd>],
     timeout: f64,
     foreground: bool,
@@ -1193,6 +1275,7 @@ async fn start_direct_worker(
     drop(theirs);
     ours.write_all(config)
         .map_err(|e| format!("cannot configure the worker: {e}"))?;
+    send_extra(&ours, after)?;
     let wait = Duration::from_secs_f64(timeout) + Duration::from_secs(5);
     ours.set_read_timeout(Some(wait))
         .map_err(|e| e.to_string())?;

@@ -30,6 +30,7 @@
 
 pub mod cli;
 pub mod dns;
+pub mod forward;
 pub mod rootless;
 pub mod udpmux;
 pub mod worker;
@@ -93,6 +94,13 @@ pub struct WorkerConfig {
     /// fd 3 is not passed.
     #[serde(default)]
     pub rootless: Option<warren_ipc::instance::InstanceSpec>,
+    /// `--forward`s: their host-side sockets follow the configuration on
+    /// the control socket, in this order.
+    #[serde(default)]
+    pub forwards: Vec<forward::Forward>,
+    /// `--reverse`s: the connector's socket follows the forwards' sockets.
+    #[serde(default)]
+    pub reverses: Vec<forward::Forward>,
 }
 
 /// The worker's answer on the control socket (one JSON line).

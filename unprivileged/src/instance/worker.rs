@@ -7,7 +7,7 @@
 //! host-side listeners. Its outbound connections are made inside the
 //! namespace, so they leave through the TUN and the tunnel.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -100,15 +100,23 @@ fn report(ctl: &mut UnixStream, r: &WorkerReport) {
     let _ = ctl.write_all(&line);
 }
 
+/// Reads the configuration: a 4-byte big-endian length, then that much
+/// JSON (read exactly, so descriptors sent after it stay in the socket).
 fn read_config(ctl: &mut UnixStream) -> Result<WorkerConfig, String> {
     ctl.set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(|e| e.to_string())?;
-    let mut line = Zeroizing::new(Vec::new());
-    BufReader::new(ctl.take(MAX_CONFIG))
-        .read_until(b'\n', &mut line)
+    let mut len = [0u8; 4];
+    ctl.read_exact(&mut len)
         .map_err(|e| format!("reading the configuration: {e}"))?;
-    let cfg = serde_json::from_slice(&line).map_err(|e| format!("bad configuration: {e}"));
-    line.zeroize();
+    let len = u64::from(u32::from_be_bytes(len));
+    if len > MAX_CONFIG {
+        return Err(format!("configuration of {len} bytes is too large"));
+    }
+    let mut body = Zeroizing::new(vec![0u8; len as usize]);
+    ctl.read_exact(&mut body)
+        .map_err(|e| format!("reading the configuration: {e}"))?;
+    let cfg = serde_json::from_slice(&body).map_err(|e| format!("bad configuration: {e}"));
+    body.zeroize();
     cfg
 }
 
@@ -131,6 +139,25 @@ pub fn run() -> ExitCode {
         }
     };
     crate::cli::init_logging(cfg.verbose);
+    // The forwards' host-side sockets and the reverse connector, if any.
+    let n_extra = cfg.forwards.len() + usize::from(!cfg.reverses.is_empty());
+    let extra = if n_extra > 0 {
+        match super::forward::recv_fds(&ctl, n_extra) {
+            Ok(v) => v,
+            Err(e) => {
+                let reason = format!("receiving the forwards' sockets: {e}");
+                report(
+                    &mut ctl,
+                    &WorkerReport::Failed {
+                        reason: reason.clone(),
+                    },
+                );
+                return exit::code(exit::FAILURE);
+            }
+        }
+    } else {
+        Vec::new()
+    };
     if let Some(spec) = &cfg.rootless {
         // Before any thread exists: unshare(CLONE_NEWUSER) needs a
         // single-threaded process.
@@ -146,7 +173,7 @@ pub fn run() -> ExitCode {
             return exit::code(exit::FAILURE);
         }
     }
-    match start(cfg, ctl) {
+    match start(cfg, ctl, extra) {
         Ok(code) => code,
         Err(e) => {
             error!("{e}");
@@ -167,7 +194,7 @@ enum Front {
     Host { helper: OwnedFd },
 }
 
-fn start(cfg: WorkerConfig, mut ctl: UnixStream) -> Result<ExitCode, String> {
+fn start(cfg: WorkerConfig, mut ctl: UnixStream, extra: Vec<OwnedFd>) -> Result<ExitCode, String> {
     let rootless = cfg.rootless.clone();
     let taken = (|| {
         let tun = match &rootless {
@@ -304,9 +331,8 @@ fn start(cfg: WorkerConfig, mut ctl: UnixStream) -> Result<ExitCode, String> {
         Front::Proxies { socks, http, relay } => rt.block_on(serve_instance(
             cfg,
             ctl,
-            socks,
-            http,
-            relay,
+            [socks, http, relay],
+            extra,
             stats,
             handshake_ms,
         )),
@@ -320,9 +346,8 @@ fn start(cfg: WorkerConfig, mut ctl: UnixStream) -> Result<ExitCode, String> {
 async fn serve_instance(
     cfg: WorkerConfig,
     mut ctl: UnixStream,
-    socks: OwnedFd,
-    http: OwnedFd,
-    relay: OwnedFd,
+    [socks, http, relay]: [OwnedFd; 3],
+    mut extra: Vec<OwnedFd>,
     stats: Arc<EngineStats>,
     handshake_ms: u64,
 ) -> ExitCode {
@@ -360,6 +385,11 @@ async fn serve_instance(
         dns: dns.clone(),
         timeout: Duration::from_millis(cfg.connect_timeout_ms.max(100)),
     });
+    let connector = (!cfg.reverses.is_empty()).then(|| extra.pop()).flatten();
+    super::forward::start_forwards(&cfg.forwards, extra, egress.clone(), dns.clone());
+    if let Some(c) = connector {
+        super::forward::start_reverses(&cfg.reverses, UnixStream::from(c));
+    }
     let loopback: Vec<(IpAddr, u8)> = vec![
         (IpAddr::from([127, 0, 0, 0]), 8),
         (IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1]), 128),
