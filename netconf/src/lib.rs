@@ -16,6 +16,8 @@ use warren_ipc::instance::InstanceSpec;
 
 /// The TUN device's name inside every instance (each namespace has its own).
 pub const TUN_NAME: &str = "wr0";
+/// Transmit queue length of warren's TUN devices (packets).
+pub const TX_QUEUE_LEN: u32 = 4096;
 
 fn nix_io(e: nix::Error) -> io::Error {
     io::Error::from(e)
@@ -88,6 +90,9 @@ pub async fn link_up_with_addresses(
         .set(
             LinkUnspec::new_with_index(index)
                 .mtu(u32::from(mtu))
+                // The default 500-packet queue overflows when the reader
+                // (the WireGuard worker) falls behind for a moment.
+                .txqueuelen(TX_QUEUE_LEN)
                 .up()
                 .build(),
         )
