@@ -14,7 +14,7 @@ bindir=$PREFIX/bin
 unitdir=${UNITDIR:-/etc/systemd/system}
 userunitdir=${USERUNITDIR:-/etc/systemd/user}
 files=(
-  "$bindir/warren" "$bindir/warren-helper"
+  "$bindir/warren" "$bindir/warren-helper" "$bindir/warren-worker"
   "$unitdir/warren-helper.socket" "$unitdir/warren-helper.service"
   "$userunitdir/warren-proxy.service" "$userunitdir/warren-instance@.service"
   /etc/sudoers.d/warren
@@ -50,6 +50,7 @@ trap 'rm -rf "$gen"' EXIT
 inst() { install -D -m "$1" "$2" "$DESTDIR$3"; }
 inst 755 "$target/release/warren" "$bindir/warren"
 inst 755 "$target/release/warren-helper" "$bindir/warren-helper"
+inst 755 "$target/release/warren-worker" "$bindir/warren-worker"
 for u in warren-helper.socket warren-helper.service; do
   sed "s#/usr/bin/#$bindir/#g" "systemd/$u" >"$gen/$u"
   inst 644 "$gen/$u" "$unitdir/$u"

@@ -29,7 +29,7 @@ cleanup() {
 trap cleanup EXIT
 
 check "dpkg -i installs the package" dpkg -i "$deb"
-check "binaries installed" test -x /usr/bin/warren -a -x /usr/bin/warren-helper
+check "binaries installed" test -x /usr/bin/warren -a -x /usr/bin/warren-helper -a -x /usr/bin/warren-worker
 check "group warren created" bash -c "getent group warren >/dev/null"
 check "sudoers snippet is 0440 and valid" \
   bash -c '[[ $(stat -c %a /etc/sudoers.d/warren) = 440 ]] && visudo -c -f /etc/sudoers.d/warren >/dev/null'
@@ -68,7 +68,7 @@ check "the autostarted helper stops on SIGTERM" grep -q "^stopped" <<<"$out"
 
 check "dpkg --purge removes the package" dpkg --purge warren
 purged=1
-check "no binaries left" bash -c '! ls /usr/bin/warren /usr/bin/warren-helper 2>/dev/null'
+check "no binaries left" bash -c '! ls /usr/bin/warren /usr/bin/warren-helper /usr/bin/warren-worker 2>/dev/null'
 check "no units left" bash -c '! ls /usr/lib/systemd/system/warren-helper.* /usr/lib/systemd/user/warren-* 2>/dev/null'
 check "no sudoers snippet left" test ! -e /etc/sudoers.d/warren
 check "no group left" bash -c '! getent group warren'

@@ -259,9 +259,14 @@ pub fn init_logging(verbose: bool) {
     };
     // boringtun reports routine re-handshakes after idle periods as
     // warnings; warren's engine logs what matters about peers itself.
-    let filter = Targets::new()
-        .with_default(level)
-        .with_target("boringtun", if verbose { LevelFilter::DEBUG } else { LevelFilter::ERROR });
+    let filter = Targets::new().with_default(level).with_target(
+        "boringtun",
+        if verbose {
+            LevelFilter::DEBUG
+        } else {
+            LevelFilter::ERROR
+        },
+    );
     let _ = tracing_subscriber::registry()
         .with(
             tracing_subscriber::fmt::layer()

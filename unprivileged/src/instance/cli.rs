@@ -245,6 +245,18 @@ struct Prepared {
     http_addr: SocketAddr,
 }
 
+/// How to start a worker: `warren-worker` beside this binary (a small
+/// program: less memory per instance), else `warren instance-worker`.
+fn worker_argv() -> Result<Vec<String>, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find the warren binary: {e}"))?;
+    let small = exe.with_file_name("warren-worker");
+    Ok(if small.is_file() {
+        vec![small.to_string_lossy().into_owned()]
+    } else {
+        vec![exe.to_string_lossy().into_owned(), "instance-worker".into()]
+    })
+}
+
 /// Sends the forwards' sockets (and the connector's end) after the
 /// configuration.
 fn send_extra(ctl: &UnixStream, fds: &[OwnedFd]) -> Result<(), String> {
@@ -709,10 +721,9 @@ async fn launch_inner(
         Some(f) => (f.as_fd(), f.as_fd()),
         None => (stderr.as_fd(), stderr.as_fd()),
     };
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find the warren binary: {e}"))?;
     let spec = SpawnSpec {
         instance: p.name.clone(),
-        argv: vec![exe.to_string_lossy().into_owned(), "instance-worker".into()],
+        argv: worker_argv()?,
         env: worker_env(),
         cwd: "/".into(),
         n_fds: 0,
@@ -1236,11 +1247,11 @@ async fn start_direct_worker(
         Some(open_log(&log).map_err(|e| format!("cannot open the log {}: {e}", log.display()))?)
     };
     let out = log_file.as_ref().map_or(2, |f| f.as_raw_fd());
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find the warren binary: {e}"))?;
+    let argv = worker_argv()?;
     let mut src: Vec<Option<i32>> = vec![Some(theirs.as_raw_fd()), Some(out), Some(out)];
     src.extend_from_slice(extra);
-    let mut cmd = std::process::Command::new(exe);
-    cmd.arg("instance-worker");
+    let mut cmd = std::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..]);
     // SAFETY: the closure runs between fork and exec and makes only
     // async-signal-safe system calls (dup2, close, setsid) on descriptors
     // that are open in the child; it allocates nothing.
