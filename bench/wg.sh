@@ -44,17 +44,9 @@ export RESULTS=${RESULTS:-$(mktemp /tmp/warren-bench-wg.XXXXXX.tsv)}
 CMDLINE="RUNS=$RUNS DURATION=$DURATION RUNS_UP=$RUNS_UP ANCHOR_RUNS=$ANCHOR_RUNS$([[ $PROFILE == 0 ]] || echo " PROFILE=$PROFILE") bench/wg.sh"
 
 # ---------------------------------------------------------------- build (bounded retries)
-TARGET=${CARGO_TARGET_DIR:-$REPO/target}
-for ((try = 1; ; try++)); do
-  if cargo build --release --locked --bins >/tmp/warren-bench-wg-build.$$.log 2>&1; then break; fi
-  if (( try >= BUILD_TRIES )); then
-    tail -20 /tmp/warren-bench-wg-build.$$.log >&2; rm -f /tmp/warren-bench-wg-build.$$.log
-    echo "cargo build failed $try times" >&2; exit 1
-  fi
-  echo "cargo build failed (others mid-edit?); retry $((try + 1))/$BUILD_TRIES in 60 s" >&2
-  sleep 60
-done
-rm -f /tmp/warren-bench-wg-build.$$.log
+# shellcheck source=wg_lib.sh
+source "$REPO/bench/wg_lib.sh"   # build, helper, warren_up, counters, round loop (shared with wg_more.sh)
+wg_build
 
 # shellcheck source=../../shared/bench-anchors/lib.sh
 source "$ANCHORS/lib.sh"   # cleanup stack, start_bg/kill_tree, make_ns/veth, wg_start, guards
@@ -73,11 +65,7 @@ RAW=${RESULTS%.tsv}.raw
 : >"$RAW"
 log "raw per-run values: $RAW; results TSV: $RESULTS; logs: $LOGDIR"
 
-# Binaries copied away, so a concurrent `cargo build` cannot swap them mid-run.
-BIN=$LOGDIR/bin
-mkdir -p "$BIN"
-cp "$TARGET/release/warren" "$TARGET/release/warren-helper" "$BIN/"
-chmod 755 "$LOGDIR" "$BIN"
+wg_copy_bins   # BIN=$LOGDIR/bin: copies, so a concurrent `cargo build` cannot swap them mid-run
 
 # ---------------------------------------------------------------- topology + exit
 make_ns "$NX"; make_ns "$NC"
@@ -111,21 +99,11 @@ start_bg iperf-srv ip netns exec "$NX" iperf3 -s -p 5201; PID_IPERF=$LAST_PID
 wait_for "iperf3 server" 10 tcp_listening "$NX" 5201
 
 # ---------------------------------------------------------------- helper + warren
-XDG=$LOGDIR/xdg HOMED=$LOGDIR/home HDIR=$LOGDIR/helper
-mkdir -p "$XDG" "$HOMED" "$HDIR"; chmod 700 "$XDG"; chmod 755 "$HDIR"
-"$BIN/warren-helper" serve --socket "$HDIR/h.sock" --group 0 --config /nonexistent 2>"$LOGDIR/helper.log" &
-PID_HELPER=$!
 # Cleanup runs in reverse: `warren down --all` first, then the helper
 # (whose shutdown removes whatever is left), then leftovers by name.
 I_A=${P}$$a I_B=${P}$$b I_U=${P}$$u
 for i in $I_A $I_B $I_U; do add_cleanup "ip netns del warren-$i; rm -rf /etc/netns/warren-$i"; done
-add_cleanup "kill_tree $PID_HELPER"
-W=(env -i PATH="$PATH" XDG_RUNTIME_DIR="$XDG" HOME="$HOMED" WARREN_HELPER_SOCKET="$HDIR/h.sock"
-   ${WARREN_WG_SOCKBUF:+WARREN_WG_SOCKBUF=$WARREN_WG_SOCKBUF})
-add_cleanup "timeout 20 ${W[*]} $BIN/warren --no-autostart down --all"
-wait_for "warren-helper socket" 10 test -S "$HDIR/h.sock"
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+setup_host_warren   # helper on $LOGDIR/helper/h.sock (PID_HELPER), W = env of every warren call
 # Each instance also gets an IPv6 address: with IPv4 only, the helper turns
 # IPv6 off in the namespace and then fails to add the ::/0 route (EACCES).
 write_conf() { # write_conf KEY N FILE
@@ -145,12 +123,6 @@ EOF
 write_conf a 2 "$LOGDIR/a.conf"
 write_conf b 4 "$LOGDIR/b.conf"
 write_conf u 6 "$LOGDIR/u.conf"
-json_get() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$1" "$2"; }
-warren_up() { # warren_up NAME CONF SOCKS_PORT HTTP_PORT [ENV...] -> prints the --json line
-  local name=$1 conf=$2 sp=$3 hp=$4; shift 4
-  timeout 30 "${W[@]}" "$@" "$BIN/warren" --no-autostart up "$name" --wg "$conf" \
-    --socks-port "$sp" --http-port "$hp" --json
-}
 UP_A=$(warren_up "$I_A" "$LOGDIR/a.conf" "$(free_port)" "$(free_port)") || die "warren up $I_A failed (see $XDG/warren/)"
 UP_B=$(warren_up "$I_B" "$LOGDIR/b.conf" "$(free_port)" "$(free_port)" WARREN_WG_GSO=0) || die "warren up $I_B failed"
 PID_A=$(json_get "$UP_A" worker_pid); PID_B=$(json_get "$UP_B" worker_pid)
@@ -160,20 +132,10 @@ LOG_A=$XDG/warren/instance-$I_A.log LOG_B=$XDG/warren/instance-$I_B.log
 
 # ---------------------------------------------------------------- 3a. idle RSS
 sleep 2
-rss_line() { # rss_line WHO PHASE PID
-  echo "kind=rss who=$1 phase=$2 rss=$(rss_kib "$3") hwm=$(hwm_kib "$3") threads=$(awk '/^Threads:/{print $2}' "/proc/$3/status")" >>"$RAW"
-}
 rss_line warren-gso idle "$PID_A"; rss_line warren-nogso idle "$PID_B"
 rss_line wggo-client idle "$PID_C"; rss_line wggo-exit idle "$PID_X"
 
 # ---------------------------------------------------------------- 1. throughput
-udp_rcvbuf() { # udp_rcvbuf NETNS|-
-  nsexec "$1" awk '/^Udp:/{n++; if(n==1){for(i=1;i<=NF;i++) h[i]=$i} else {for(i=1;i<=NF;i++) if(h[i]=="RcvbufErrors") print $i}}' /proc/net/snmp
-}
-tun_drops() { # tun_drops NETNS IF: rx_dropped + tx_dropped
-  ip netns exec "$1" sh -c "cat /sys/class/net/$2/statistics/rx_dropped /sys/class/net/$2/statistics/tx_dropped" 2>/dev/null |
-    awk '{s+=$1} END{print s+0}'
-}
 counters() {
   echo "$(udp_rcvbuf -) $(udp_rcvbuf "$NX") $(udp_rcvbuf "$NC") $(tun_drops "warren-$I_A" wr0)" \
        "$(tun_drops "warren-$I_B" wr0) $(tun_drops "$NX" "$IFX") $(tun_drops "$NC" "$IFC")"
@@ -190,8 +152,7 @@ iperf_cmd() { # iperf_cmd CFG -> sets CMD (array) and WPID (worker pid or 0)
   esac
 }
 CONFIGS=(warren-P1 wggo-P1 veth-P1 warren-nogso-P1 warren-P4 wggo-P4 veth-P4 warren-nogso-P4 warren-R wggo-R)
-cpu_pct() { awk -v a="$1" -v b="$2" -v t="$CLK_TCK" -v e="$3" 'BEGIN{printf "%.1f", (b-a)/t/e*100}'; }
-FAILS=0 LAST_TRY=0
+FAILS=0
 restart_iperf_server() {
   stop_bg "$PID_IPERF"
   start_bg iperf-srv ip netns exec "$NX" iperf3 -s -p 5201; PID_IPERF=$LAST_PID
@@ -219,14 +180,7 @@ run_one() {
   el=$(awk -v a="$t0" -v b="$t1" 'BEGIN{print b-a}')
   busy=$(awk -v a="$sb" -v b="$sb2" -v c="$st" -v d="$st2" -v n="$(nproc)" 'BEGIN{printf "%.1f", (b-a)/((d-c)>0?(d-c):1)*100*n}')
   fpct=$(cpu_pct "$f0" "$f1" "$el")
-  if awk -v f="$fpct" -v m="$FOREIGN_MAX" -v d=$((f1 - f0)) -v mt="$FOREIGN_MIN_TICKS" 'BEGIN{exit !(f > m && d >= mt)}'; then
-    if (( _retries_left > 0 && ! LAST_TRY )); then
-      _retries_left=$((_retries_left - 1))
-      log "$cfg round $round disturbed by other processes (${fpct}% of one core); redoing it ($_retries_left redos left)"
-      return 2
-    fi
-    log "WARNING: $cfg round $round disturbed (${fpct}% of one core), no redos left; keeping it"; QUIET_WARN=1
-  fi
+  if should_redo "$cfg" "$round" "$fpct" $((f1 - f0)); then return 2; fi
   read -r gbps retr icpu scpu <<<"$($REPORT iperf "$j")"
   echo "kind=tput cfg=$cfg round=$round gbps=$gbps retr=$retr iperf_client_cpu=$icpu iperf_server_cpu=$scpu" \
        "worker_cpu=$( ((WPID)) && cpu_pct "$wa" "$wb" "$el" || echo NA)" \
@@ -239,19 +193,7 @@ run_one() {
 if [[ $WARMUP == 1 ]]; then
   for cfg in warren-P1 warren-nogso-P1 wggo-P1 veth-P1; do run_one "$cfg" warmup 1 || true; done
 fi
-n=${#CONFIGS[@]}
-for ((r = 1; r <= RUNS; r++)); do
-  wait_quiet
-  for ((k = 0; k < n; k++)); do
-    cfg=${CONFIGS[$(( (k + r - 1) % n ))]}
-    for try in 1 2 3; do   # redo a disturbed or failed run (bounded by RETRIES and the failure limit)
-      LAST_TRY=$(( try == 3 ))
-      rc=0; run_one "$cfg" "$r" || rc=$?
-      [[ $rc == 0 ]] && break
-      [[ $rc == 2 ]] && wait_quiet
-    done
-  done
-done
+run_rounds   # RUNS rounds over CONFIGS, rotated, disturbed runs redone (wg_lib.sh)
 
 # ---------------------------------------------------------------- 3b. RSS after load
 rss_line warren-gso loaded "$PID_A"; rss_line warren-nogso loaded "$PID_B"
