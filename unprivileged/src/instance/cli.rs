@@ -827,85 +827,72 @@ async fn foreground(helper: &mut HelperClient, name: &InstanceName, pid: i32) ->
 
 /// Runs `warren down`.
 pub fn run_down(args: DownArgs, target: HelperTarget) -> ExitCode {
+    let wanted = match &args.name {
+        Some(raw) => match InstanceName::new(raw) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                eprintln!("warren down: instance name {raw:?}: {}", e.reason);
+                return exit::code(exit::USAGE);
+            }
+        },
+        None => None,
+    };
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => return fail("down", format!("cannot start the async runtime: {e}")),
     };
     rt.block_on(async move {
-        // Rootless instances are this user's own processes.
-        let mut stopped = 0;
+        let mut code = exit::code(exit::OK);
+        let mut found = false;
+        // Helper-backed instances first (the common case: no need to ask
+        // every worker), then rootless ones (this user's own processes).
+        match HelperClient::connect(&target.path).await {
+            Ok(mut helper) => {
+                let list = match helper.list_instances().await {
+                    Ok(l) => l,
+                    Err(e) => return crate::cli::report_client_error(&e),
+                };
+                let me = nix::unistd::getuid().as_raw();
+                for i in &list {
+                    let hit = match &wanted {
+                        Some(n) => &i.name == n,
+                        None => i.owner_uid == me,
+                    };
+                    if !hit {
+                        continue;
+                    }
+                    found = true;
+                    match helper.destroy_instance(&i.name).await {
+                        Ok(()) => {
+                            if let Some(pid) = i.lease.strip_prefix("worker ") {
+                                let _ = std::fs::remove_file(
+                                    status_dir().join(format!("proxy-{pid}.sock")),
+                                );
+                            }
+                            println!("{} is down", i.name);
+                        }
+                        Err(e) => code = crate::cli::report_client_error(&e),
+                    }
+                }
+            }
+            Err(ClientError::NoSocket(_) | ClientError::NotListening(_)) => {}
+            Err(e) => return crate::cli::report_client_error(&e),
+        }
+        if found && wanted.is_some() {
+            return code;
+        }
         for (pid, n) in rootless_workers() {
-            if args.all || args.name.as_deref() == Some(n.as_str()) {
+            if wanted.as_ref().is_none_or(|w| w.as_str() == n) {
                 stop_worker(pid).await;
                 let _ = std::fs::remove_file(status_dir().join(format!("proxy-{pid}.sock")));
                 println!("{n} is down");
-                stopped += 1;
+                found = true;
             }
         }
-        if stopped > 0 && !args.all {
-            return exit::code(exit::OK);
+        match (&wanted, found) {
+            (Some(n), false) => fail("down", format!("no instance {n} (see `warren status`)")),
+            _ => code,
         }
-        // No helper running means no instance: nothing to start it for.
-        let mut helper = match HelperClient::connect(&target.path).await {
-            Ok(h) => h,
-            Err(ClientError::NoSocket(_) | ClientError::NotListening(_)) => {
-                return if args.all {
-                    exit::code(exit::OK)
-                } else {
-                    fail(
-                        "down",
-                        format!(
-                            "no instance {}: the helper is not running",
-                            args.name.unwrap_or_default()
-                        ),
-                    )
-                };
-            }
-            Err(e) => return crate::cli::report_client_error(&e),
-        };
-        let list = match helper.list_instances().await {
-            Ok(l) => l,
-            Err(e) => return crate::cli::report_client_error(&e),
-        };
-        let names: Vec<InstanceName> = if args.all {
-            let me = nix::unistd::getuid().as_raw();
-            list.iter()
-                .filter(|i| i.owner_uid == me)
-                .map(|i| i.name.clone())
-                .collect()
-        } else {
-            let raw = args.name.unwrap_or_default();
-            let n = match InstanceName::new(&raw) {
-                Ok(n) => n,
-                Err(e) => {
-                    eprintln!("warren down: instance name {raw:?}: {}", e.reason);
-                    return exit::code(exit::USAGE);
-                }
-            };
-            if !list.iter().any(|i| i.name == n) {
-                return fail("down", format!("no instance {n} (see `warren status`)"));
-            }
-            vec![n]
-        };
-        let dir = crate::proxy::status::runtime_dir(&crate::config::ProcessEnv);
-        let mut code = exit::code(exit::OK);
-        for n in names {
-            let worker = list.iter().find(|i| i.name == n).and_then(|i| {
-                i.lease
-                    .strip_prefix("worker ")
-                    .and_then(|p| p.parse::<u32>().ok())
-            });
-            match helper.destroy_instance(&n).await {
-                Ok(()) => {
-                    if let Some(pid) = worker {
-                        let _ = std::fs::remove_file(dir.join(format!("proxy-{pid}.sock")));
-                    }
-                    println!("{n} is down");
-                }
-                Err(e) => code = crate::cli::report_client_error(&e),
-            }
-        }
-        code
     })
 }
 
