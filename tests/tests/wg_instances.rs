@@ -1014,3 +1014,54 @@ fn forwards_and_reverse_forwards() {
         "the reverse connector outlived the instance"
     );
 }
+
+#[test]
+fn rootless_down_stops_the_worker_and_frees_its_ports() {
+    if !require_root("rootless_down_stops_the_worker_and_frees_its_ports") {
+        return;
+    }
+    let exit = WgExit::start("rldown");
+    let user = User::new(
+        "inst-rldown-user",
+        &std::path::PathBuf::from("/nonexistent"),
+        &exit,
+    );
+    let tun = user_tun_node(&user.dir);
+    let name = iname("rd");
+    let (sp, hp) = free_ports();
+    let out = warren_rootless(
+        &user,
+        &tun,
+        &[
+            "up",
+            &name,
+            "--wg",
+            user.conf.to_str().expect("utf-8"),
+            "--rootless",
+            "--socks-port",
+            &sp.to_string(),
+            "--http-port",
+            &hp.to_string(),
+            "--json",
+        ],
+    );
+    assert!(out.status.success(), "rootless up: {}", text(&out.stderr));
+    let up: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let worker = up["worker_pid"].as_i64().expect("pid");
+    let out = warren_rootless(&user, &tun, &["down", &name]);
+    assert!(out.status.success(), "down: {}", text(&out.stderr));
+    assert!(
+        !pid_alive(worker),
+        "worker still running after down returned"
+    );
+    assert!(
+        port_free(sp) && port_free(hp),
+        "ports still bound after down returned"
+    );
+    let out = warren_rootless(&user, &tun, &["down", &name]);
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("no instance"),
+        "{}",
+        text(&out.stderr)
+    );
+}

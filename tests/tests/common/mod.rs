@@ -198,7 +198,13 @@ pub fn port_free(p: u16) -> bool {
 }
 
 pub fn pid_alive(pid: i64) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+    // A zombie has released everything; only its parent's wait is missing
+    // (workers are reparented to whatever reaper this machine has).
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
 }
 
 /// One UDP ASSOCIATE round trip through a SOCKS5 server.

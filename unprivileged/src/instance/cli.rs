@@ -672,20 +672,51 @@ fn pid_alive(pid: u32) -> bool {
 }
 
 /// SIGTERM to a rootless worker (ours: same user), then SIGKILL after 3 s;
-/// returns once it is gone.
+/// returns once it is gone (watched through a pidfd, so without polling
+/// delays).
 async fn stop_worker(pid: u32) {
     let Ok(p) = i32::try_from(pid) else { return };
+    // SAFETY: pidfd_open with a pid and no flags; the result is checked.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, p, 0) };
+    let pidfd = (raw >= 0).then(|| {
+        // SAFETY: a new descriptor returned by pidfd_open, owned by nobody else.
+        unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw as i32) }
+    });
     // SAFETY: kill has no memory-safety preconditions.
     unsafe { libc::kill(p, libc::SIGTERM) };
-    for i in 0..100 {
-        if !pid_alive(pid) {
-            return;
+    let exited = move |limit: Duration| {
+        let Some(fd) = &pidfd else {
+            std::thread::sleep(limit.min(Duration::from_millis(50)));
+            return !pid_alive(pid);
+        };
+        let mut pfd = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(fd),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one live pollfd.
+        unsafe { libc::poll(&mut pfd, 1, limit.as_millis() as i32) > 0 }
+    };
+    let done = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while std::time::Instant::now() < deadline {
+            if exited(Duration::from_millis(500)) || !pid_alive(pid) {
+                return true;
+            }
         }
-        if i == 60 {
-            // SAFETY: as above.
-            unsafe { libc::kill(p, libc::SIGKILL) };
+        false
+    })
+    .await
+    .unwrap_or(false);
+    if !done {
+        // SAFETY: as above.
+        unsafe { libc::kill(p, libc::SIGKILL) };
+        for _ in 0..40 {
+            if !pid_alive(pid) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
