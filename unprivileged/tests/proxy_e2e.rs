@@ -363,3 +363,103 @@ fn http_proxy_bad_requests_get_error_answers() {
     let _ = s.read_to_string(&mut out);
     assert!(out.starts_with("HTTP/1.1 431"), "{out}");
 }
+
+/// An origin that reads each request's body (Content-Length or chunked, by
+/// the proxy's framing) and answers with its length and the path.
+fn body_origin() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for s in l.incoming().take(50) {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                // Everything until the proxy half-closes or 1 s of quiet.
+                loop {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                    let head_end = got.windows(4).position(|w| w == b"\r\n\r\n");
+                    let Some(h) = head_end else { continue };
+                    let head = String::from_utf8_lossy(&got[..h]).to_ascii_lowercase();
+                    let body = &got[h + 4..];
+                    let done = if let Some(cl) =
+                        head.lines().find_map(|l| l.strip_prefix("content-length:"))
+                    {
+                        body.len() >= cl.trim().parse::<usize>().unwrap_or(0)
+                    } else if head.contains("transfer-encoding: chunked") {
+                        body.ends_with(b"0\r\n\r\n")
+                    } else {
+                        true
+                    };
+                    if done {
+                        let path = head.split_whitespace().nth(1).unwrap_or("?").to_string();
+                        let answer = format!("{path} {}", body.len());
+                        let _ = write!(
+                            s,
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{answer}",
+                            answer.len()
+                        );
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn http_keep_alive_with_bodies_and_pipelining() {
+    use std::io::{Read, Write};
+    let p = proxy(&[], &[]);
+    let o = body_origin();
+    let mut c = TcpStream::connect(p.http).expect("connect");
+    c.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    // Three requests on one client connection, pipelined: a Content-Length
+    // body, a chunked body, and a plain GET.
+    let reqs = format!(
+        "POST http://{o}/one HTTP/1.1\r\nHost: {o}\r\nContent-Length: 5\r\n\r\nhello\
+         POST http://{o}/two HTTP/1.1\r\nHost: {o}\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n\
+         GET http://{o}/three HTTP/1.1\r\nHost: {o}\r\nConnection: close\r\n\r\n"
+    );
+    c.write_all(reqs.as_bytes()).expect("write");
+    let mut all = String::new();
+    c.read_to_string(&mut all)
+        .expect("read until the proxy closes");
+    let bodies: Vec<&str> = all
+        .split("HTTP/1.1 200 OK")
+        .skip(1)
+        .filter_map(|r| r.split("\r\n\r\n").nth(1))
+        .collect();
+    assert_eq!(bodies.len(), 3, "three responses on one connection: {all}");
+    assert_eq!(bodies[0], "/one 5");
+    assert!(bodies[1].starts_with("/two "), "{}", bodies[1]);
+    assert_eq!(bodies[2], "/three 0");
+    assert!(all.contains("Connection: keep-alive"), "{all}");
+    // curl reuses the proxy connection for a second URL.
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "-v",
+            "--max-time",
+            "10",
+            "-x",
+            &format!("http://{}", p.http),
+        ])
+        .arg(format!("http://{o}/a"))
+        .arg(format!("http://{o}/b"))
+        .output()
+        .expect("curl");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("Re-using existing") || err.contains("Reusing existing"),
+        "curl did not reuse the connection:\n{err}"
+    );
+}

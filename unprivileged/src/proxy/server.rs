@@ -44,6 +44,52 @@ impl From<TcpStream> for Outbound {
     }
 }
 
+impl tokio::io::AsyncRead for Outbound {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Outbound::Tcp(t) => std::pin::Pin::new(t).poll_read(cx, buf),
+            Outbound::Stream(st) => std::pin::Pin::new(st).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Outbound {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        b: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Outbound::Tcp(t) => std::pin::Pin::new(t).poll_write(cx, b),
+            Outbound::Stream(st) => std::pin::Pin::new(st).poll_write(cx, b),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Outbound::Tcp(t) => std::pin::Pin::new(t).poll_flush(cx),
+            Outbound::Stream(st) => std::pin::Pin::new(st).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Outbound::Tcp(t) => std::pin::Pin::new(t).poll_shutdown(cx),
+            Outbound::Stream(st) => std::pin::Pin::new(st).poll_shutdown(cx),
+        }
+    }
+}
+
 impl Outbound {
     fn prepare(&self) {
         if let Outbound::Tcp(t) = self {
@@ -55,13 +101,6 @@ impl Outbound {
         match self {
             Outbound::Tcp(t) => t.local_addr().ok(),
             Outbound::Stream(_) => None,
-        }
-    }
-
-    async fn write_all(&mut self, b: &[u8]) -> std::io::Result<()> {
-        match self {
-            Outbound::Tcp(t) => t.write_all(b).await,
-            Outbound::Stream(st) => st.write_all(b).await,
         }
     }
 }
@@ -663,38 +702,256 @@ async fn http_proxy<E: Egress>(
         }
         Ok(Err(e)) | Err(e) => return Err(e),
     };
+    if req.method != "CONNECT" {
+        return forward_http(sock, rest, req, peer, s, egress).await;
+    }
     let d = s.rules.get().decide(rule_host(&req.target));
     if d.action == crate::rules::Action::Block {
         s.counters.blocked.fetch_add(1, Relaxed);
         info!(%peer, target = %req.target, rule = ?d.rule, "blocked by rule");
-        return sock
-            .write_all(
-                b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: 27\r\nConnection: close\r\n\r\nblocked by a warren rule.\r\n",
-            )
-            .await;
+        return sock.write_all(&blocked_answer(false)).await;
     }
-    let mut out = match egress.connect(&req.target, d.action).await {
+    let out = match egress.connect(&req.target, d.action).await {
         Ok(o) => o,
         Err(e) => {
             info!(%peer, target = %req.target, error = %e, "connect failed");
-            let status = if e.kind() == std::io::ErrorKind::TimedOut {
-                "504 Gateway Timeout"
-            } else {
-                "502 Bad Gateway"
-            };
-            let msg =
-                format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-            return sock.write_all(msg.as_bytes()).await;
+            return sock.write_all(&gateway_error(&e, false)).await;
         }
     };
     out.prepare();
-    if req.method == "CONNECT" {
-        sock.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
-            .await?;
-        return relay(sock, rest, out, peer, &req.target, d, s).await;
-    }
-    // Absolute-form: one request per upstream connection; the body (any
-    // framing) and the response are relayed as they are.
-    out.write_all(&req.upstream_head()).await?;
+    sock.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        .await?;
     relay(sock, rest, out, peer, &req.target, d, s).await
+}
+
+fn blocked_answer(keep: bool) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: 27\r\nConnection: {}\r\n\r\nblocked by a warren rule.\r\n",
+        if keep { "keep-alive" } else { "close" }
+    )
+    .into_bytes()
+}
+
+fn gateway_error(e: &std::io::Error, keep: bool) -> Vec<u8> {
+    let status = if e.kind() == std::io::ErrorKind::TimedOut {
+        "504 Gateway Timeout"
+    } else {
+        "502 Bad Gateway"
+    };
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: {}\r\n\r\n",
+        if keep { "keep-alive" } else { "close" }
+    )
+    .into_bytes()
+}
+
+/// Reads more bytes into `buf`; `Ok(false)` at end of stream.
+async fn fill<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    idle: Duration,
+) -> std::io::Result<bool> {
+    let mut chunk = [0u8; 16 * 1024];
+    let n = tokio::time::timeout(idle, r.read(&mut chunk))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(n > 0)
+}
+
+/// Copies one message body from `r` (with `pre` already read from it) to
+/// `w`, as framed by `body`; bytes read past the body stay in `pre`.
+async fn copy_body<R, W>(
+    r: &mut R,
+    pre: &mut Vec<u8>,
+    w: &mut W,
+    body: http::Body,
+    idle: Duration,
+) -> std::io::Result<u64>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let eof = || std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
+    let mut total = 0u64;
+    match body {
+        http::Body::None => {}
+        http::Body::Length(mut left) => loop {
+            let take = (pre.len() as u64).min(left) as usize;
+            w.write_all(&pre[..take]).await?;
+            pre.drain(..take);
+            total += take as u64;
+            left -= take as u64;
+            if left == 0 {
+                break;
+            }
+            if !fill(r, pre, idle).await? {
+                return Err(eof());
+            }
+        },
+        http::Body::Chunked => {
+            let mut sc = http::ChunkedScanner::default();
+            loop {
+                let used = sc.feed(pre).map_err(|e| {
+                    std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())
+                })?;
+                w.write_all(&pre[..used]).await?;
+                pre.drain(..used);
+                total += used as u64;
+                if sc.done() {
+                    break;
+                }
+                if !fill(r, pre, idle).await? {
+                    return Err(eof());
+                }
+            }
+        }
+        http::Body::UntilClose => loop {
+            w.write_all(pre).await?;
+            total += pre.len() as u64;
+            pre.clear();
+            if !fill(r, pre, idle).await? {
+                break;
+            }
+        },
+    }
+    w.flush().await?;
+    Ok(total)
+}
+
+/// Absolute-form requests, with keep-alive towards the client: each
+/// request goes to its origin on a connection of its own (`Connection:
+/// close` upstream), its body copied as framed (Content-Length or
+/// chunked), the response forwarded with its framing; then the next
+/// request on the same client connection (pipelined bytes included).
+async fn forward_http<E: Egress>(
+    mut sock: TcpStream,
+    mut buf: Vec<u8>,
+    mut req: http::ProxyRequest,
+    peer: SocketAddr,
+    s: &Settings,
+    egress: &E,
+) -> Res {
+    loop {
+        let started = std::time::Instant::now();
+        let d = s.rules.get().decide(rule_host(&req.target));
+        let keep_req = req.keep_alive();
+        let body = match req.body() {
+            Ok(b) => b,
+            Err(e) => return http_error(&mut sock, &e).await,
+        };
+        if d.action == crate::rules::Action::Block {
+            s.counters.blocked.fetch_add(1, Relaxed);
+            info!(%peer, target = %req.target, rule = ?d.rule, "blocked by rule");
+            // Drain the refused request's body to stay in step.
+            copy_body(
+                &mut sock,
+                &mut buf,
+                &mut tokio::io::sink(),
+                body,
+                s.idle_timeout,
+            )
+            .await?;
+            sock.write_all(&blocked_answer(keep_req)).await?;
+        } else {
+            match egress.connect(&req.target, d.action).await {
+                Err(e) => {
+                    info!(%peer, target = %req.target, error = %e, "connect failed");
+                    sock.write_all(&gateway_error(&e, false)).await?;
+                    return Ok(());
+                }
+                Ok(mut out) => {
+                    out.prepare();
+                    out.write_all(&req.upstream_head()).await?;
+                    let up = copy_body(&mut sock, &mut buf, &mut out, body, s.idle_timeout).await?;
+                    let (down, keep) =
+                        forward_response(&mut out, &mut sock, &req, keep_req, s).await?;
+                    s.counters.bytes_up.fetch_add(up, Relaxed);
+                    s.counters.bytes_down.fetch_add(down, Relaxed);
+                    if s.access_log {
+                        info!(
+                            target: "warren::access",
+                            client = %peer,
+                            target = %req.target,
+                            rule = d.rule.map_or("default".to_string(), |l| format!("line {l}")),
+                            action = ?d.action,
+                            bytes_up = up,
+                            bytes_down = down,
+                            duration_ms = started.elapsed().as_millis() as u64,
+                            end = "response",
+                            "request"
+                        );
+                    }
+                    if !keep {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        if !keep_req {
+            return Ok(());
+        }
+        // The next request on this connection.
+        req = loop {
+            match http::parse(&buf) {
+                Ok(Some((next, n))) => {
+                    buf.drain(..n);
+                    break next;
+                }
+                Ok(None) => {}
+                Err(e) => return http_error(&mut sock, &e).await,
+            }
+            match fill(&mut sock, &mut buf, s.idle_timeout).await {
+                Ok(true) => {}
+                Ok(false) | Err(_) => return Ok(()),
+            }
+        };
+        if req.method == "CONNECT" {
+            return http_error(
+                &mut sock,
+                &HttpError::BadRequest("CONNECT after a forwarded request"),
+            )
+            .await;
+        }
+    }
+}
+
+/// Reads the origin's response and forwards it to the client; returns the
+/// body bytes and whether the client connection can stay open.
+async fn forward_response(
+    out: &mut Outbound,
+    sock: &mut TcpStream,
+    req: &http::ProxyRequest,
+    keep_req: bool,
+    s: &Settings,
+) -> std::io::Result<(u64, bool)> {
+    let bad = |e: HttpError| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string());
+    let mut rbuf = Vec::new();
+    loop {
+        let (head, n) = loop {
+            match http::parse_response(&rbuf).map_err(bad)? {
+                Some(x) => break x,
+                None => {
+                    if !fill(out, &mut rbuf, s.idle_timeout).await? {
+                        return Err(std::io::ErrorKind::UnexpectedEof.into());
+                    }
+                }
+            }
+        };
+        rbuf.drain(..n);
+        if head.status == 101 {
+            // An upgrade: from here on, bytes both ways as they are.
+            sock.write_all(&head.client_head(true)).await?;
+            return Ok((0, false));
+        }
+        if (100..200).contains(&head.status) {
+            sock.write_all(&head.client_head(true)).await?;
+            continue;
+        }
+        let body = head.body(&req.method).map_err(bad)?;
+        let keep = keep_req && body != http::Body::UntilClose;
+        sock.write_all(&head.client_head(keep)).await?;
+        let down = copy_body(out, &mut rbuf, sock, body, s.idle_timeout).await?;
+        return Ok((down, keep));
+    }
 }
