@@ -740,36 +740,9 @@ fn user_tun_node(dir: &TestDir) -> std::path::PathBuf {
 }
 
 /// `warren ARGS` as the test user with `tun` as its /dev/net/tun and no
-/// helper socket.
+/// helper (the user's helper socket does not exist).
 fn warren_rootless(user: &User, tun: &Path, args: &[&str]) -> std::process::Output {
-    let script = format!(
-        "mount --bind {} /dev/net/tun && exec setpriv --reuid={} --regid={} --groups={} --inh-caps=-all -- {} \"$@\"",
-        tun.display(),
-        ids::MEMBER,
-        ids::GROUP,
-        ids::GROUP,
-        bin("warren").display()
-    );
-    let mut c = Command::new("unshare");
-    c.args([
-        "--mount",
-        "--propagation",
-        "private",
-        "--",
-        "sh",
-        "-c",
-        &script,
-        "sh",
-    ])
-    .arg("--no-autostart")
-    .args(args)
-    .env_clear()
-    .env("PATH", "/usr/local/bin:/usr/bin:/bin")
-    .env("XDG_RUNTIME_DIR", user.dir.path())
-    .env("HOME", user.dir.path())
-    .env("WARREN_HELPER_SOCKET", user.dir.join("no-helper.sock"))
-    .current_dir(user.dir.path());
-    run_limited(&mut c, LIMIT)
+    user.warren_with_binds(&[(tun, "/dev/net/tun")], args)
 }
 
 #[test]
@@ -780,7 +753,7 @@ fn rootless_instance_without_any_helper() {
     let exit = WgExit::start("rootless");
     let user = User::new(
         "inst-rootless-user",
-        &std::path::PathBuf::from("/nonexistent"),
+        Path::new("/nonexistent/helper.sock"),
         &exit,
     );
     let tun = user_tun_node(&user.dir);
@@ -1023,7 +996,7 @@ fn rootless_down_stops_the_worker_and_frees_its_ports() {
     let exit = WgExit::start("rldown");
     let user = User::new(
         "inst-rldown-user",
-        &std::path::PathBuf::from("/nonexistent"),
+        Path::new("/nonexistent/helper.sock"),
         &exit,
     );
     let tun = user_tun_node(&user.dir);

@@ -82,15 +82,23 @@ impl User {
     /// `warren ARGS` as the test user, seeing `hosts` and `resolv` as its
     /// /etc/hosts and /etc/resolv.conf (a private mount namespace).
     pub fn warren_with_etc(&self, hosts: &Path, resolv: &Path, args: &[&str]) -> Output {
-        let script = format!(
-            "mount --bind {} /etc/hosts && mount --bind {} /etc/resolv.conf && exec setpriv --reuid={} --regid={} --groups={} --inh-caps=-all -- {} \"$@\"",
-            hosts.display(),
-            resolv.display(),
+        self.warren_with_binds(&[(hosts, "/etc/hosts"), (resolv, "/etc/resolv.conf")], args)
+    }
+
+    /// `warren ARGS` as the test user in a private mount namespace where
+    /// each `(file, over)` is bound over `over`.
+    pub fn warren_with_binds(&self, binds: &[(&Path, &str)], args: &[&str]) -> Output {
+        let mut script = String::new();
+        for (file, over) in binds {
+            script.push_str(&format!("mount --bind {} {over} && ", file.display()));
+        }
+        script.push_str(&format!(
+            "exec setpriv --reuid={} --regid={} --groups={} --inh-caps=-all -- {} \"$@\"",
             ids::MEMBER,
             ids::GROUP,
             ids::GROUP,
             bin("warren").display()
-        );
+        ));
         let mut c = Command::new("unshare");
         c.args([
             "--mount",

@@ -480,24 +480,29 @@ fn prepare(args: &UpArgs) -> Result<Prepared, (u8, String)> {
     })
 }
 
+/// Runs `prepare` and makes the runtime; failures are reported.
+fn prepared<P>(
+    args: &UpArgs,
+    prepare: impl FnOnce(&UpArgs) -> Result<P, Failure>,
+) -> Result<(P, tokio::runtime::Runtime), ExitCode> {
+    let p = prepare(args).map_err(|(code, msg)| {
+        eprintln!("warren up: {msg}");
+        exit::code(code)
+    })?;
+    let rt = runtime().map_err(|e| fail("up", format!("cannot start the async runtime: {e}")))?;
+    Ok((p, rt))
+}
+
 /// Runs `warren up`.
 pub fn run_up(args: UpArgs, target: HelperTarget) -> ExitCode {
     if args.host {
         return run_up_host(args, target);
     }
     let started = Instant::now();
-    let p = match prepare(&args) {
-        Ok(p) => p,
-        Err((code, msg)) => {
-            eprintln!("warren up: {msg}");
-            return exit::code(code);
-        }
-    };
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(e) => return fail("up", format!("cannot start the async runtime: {e}")),
-    };
-    rt.block_on(up(args, target, p, started))
+    match prepared(&args, prepare) {
+        Ok((p, rt)) => rt.block_on(up(args, target, p, started)),
+        Err(code) => code,
+    }
 }
 
 async fn up(args: UpArgs, target: HelperTarget, p: Prepared, started: Instant) -> ExitCode {
@@ -1161,16 +1166,9 @@ fn prepare_host(args: &UpArgs) -> Result<HostPrepared, (u8, String)> {
 /// helper connection, which is the tunnel's lease.
 fn run_up_host(args: UpArgs, target: HelperTarget) -> ExitCode {
     let started = Instant::now();
-    let p = match prepare_host(&args) {
-        Ok(p) => p,
-        Err((code, msg)) => {
-            eprintln!("warren up: {msg}");
-            return exit::code(code);
-        }
-    };
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(e) => return fail("up", format!("cannot start the async runtime: {e}")),
+    let (p, rt) = match prepared(&args, prepare_host) {
+        Ok(x) => x,
+        Err(code) => return code,
     };
     rt.block_on(async move {
         let mut helper = match connect_or_autostart(&target.path, &target.policy).await {

@@ -421,37 +421,25 @@ async fn serve_instance(
             stop.clone(),
         )),
     ];
-    let env = crate::config::ProcessEnv;
-    let control = match crate::proxy::cli::control_socket(&env) {
-        Ok((l, path)) => {
-            let counters = settings.counters.clone();
-            let (name, socks_s, http_s) = (
-                cfg.name.clone(),
-                cfg.socks.to_string(),
-                cfg.http.to_string(),
-            );
-            let stats = stats.clone();
-            let rootless = cfg.rootless.is_some();
-            let snap = move || {
-                let mut s =
-                    counters.snapshot(std::process::id(), vec![socks_s.clone(), http_s.clone()]);
-                let mut i = instance_status(&name, &socks_s, &http_s, &stats);
-                i.rootless = rootless;
-                s.instance = Some(i);
-                s
-            };
-            Some(tokio::spawn(crate::proxy::cli::control_loop(
-                l,
-                path,
-                snap,
-                stop.clone(),
-            )))
-        }
-        Err(e) => {
-            warn!(error = %e, "no control socket; `warren status` will not see this instance");
-            None
-        }
-    };
+    let counters = settings.counters.clone();
+    let (name, socks_s, http_s) = (
+        cfg.name.clone(),
+        cfg.socks.to_string(),
+        cfg.http.to_string(),
+    );
+    let status_stats = stats.clone();
+    let rootless = cfg.rootless.is_some();
+    let control = spawn_status(
+        move || {
+            let mut s =
+                counters.snapshot(std::process::id(), vec![socks_s.clone(), http_s.clone()]);
+            let mut i = instance_status(&name, &socks_s, &http_s, &status_stats);
+            i.rootless = rootless;
+            s.instance = Some(i);
+            s
+        },
+        &stop,
+    );
     report(&mut ctl, &WorkerReport::Ready { handshake_ms });
     drop(ctl);
     info!(instance = %cfg.name, socks = %cfg.socks, http = %cfg.http, "instance serving");
@@ -488,33 +476,21 @@ async fn serve_host(
     handshake_ms: u64,
 ) -> ExitCode {
     let stop = CancellationToken::new();
-    let env = crate::config::ProcessEnv;
-    let control = match crate::proxy::cli::control_socket(&env) {
-        Ok((l, path)) => {
-            let name = cfg.name.clone();
-            let stats = stats.clone();
-            let snap = move || {
-                let mut s = crate::proxy::status::Snapshot {
-                    pid: std::process::id(),
-                    ..Default::default()
-                };
-                let mut i = instance_status(&name, "-", "-", &stats);
-                i.host = true;
-                s.instance = Some(i);
-                s
+    let name = cfg.name.clone();
+    let status_stats = stats.clone();
+    let control = spawn_status(
+        move || {
+            let mut s = crate::proxy::status::Snapshot {
+                pid: std::process::id(),
+                ..Default::default()
             };
-            Some(tokio::spawn(crate::proxy::cli::control_loop(
-                l,
-                path,
-                snap,
-                stop.clone(),
-            )))
-        }
-        Err(e) => {
-            warn!(error = %e, "no control socket; `warren status` will not see this tunnel");
-            None
-        }
-    };
+            let mut i = instance_status(&name, "-", "-", &status_stats);
+            i.host = true;
+            s.instance = Some(i);
+            s
+        },
+        &stop,
+    );
     let conn = std::os::unix::net::UnixStream::from(helper);
     let conn = match conn
         .set_nonblocking(true)
@@ -566,6 +542,25 @@ async fn serve_host(
         let _ = c.await;
     }
     exit::code(exit::OK)
+}
+
+/// Serves `warren status` on this process's control socket until `stop`.
+fn spawn_status(
+    snap: impl Fn() -> crate::proxy::status::Snapshot + Send + 'static,
+    stop: &CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
+    match crate::proxy::cli::control_socket(&crate::config::ProcessEnv) {
+        Ok((l, path)) => Some(tokio::spawn(crate::proxy::cli::control_loop(
+            l,
+            path,
+            snap,
+            stop.clone(),
+        ))),
+        Err(e) => {
+            warn!(error = %e, "no control socket; `warren status` will not see this worker");
+            None
+        }
+    }
 }
 
 fn instance_status(name: &str, socks: &str, http: &str, stats: &EngineStats) -> InstanceStatus {
