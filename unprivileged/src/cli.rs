@@ -85,7 +85,8 @@ pub enum Command {
     /// Show this user's instances (peers, handshakes, bytes) and `warren
     /// proxy` processes with their counters.
     Status(proxy_cli::StatusArgs),
-    /// Run an exit for warren's own TLS transports (the far end of `warren client`).
+    /// Run an exit: warren's TLS transports (the far end of `warren client`)
+    /// or a WireGuard exit with NAT (`--mode wg`, any WireGuard client).
     Server(transport_cli::ServerArgs),
     /// A local SOCKS5 + HTTP proxy whose traffic goes through a `warren
     /// server` over TLS or multiplexed TLS (rules pick proxy/direct/block).
