@@ -398,17 +398,23 @@ fn resolve_endpoints(
     Ok((endpoints, shown.join(", ")))
 }
 
-fn prepare(args: &UpArgs) -> Result<Prepared, (u8, String)> {
+/// The validated name and the parsed wg-quick file (its warnings printed).
+fn load_named(args: &UpArgs, what: &str) -> Result<(InstanceName, conf::WgConfig), Failure> {
     let name = InstanceName::new(&args.name).map_err(|e| {
         (
             exit::USAGE,
-            format!("instance name {:?}: {}", args.name, e.reason),
+            format!("{what} name {:?}: {}", args.name, e.reason),
         )
     })?;
     let (wg, warnings) = conf::load(&args.wg).map_err(|e| (exit::CONFIG, e.to_string()))?;
     for w in warnings {
         eprintln!("warren up: warning: {w}");
     }
+    Ok((name, wg))
+}
+
+fn prepare(args: &UpArgs) -> Result<Prepared, (u8, String)> {
+    let (name, wg) = load_named(args, "instance")?;
     if !(0.1..=600.0).contains(&args.timeout) {
         return Err((
             exit::USAGE,
@@ -1112,16 +1118,7 @@ struct HostPrepared {
 }
 
 fn prepare_host(args: &UpArgs) -> Result<HostPrepared, (u8, String)> {
-    let name = InstanceName::new(&args.name).map_err(|e| {
-        (
-            exit::USAGE,
-            format!("tunnel name {:?}: {}", args.name, e.reason),
-        )
-    })?;
-    let (wg, warnings) = conf::load(&args.wg).map_err(|e| (exit::CONFIG, e.to_string()))?;
-    for w in warnings {
-        eprintln!("warren up: warning: {w}");
-    }
+    let (name, wg) = load_named(args, "tunnel")?;
     let (endpoints, shown) = resolve_endpoints(&wg, &args.wg)?;
     let mtu = wg.interface.mtu.unwrap_or(DEFAULT_MTU);
     let spec = warren_ipc::instance::HostTunnelSpec::new(

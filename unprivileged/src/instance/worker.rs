@@ -94,6 +94,14 @@ fn inherit(fd: RawFd, what: &str) -> Result<OwnedFd, String> {
     Ok(owned)
 }
 
+/// Tells `warren up` why the worker gives up, logs it, and gives the exit
+/// code.
+fn fail_report(ctl: &mut UnixStream, reason: String) -> ExitCode {
+    error!("{reason}");
+    report(ctl, &WorkerReport::Failed { reason });
+    exit::code(exit::FAILURE)
+}
+
 fn report(ctl: &mut UnixStream, r: &WorkerReport) {
     let mut line = serde_json::to_vec(r).unwrap_or_default();
     line.push(b'\n');
@@ -145,14 +153,7 @@ pub fn run() -> ExitCode {
         match super::forward::recv_fds(&ctl, n_extra) {
             Ok(v) => v,
             Err(e) => {
-                let reason = format!("receiving the forwards' sockets: {e}");
-                report(
-                    &mut ctl,
-                    &WorkerReport::Failed {
-                        reason: reason.clone(),
-                    },
-                );
-                return exit::code(exit::FAILURE);
+                return fail_report(&mut ctl, format!("receiving the forwards' sockets: {e}"));
             }
         }
     } else {
@@ -163,14 +164,7 @@ pub fn run() -> ExitCode {
         // single-threaded process.
         if let Err(e) = super::rootless::enter(&cfg.name, spec) {
             let reason = format!("cannot set up the rootless namespace: {e}");
-            report(
-                &mut ctl,
-                &WorkerReport::Failed {
-                    reason: reason.clone(),
-                },
-            );
-            error!("{reason}");
-            return exit::code(exit::FAILURE);
+            return fail_report(&mut ctl, reason);
         }
     }
     match start(cfg, ctl, extra) {
@@ -360,14 +354,7 @@ async fn serve_instance(
         (Ok(a), Ok(b)) => (a, b),
         (Err(e), _) | (_, Err(e)) => {
             let reason = format!("inherited listeners unusable: {e}");
-            report(
-                &mut ctl,
-                &WorkerReport::Failed {
-                    reason: reason.clone(),
-                },
-            );
-            error!("{reason}");
-            return exit::code(exit::FAILURE);
+            return fail_report(&mut ctl, reason);
         }
     };
     let relay = match super::udpmux::UdpMux::from_fd(relay) {
@@ -499,14 +486,7 @@ async fn serve_host(
         Ok(c) => c,
         Err(e) => {
             let reason = format!("helper connection unusable: {e}");
-            report(
-                &mut ctl,
-                &WorkerReport::Failed {
-                    reason: reason.clone(),
-                },
-            );
-            error!("{reason}");
-            return exit::code(exit::FAILURE);
+            return fail_report(&mut ctl, reason);
         }
     };
     let mut conn = warren_ipc::conn::FramedConn::new(conn);
