@@ -751,7 +751,7 @@ async fn launch_inner(
     tun: OwnedFd,
     spawned: &std::cell::Cell<Option<i32>>,
 ) -> Result<(i32, u64), String> {
-    let (mut ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
+    let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
     let log = log_path(p.name.as_str());
     let log_file = if args.foreground {
         None
@@ -789,36 +789,56 @@ async fn launch_inner(
     spawned.set(Some(pid));
     drop(theirs);
     drop(tun);
-    ours.write_all(&worker_json(&p.cfg)?)
+    let handshake_ms = configure_and_wait(
+        ours,
+        &worker_json(&p.cfg)?,
+        &p.extra,
+        args.timeout,
+        &log,
+        args.foreground,
+    )
+    .await?;
+    Ok((pid, handshake_ms))
+}
+
+/// Sends the worker its configuration (and the descriptors that follow
+/// it), then waits for its one-line report; returns the handshake time.
+async fn configure_and_wait(
+    mut ours: UnixStream,
+    config: &[u8],
+    after: &[OwnedFd],
+    timeout: f64,
+    log: &Path,
+    foreground: bool,
+) -> Result<u64, String> {
+    ours.write_all(config)
         .map_err(|e| format!("cannot configure the worker: {e}"))?;
-    send_extra(&ours, &p.extra)?;
-    // The report, read on a thread (a blocking read of at most a line).
-    let wait = Duration::from_secs_f64(args.timeout) + Duration::from_secs(5);
+    send_extra(&ours, after)?;
+    let wait = Duration::from_secs_f64(timeout) + Duration::from_secs(5);
     ours.set_read_timeout(Some(wait))
         .map_err(|e| e.to_string())?;
-    let reader = tokio::task::spawn_blocking(move || {
+    // A blocking read of at most a line, on a thread.
+    let line = tokio::task::spawn_blocking(move || {
         use std::io::Read;
         let mut line = String::new();
         BufReader::new((&ours).take(64 * 1024))
             .read_line(&mut line)
             .map(|_| line)
-    });
-    let line = match reader.await {
-        Ok(Ok(l)) => l,
-        Ok(Err(e)) => {
-            return Err(format!(
-                "the worker did not answer: {e}{}",
-                log_hint(&log, args.foreground)
-            ));
-        }
-        Err(e) => return Err(format!("waiting for the worker: {e}")),
-    };
+    })
+    .await
+    .map_err(|e| format!("waiting for the worker: {e}"))?
+    .map_err(|e| {
+        format!(
+            "the worker did not answer: {e}{}",
+            log_hint(log, foreground)
+        )
+    })?;
     match serde_json::from_str::<WorkerReport>(line.trim()) {
-        Ok(WorkerReport::Ready { handshake_ms }) => Ok((pid, handshake_ms)),
+        Ok(WorkerReport::Ready { handshake_ms }) => Ok(handshake_ms),
         Ok(WorkerReport::Failed { reason }) => Err(reason),
         Err(_) if line.is_empty() => Err(format!(
             "the worker exited before the tunnel came up{}",
-            log_hint(&log, args.foreground)
+            log_hint(log, foreground)
         )),
         Err(e) => Err(format!("the worker answered garbage ({e})")),
     }
@@ -1252,7 +1272,7 @@ async fn start_direct_worker(
 ) -> Result<(u32, u64), String> {
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
-    let (mut ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
+    let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
     let log = log_path(name);
     let log_file = if foreground {
         None
@@ -1297,36 +1317,9 @@ async fn start_direct_worker(
         .map_err(|e| format!("cannot start the worker: {e}"))?;
     let pid = child.id();
     drop(theirs);
-    ours.write_all(config)
-        .map_err(|e| format!("cannot configure the worker: {e}"))?;
-    send_extra(&ours, after)?;
-    let wait = Duration::from_secs_f64(timeout) + Duration::from_secs(5);
-    ours.set_read_timeout(Some(wait))
-        .map_err(|e| e.to_string())?;
-    let line = tokio::task::spawn_blocking(move || {
-        use std::io::Read;
-        let mut line = String::new();
-        BufReader::new((&ours).take(64 * 1024))
-            .read_line(&mut line)
-            .map(|_| line)
-    })
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| {
-        format!(
-            "the worker did not answer: {e}{}",
-            log_hint(&log, foreground)
-        )
-    })?;
+    let handshake_ms = configure_and_wait(ours, config, after, timeout, &log, foreground).await;
     // The worker is not our child to wait for: it lives on in its own
     // session (it is reaped by init when it ends).
     drop(child);
-    match serde_json::from_str::<WorkerReport>(line.trim()) {
-        Ok(WorkerReport::Ready { handshake_ms }) => Ok((pid, handshake_ms)),
-        Ok(WorkerReport::Failed { reason }) => Err(reason),
-        Err(_) => Err(format!(
-            "the worker exited before the tunnel came up{}",
-            log_hint(&log, foreground)
-        )),
-    }
+    Ok((pid, handshake_ms?))
 }
