@@ -787,6 +787,7 @@ fn rootless_instance_without_any_helper() {
     );
     let up: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(up["rootless"], true);
+    assert_eq!(up["stack"], "kernel");
     let worker = up["worker_pid"].as_i64().expect("pid");
     let socks = format!("127.0.0.1:{sp}");
     assert_eq!(

@@ -80,6 +80,12 @@ pub struct UpArgs {
     /// reachable and autostart is off or fails.
     #[arg(long, conflicts_with = "host")]
     pub rootless: bool,
+    /// Rootless only: the TCP/IP stack that carries the traffic. auto: the
+    /// kernel's, in the worker's own namespaces, or a userspace stack
+    /// (smoltcp) where user namespaces or /dev/net/tun are not available
+    /// to you; userspace: always the userspace stack (no `warren exec`).
+    #[arg(long, value_enum, default_value = "auto", value_name = "STACK")]
+    pub stack: crate::instance::StackChoice,
     /// A port on this host forwarded to an address behind the tunnel:
     /// tcp:LISTEN=TARGET or udp:LISTEN=TARGET, e.g.
     /// tcp:127.0.0.1:8080=198.19.1.1:80 (repeatable).
@@ -469,6 +475,7 @@ fn prepare(args: &UpArgs) -> Result<Prepared, (u8, String)> {
         rootless: None,
         forwards: args.forwards.clone(),
         reverses: args.reverses.clone(),
+        stack: args.stack,
     };
     let extra = forward_sockets(args).map_err(|e| (exit::FAILURE, e))?;
     Ok(Prepared {
@@ -540,9 +547,9 @@ async fn up(args: UpArgs, target: HelperTarget, p: Prepared, started: Instant) -
     };
     // From here on, any failure must take the instance down again.
     match launch(&args, &mut helper, &p, tun).await {
-        Ok((pid, handshake_ms)) => {
+        Ok((pid, ready)) => {
             let pid = pid as u32;
-            report_up(&args, &p, pid, handshake_ms, started, false);
+            report_up(&args, &p, pid, &ready, started, false);
             if args.foreground {
                 return foreground(&mut helper, &p.name, pid as i32).await;
             }
@@ -575,11 +582,17 @@ fn report_up(
     args: &UpArgs,
     p: &Prepared,
     pid: u32,
-    handshake_ms: u64,
+    ready: &Ready,
     started: Instant,
     rootless: bool,
 ) {
     let total = started.elapsed();
+    if let Some(why) = &ready.fallback {
+        eprintln!(
+            "warren up: {}: the kernel's TCP/IP stack is not available to this user ({why}); using the userspace stack (no `warren exec`)",
+            p.name
+        );
+    }
     if args.json {
         let v = serde_json::json!({
             "name": p.name.as_str(),
@@ -588,25 +601,35 @@ fn report_up(
             "endpoint": p.endpoint_text,
             "worker_pid": pid,
             "rootless": rootless,
-            "handshake_ms": handshake_ms,
+            "stack": ready.stack,
+            "handshake_ms": ready.handshake_ms,
             "up_ms": total.as_secs_f64() * 1000.0,
         });
         println!("{v}");
     } else {
+        let kind = match (rootless, ready.stack.as_str()) {
+            (false, _) => "",
+            (true, "userspace") => " (rootless, userspace stack)",
+            (true, _) => " (rootless)",
+        };
         println!(
-            "{} is up{}: SOCKS5 {}, HTTP {}; exit {} (handshake after {} ms, {:.1} ms in all)",
+            "{} is up{kind}: SOCKS5 {}, HTTP {}; exit {} (handshake after {} ms, {:.1} ms in all)",
             p.name,
-            if rootless { " (rootless)" } else { "" },
             p.socks_addr,
             p.http_addr,
             p.endpoint_text,
-            handshake_ms,
+            ready.handshake_ms,
             total.as_secs_f64() * 1000.0
         );
         if !args.foreground {
+            let exec = if ready.stack == "userspace" {
+                String::new()
+            } else {
+                format!("   |   warren exec {} -- CMD", p.name)
+            };
             println!(
-                "  try: curl --socks5-hostname {} http://.../   |   warren exec {} -- CMD   |   warren down {}",
-                p.socks_addr, p.name, p.name
+                "  try: curl --socks5-hostname {} http://.../{exec}   |   warren down {}",
+                p.socks_addr, p.name
             );
         }
     }
@@ -639,8 +662,8 @@ async fn up_rootless(args: UpArgs, mut p: Prepared, started: Instant) -> ExitCod
     )
     .await
     {
-        Ok((pid, handshake_ms)) => {
-            report_up(&args, &p, pid, handshake_ms, started, true);
+        Ok((pid, ready)) => {
+            report_up(&args, &p, pid, &ready, started, true);
             if args.foreground {
                 return foreground_rootless(pid).await;
             }
@@ -737,7 +760,7 @@ async fn launch(
     helper: &mut HelperClient,
     p: &Prepared,
     tun: OwnedFd,
-) -> Result<(i32, u64), (Option<i32>, String)> {
+) -> Result<(i32, Ready), (Option<i32>, String)> {
     let pid = std::cell::Cell::new(None);
     launch_inner(args, helper, p, tun, &pid)
         .await
@@ -750,7 +773,7 @@ async fn launch_inner(
     p: &Prepared,
     tun: OwnedFd,
     spawned: &std::cell::Cell<Option<i32>>,
-) -> Result<(i32, u64), String> {
+) -> Result<(i32, Ready), String> {
     let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
     let log = log_path(p.name.as_str());
     let log_file = if args.foreground {
@@ -789,7 +812,7 @@ async fn launch_inner(
     spawned.set(Some(pid));
     drop(theirs);
     drop(tun);
-    let handshake_ms = configure_and_wait(
+    let ready = configure_and_wait(
         ours,
         &worker_json(&p.cfg)?,
         &p.extra,
@@ -798,11 +821,22 @@ async fn launch_inner(
         args.foreground,
     )
     .await?;
-    Ok((pid, handshake_ms))
+    Ok((pid, ready))
+}
+
+/// What a worker reported once its tunnel was up.
+#[derive(Debug)]
+struct Ready {
+    /// Time to the first handshake.
+    handshake_ms: u64,
+    /// "kernel" or "userspace".
+    stack: String,
+    /// Why the userspace stack was chosen, when it was a fallback.
+    fallback: Option<String>,
 }
 
 /// Sends the worker its configuration (and the descriptors that follow
-/// it), then waits for its one-line report; returns the handshake time.
+/// it), then waits for its one-line report.
 async fn configure_and_wait(
     mut ours: UnixStream,
     config: &[u8],
@@ -810,7 +844,7 @@ async fn configure_and_wait(
     timeout: f64,
     log: &Path,
     foreground: bool,
-) -> Result<u64, String> {
+) -> Result<Ready, String> {
     ours.write_all(config)
         .map_err(|e| format!("cannot configure the worker: {e}"))?;
     send_extra(&ours, after)?;
@@ -834,7 +868,15 @@ async fn configure_and_wait(
         )
     })?;
     match serde_json::from_str::<WorkerReport>(line.trim()) {
-        Ok(WorkerReport::Ready { handshake_ms }) => Ok(handshake_ms),
+        Ok(WorkerReport::Ready {
+            handshake_ms,
+            stack,
+            fallback,
+        }) => Ok(Ready {
+            handshake_ms,
+            stack,
+            fallback,
+        }),
         Ok(WorkerReport::Failed { reason }) => Err(reason),
         Err(_) if line.is_empty() => Err(format!(
             "the worker exited before the tunnel came up{}",
@@ -1042,11 +1084,23 @@ pub fn run_exec(args: ExecArgs, target: HelperTarget) -> ExitCode {
             return exit::code(exit::USAGE);
         }
     };
-    if let Some((pid, _)) = rootless_workers()
+    if let Some(i) = crate::proxy::status::query_all(&status_dir())
         .into_iter()
-        .find(|(_, n)| n == name.as_str())
+        .find(|s| {
+            s.instance
+                .as_ref()
+                .is_some_and(|i| i.rootless && i.name == name.as_str())
+        })
     {
-        return exec_rootless(pid, &args.command);
+        if i.instance.as_ref().is_some_and(|i| i.stack == "userspace") {
+            return fail(
+                "exec",
+                format!(
+                    "{name} runs on the userspace TCP/IP stack (no user namespace or TUN device for you here), so there is no namespace to run a program in; use its SOCKS5/HTTP ports or --forward instead"
+                ),
+            );
+        }
+        return exec_rootless(i.pid, &args.command);
     }
     let cwd = std::env::current_dir()
         .map(|p| p.to_string_lossy().into_owned())
@@ -1168,6 +1222,7 @@ fn prepare_host(args: &UpArgs) -> Result<HostPrepared, (u8, String)> {
         rootless: None,
         forwards: Vec::new(),
         reverses: Vec::new(),
+        stack: crate::instance::StackChoice::Kernel,
     };
     let worker = worker_json(&cfg).map_err(|e| (exit::FAILURE, e))?;
     Ok(HostPrepared {
@@ -1198,7 +1253,8 @@ fn run_up_host(args: UpArgs, target: HelperTarget) -> ExitCode {
             Err(e) => return crate::cli::report_client_error(&e),
         };
         match launch_host(&args, &helper, &p, tun, udp).await {
-            Ok((pid, handshake_ms)) => {
+            Ok((pid, ready)) => {
+                let handshake_ms = ready.handshake_ms;
                 let total = started.elapsed().as_secs_f64() * 1000.0;
                 if args.json {
                     let v = serde_json::json!({
@@ -1229,7 +1285,7 @@ async fn launch_host(
     p: &HostPrepared,
     tun: OwnedFd,
     udp: OwnedFd,
-) -> Result<(u32, u64), String> {
+) -> Result<(u32, Ready), String> {
     use std::os::fd::AsRawFd;
     if let Some(port) = p.listen_port {
         let addr = nix::sys::socket::SockaddrIn6::from(std::net::SocketAddrV6::new(
@@ -1242,7 +1298,7 @@ async fn launch_host(
             format!("cannot bind the tunnel's UDP socket to ListenPort {port}: {e}")
         })?;
     }
-    let (pid, handshake_ms) = start_direct_worker(
+    let (pid, ready) = start_direct_worker(
         p.spec.name.as_str(),
         &p.worker,
         &[],
@@ -1255,7 +1311,7 @@ async fn launch_host(
         false,
     )
     .await?;
-    Ok((pid, handshake_ms))
+    Ok((pid, ready))
 }
 
 /// Starts `warren instance-worker` as a child of this process (no helper
@@ -1269,7 +1325,7 @@ async fn start_direct_worker(
     extra: &[Option<std::os::fd::RawFd>],
     timeout: f64,
     foreground: bool,
-) -> Result<(u32, u64), String> {
+) -> Result<(u32, Ready), String> {
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
     let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
@@ -1317,9 +1373,9 @@ async fn start_direct_worker(
         .map_err(|e| format!("cannot start the worker: {e}"))?;
     let pid = child.id();
     drop(theirs);
-    let handshake_ms = configure_and_wait(ours, config, after, timeout, &log, foreground).await;
+    let ready = configure_and_wait(ours, config, after, timeout, &log, foreground).await;
     // The worker is not our child to wait for: it lives on in its own
     // session (it is reaped by init when it ends).
     drop(child);
-    Ok((pid, handshake_ms?))
+    Ok((pid, ready?))
 }

@@ -11,7 +11,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
-use tokio::net::UdpSocket;
+use super::net::Net;
 
 /// Answers per query kept.
 const MAX_ANSWERS: usize = 16;
@@ -22,6 +22,7 @@ pub struct Resolver {
     servers: Vec<IpAddr>,
     search: Vec<String>,
     timeout: Duration,
+    net: Net,
 }
 
 /// Builds a query for `name` of type `qtype` (1 = A, 28 = AAAA).
@@ -122,7 +123,15 @@ impl Resolver {
             servers,
             search,
             timeout: Duration::from_secs(2),
+            net: Net::Kernel,
         }
+    }
+
+    /// Sends its queries through `net` (the userspace stack, when the
+    /// instance has one).
+    pub fn with_net(mut self, net: Net) -> Resolver {
+        self.net = net;
+        self
     }
 
     /// Whether any server is configured.
@@ -160,23 +169,20 @@ impl Resolver {
     async fn lookup_one(&self, name: &str) -> io::Result<Vec<IpAddr>> {
         let mut last = io::Error::new(io::ErrorKind::TimedOut, "DNS timeout");
         for server in &self.servers {
-            let bind: SocketAddr = if server.is_ipv4() {
-                (Ipv4Addr::UNSPECIFIED, 0).into()
-            } else {
-                (Ipv6Addr::UNSPECIFIED, 0).into()
-            };
-            let sock = UdpSocket::bind(bind).await?;
-            sock.connect((*server, 53)).await?;
+            let to = SocketAddr::new(*server, 53);
+            let sock = self.net.udp(*server).await?;
             let (a, b) = (rand_id(), rand_id());
-            sock.send(&query(a, name, 1)?).await?;
-            sock.send(&query(b, name, 28)?).await?;
+            sock.send_to(&query(a, name, 1)?, to).await?;
+            sock.send_to(&query(b, name, 28)?, to).await?;
             let mut v4: Option<io::Result<Vec<IpAddr>>> = None;
             let mut v6: Option<io::Result<Vec<IpAddr>>> = None;
             let mut buf = [0u8; 1500];
             let deadline = tokio::time::Instant::now() + self.timeout;
             while v4.is_none() || v6.is_none() {
-                let n = match tokio::time::timeout_at(deadline, sock.recv(&mut buf)).await {
-                    Ok(Ok(n)) => n,
+                let n = match tokio::time::timeout_at(deadline, sock.recv_from(&mut buf)).await {
+                    // Only the server's answers count.
+                    Ok(Ok((_, from))) if from != to => continue,
+                    Ok(Ok((n, _))) => n,
                     Ok(Err(e)) => {
                         last = e;
                         break;

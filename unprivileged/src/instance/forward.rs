@@ -3,11 +3,12 @@
 //!
 //! - `--forward tcp:127.0.0.1:8080=198.19.1.1:80` (or `udp:`): a port on
 //!   this host whose connections (datagrams) go to an address behind the
-//!   tunnel. `warren up` binds the host-side socket; the worker, inside the
-//!   namespace, connects out through the tunnel.
+//!   tunnel. `warren up` binds the host-side socket; the worker connects
+//!   out through the tunnel (inside the namespace, or through the
+//!   userspace stack).
 //! - `--reverse tcp:198.19.1.2:2222=127.0.0.1:22`: a port on the tunnel
 //!   side (the instance's own tunnel address) whose connections reach a
-//!   service on this host. The worker listens inside the namespace; a
+//!   service on this host. The worker listens on the tunnel side; a
 //!   small connector process that `warren up` leaves in the host namespace
 //!   (`warren forward-connector`, as the user) opens the host-side
 //!   connections, only to the configured targets, and hands them to the
@@ -26,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tracing::{debug, info, warn};
 
+use super::net::{Datagram, Net};
 use crate::transport::wire::Target;
 
 /// Most forwards of one kind per instance.
@@ -34,6 +36,8 @@ pub const MAX_FORWARDS: usize = 64;
 const MAX_UDP_FLOWS: usize = 1024;
 /// A UDP flow without traffic for this long is forgotten.
 const UDP_FLOW_IDLE: Duration = Duration::from_secs(60);
+/// A forwarded TCP connection without traffic for this long is closed.
+const RELAY_IDLE: Duration = Duration::from_secs(3600);
 
 /// TCP or UDP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -160,12 +164,14 @@ pub fn recv_fds(sock: &UnixStream, n: usize) -> io::Result<Vec<OwnedFd>> {
     Ok(out)
 }
 
-/// Serves the `--forward`s on their host-side sockets (`fds`, in order).
+/// Serves the `--forward`s on their host-side sockets (`fds`, in order);
+/// the tunnel side's sockets come from `net`.
 pub fn start_forwards<E: crate::proxy::server::Egress>(
     specs: &[Forward],
     fds: Vec<OwnedFd>,
     egress: Arc<E>,
     dns: super::dns::Resolver,
+    net: &Net,
 ) {
     for (spec, fd) in specs.iter().zip(fds) {
         let Some(target) = spec.target() else {
@@ -194,7 +200,7 @@ pub fn start_forwards<E: crate::proxy::server::Egress>(
                     continue;
                 };
                 info!(listen = %spec.listen, target = %spec.target, "UDP forward");
-                tokio::spawn(udp_forward(Arc::new(u), target, dns.clone()));
+                tokio::spawn(udp_forward(Arc::new(u), target, dns.clone(), net.clone()));
             }
         }
     }
@@ -206,21 +212,21 @@ async fn tcp_forward<E: crate::proxy::server::Egress>(
     egress: Arc<E>,
 ) {
     loop {
-        let Ok((client, peer)) = l.accept().await else {
+        let Ok((mut client, peer)) = l.accept().await else {
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         };
         let (target, egress) = (target.clone(), egress.clone());
         tokio::spawn(async move {
             match egress.connect(&target, crate::rules::Action::Proxy).await {
-                Ok(crate::proxy::server::Outbound::Tcp(out)) => {
+                Ok(mut out) => {
                     let _ = client.set_nodelay(true);
-                    let _ = out.set_nodelay(true);
-                    let r =
-                        crate::proxy::splice::relay(&client, &out, Duration::from_secs(3600)).await;
+                    if let crate::proxy::server::Outbound::Tcp(t) = &out {
+                        let _ = t.set_nodelay(true);
+                    }
+                    let r = super::net::relay(&mut client, &mut out, RELAY_IDLE).await;
                     debug!(%peer, %target, result = ?r, "forwarded connection ended");
                 }
-                Ok(_) => {}
                 Err(e) => info!(%peer, %target, error = %e, "forward: connect failed"),
             }
         });
@@ -239,17 +245,17 @@ async fn resolve(target: &Target, dns: &super::dns::Resolver) -> Option<SocketAd
     }
 }
 
-/// Datagrams from each client source go out of a socket of their own
-/// inside the namespace (so answers find their way back).
-async fn udp_forward(host: Arc<UdpSocket>, target: Target, dns: super::dns::Resolver) {
-    let flows: Arc<tokio::sync::Mutex<std::collections::HashMap<SocketAddr, Arc<UdpSocket>>>> =
-        Arc::default();
+/// Datagrams from each client source go out of a socket of their own on
+/// the tunnel side (so answers find their way back).
+async fn udp_forward(host: Arc<UdpSocket>, target: Target, dns: super::dns::Resolver, net: Net) {
+    type Flows = std::collections::HashMap<SocketAddr, (Arc<Datagram>, SocketAddr)>;
+    let flows: Arc<tokio::sync::Mutex<Flows>> = Arc::default();
     let mut buf = vec![0u8; 65_536];
     loop {
         let Ok((n, src)) = host.recv_from(&mut buf).await else {
             continue;
         };
-        let sock = {
+        let (sock, dst) = {
             let mut f = flows.lock().await;
             match f.get(&src) {
                 Some(s) => s.clone(),
@@ -260,49 +266,47 @@ async fn udp_forward(host: Arc<UdpSocket>, target: Target, dns: super::dns::Reso
                     let Some(dst) = resolve(&target, &dns).await else {
                         continue;
                     };
-                    let bind: SocketAddr = if dst.is_ipv4() {
-                        ([0, 0, 0, 0], 0).into()
-                    } else {
-                        ([0u16; 8], 0).into()
+                    let s = match net.udp(dst.ip()).await {
+                        Ok(s) => Arc::new(s),
+                        Err(e) => {
+                            debug!(%src, error = %e, "UDP forward: no socket for a new flow");
+                            continue;
+                        }
                     };
-                    let Ok(s) = UdpSocket::bind(bind).await else {
-                        continue;
-                    };
-                    if s.connect(dst).await.is_err() {
-                        continue;
-                    }
-                    let s = Arc::new(s);
-                    f.insert(src, s.clone());
+                    f.insert(src, (s.clone(), dst));
                     let (s2, host2, flows2) = (s.clone(), host.clone(), flows.clone());
                     tokio::spawn(async move {
                         let mut b = vec![0u8; 65_536];
-                        while let Ok(Ok(n)) =
-                            tokio::time::timeout(UDP_FLOW_IDLE, s2.recv(&mut b)).await
+                        while let Ok(Ok((n, from))) =
+                            tokio::time::timeout(UDP_FLOW_IDLE, s2.recv_from(&mut b)).await
                         {
-                            let _ = host2.send_to(&b[..n], src).await;
+                            // Answers from the target only.
+                            if from == dst {
+                                let _ = host2.send_to(&b[..n], src).await;
+                            }
                         }
                         flows2.lock().await.remove(&src);
                     });
-                    s
+                    (s, dst)
                 }
             }
         };
-        let _ = sock.send(&buf[..n]).await;
+        let _ = sock.send_to(&buf[..n], dst).await;
     }
 }
 
-/// Serves the `--reverse` forwards: listeners inside the namespace;
-/// host-side connections come from the connector (`conn`).
-pub fn start_reverses(specs: &[Forward], conn: UnixStream) {
+/// Serves the `--reverse` forwards: listeners on the tunnel side (from
+/// `net`); host-side connections come from the connector (`conn`).
+pub fn start_reverses(specs: &[Forward], conn: UnixStream, net: &Net) {
     let conn = Arc::new(std::sync::Mutex::new(conn));
     for (i, spec) in specs.iter().enumerate() {
         if spec.proto != Proto::Tcp {
             warn!(listen = %spec.listen, "UDP reverse forwards are not supported; skipped");
             continue;
         }
-        let (spec, conn) = (spec.clone(), conn.clone());
+        let (spec, conn, net) = (spec.clone(), conn.clone(), net.clone());
         tokio::spawn(async move {
-            let l = match TcpListener::bind(spec.listen).await {
+            let mut l = match net.listen(spec.listen).await {
                 Ok(l) => l,
                 Err(e) => {
                     warn!(listen = %spec.listen, error = %e, "reverse forward: cannot listen");
@@ -311,8 +315,13 @@ pub fn start_reverses(specs: &[Forward], conn: UnixStream) {
             };
             info!(listen = %spec.listen, target = %spec.target, "reverse TCP forward");
             loop {
-                let Ok((inside, peer)) = l.accept().await else {
-                    continue;
+                let (mut inside, peer) = match l.accept().await {
+                    Ok(x) => x,
+                    Err(e) => {
+                        debug!(error = %e, "reverse forward: accept failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
                 };
                 let conn = conn.clone();
                 let index = i as u8;
@@ -336,14 +345,13 @@ pub fn start_reverses(specs: &[Forward], conn: UnixStream) {
                         }
                         Err(_) => return,
                     };
-                    let Ok(out) = out
+                    let Ok(mut out) = out
                         .set_nonblocking(true)
                         .and_then(|()| TcpStream::from_std(out))
                     else {
                         return;
                     };
-                    let r =
-                        crate::proxy::splice::relay(&inside, &out, Duration::from_secs(3600)).await;
+                    let r = super::net::relay(&mut out, &mut inside, RELAY_IDLE).await;
                     debug!(%peer, %target, result = ?r, "reverse connection ended");
                 });
             }

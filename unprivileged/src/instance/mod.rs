@@ -31,8 +31,10 @@
 pub mod cli;
 pub mod dns;
 pub mod forward;
+pub mod net;
 pub mod rootless;
 pub mod udpmux;
+pub mod userstack;
 pub mod worker;
 
 use std::net::SocketAddr;
@@ -101,6 +103,24 @@ pub struct WorkerConfig {
     /// `--reverse`s: the connector's socket follows the forwards' sockets.
     #[serde(default)]
     pub reverses: Vec<forward::Forward>,
+    /// Rootless only: which TCP/IP stack carries the traffic.
+    #[serde(default)]
+    pub stack: StackChoice,
+}
+
+/// Which TCP/IP stack a rootless instance uses (`warren up --stack`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum StackChoice {
+    /// The kernel's, in the worker's own user and network namespace; the
+    /// userspace stack where user namespaces or the TUN device are not
+    /// available to the user.
+    #[default]
+    Auto,
+    /// The kernel's only (fail where it is not available).
+    Kernel,
+    /// The userspace stack (smoltcp) in any case.
+    Userspace,
 }
 
 /// The worker's answer on the control socket (one JSON line).
@@ -110,6 +130,13 @@ pub enum WorkerReport {
     Ready {
         /// Time from the engine's start to the completed handshake.
         handshake_ms: u64,
+        /// Which stack carries the traffic ("kernel" or "userspace").
+        #[serde(default)]
+        stack: String,
+        /// Why the instance runs on the userspace stack, when that was a
+        /// fallback (for the user).
+        #[serde(default)]
+        fallback: Option<String>,
     },
     /// The worker gives up.
     Failed {
@@ -129,6 +156,9 @@ pub struct InstanceStatus {
     /// Runs without the helper, in the worker's own user namespace.
     #[serde(default)]
     pub rootless: bool,
+    /// The TCP/IP stack carrying its traffic: "kernel" or "userspace".
+    #[serde(default)]
+    pub stack: String,
     /// SOCKS5 listener.
     pub socks: String,
     /// HTTP listener.

@@ -16,13 +16,14 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 use zeroize::{Zeroize, Zeroizing};
 
 use super::dns::Resolver;
-use super::{InstanceStatus, PeerStatus, WorkerConfig, WorkerReport, fds};
+use super::net::{Datagram, Net};
+use super::userstack::UserStack;
+use super::{InstanceStatus, PeerStatus, StackChoice, WorkerConfig, WorkerReport, fds};
 use crate::exit;
 use crate::proxy::server::{Access, Egress, Protocol, Settings, serve};
 use crate::transport::wire::Target;
@@ -31,14 +32,17 @@ use crate::wg::engine::{Engine, EngineConfig, EngineStats, PeerSpec};
 /// Largest configuration accepted on the control socket.
 const MAX_CONFIG: u64 = 1 << 20;
 
-/// Outbound connections from inside the namespace; names resolved by the
-/// tunnel's DNS servers.
+/// Outbound connections on the tunnel side (from inside the namespace, or
+/// through the userspace stack); names resolved by the tunnel's DNS
+/// servers.
 #[derive(Debug, Clone)]
 pub struct TunnelEgress {
     /// The resolver.
     pub dns: Resolver,
     /// Connect timeout (DNS included).
     pub timeout: Duration,
+    /// Where the sockets come from.
+    pub net: Net,
 }
 
 impl Egress for TunnelEgress {
@@ -47,22 +51,14 @@ impl Egress for TunnelEgress {
         target: &Target,
         _: crate::rules::Action,
     ) -> std::io::Result<crate::proxy::server::Outbound> {
-        self.tcp(target)
-            .await
-            .map(crate::proxy::server::Outbound::Tcp)
-    }
-}
-
-impl TunnelEgress {
-    async fn tcp(&self, target: &Target) -> std::io::Result<TcpStream> {
         let fut = async {
             match target {
-                Target::Addr(a) => TcpStream::connect(a).await,
+                Target::Addr(a) => self.net.connect(*a).await,
                 Target::Domain(d, p) => {
                     let addrs = self.dns.lookup(d).await?;
                     let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
                     for ip in addrs {
-                        match TcpStream::connect(SocketAddr::new(ip, *p)).await {
+                        match self.net.connect(SocketAddr::new(ip, *p)).await {
                             Ok(s) => return Ok(s),
                             Err(e) => last = e,
                         }
@@ -74,6 +70,87 @@ impl TunnelEgress {
         tokio::time::timeout(self.timeout, fut)
             .await
             .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+    }
+
+    /// With the userspace stack, UDP associations' datagrams go through
+    /// it as frames (kernel sockets would leave from the host); inside a
+    /// namespace, the proxy's own sockets already use the tunnel.
+    async fn udp_tunnel(&self) -> Option<std::io::Result<crate::proxy::server::UdpTunnel>> {
+        match &self.net {
+            Net::Kernel => None,
+            Net::User(_) => {
+                let (near, far) = tokio::io::duplex(256 * 1024);
+                tokio::spawn(udp_frames(self.net.clone(), self.dns.clone(), far));
+                Some(Ok(Box::new(near)))
+            }
+        }
+    }
+}
+
+/// Serves one UDP association's frames on the userspace stack: each
+/// frame's payload goes to its target from a socket per address family;
+/// answers come back as frames naming their source.
+async fn udp_frames(net: Net, dns: Resolver, io: tokio::io::DuplexStream) {
+    use crate::transport::wire::{parse_udp_frame, udp_frame};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    async fn recv(s: &Option<Datagram>, b: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+        match s {
+            Some(s) => s.recv_from(b).await,
+            None => std::future::pending().await,
+        }
+    }
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let (mut inbuf, mut chunk) = (Vec::new(), vec![0u8; 64 * 1024]);
+    let (mut s4, mut s6): (Option<Datagram>, Option<Datagram>) = (None, None);
+    let (mut b4, mut b6) = (vec![0u8; 65_536], vec![0u8; 65_536]);
+    loop {
+        let answer = tokio::select! {
+            r = rd.read(&mut chunk) => {
+                let n = match r {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                inbuf.extend_from_slice(&chunk[..n]);
+                loop {
+                    let ((target, payload), used) = match parse_udp_frame(&inbuf) {
+                        Ok(Some(f)) => f,
+                        Ok(None) => break,
+                        Err(e) => {
+                            debug!(error = %e, "UDP association: bad frame");
+                            return;
+                        }
+                    };
+                    let dst = match target {
+                        Target::Addr(a) => Some(a),
+                        Target::Domain(d, p) => dns
+                            .lookup(&d)
+                            .await
+                            .ok()
+                            .and_then(|v| v.first().map(|ip| SocketAddr::new(*ip, p))),
+                    };
+                    if let Some(dst) = dst {
+                        let slot = if dst.is_ipv4() { &mut s4 } else { &mut s6 };
+                        if slot.is_none() {
+                            *slot = net.udp(dst.ip()).await.ok();
+                        }
+                        if let Some(s) = slot
+                            && let Err(e) = s.send_to(payload, dst).await
+                        {
+                            debug!(%dst, error = %e, "UDP association: datagram not sent");
+                        }
+                    }
+                    inbuf.drain(..used);
+                }
+                None
+            }
+            r = recv(&s4, &mut b4) => r.ok().map(|(n, from)| udp_frame(&Target::Addr(from), &b4[..n])),
+            r = recv(&s6, &mut b6) => r.ok().map(|(n, from)| udp_frame(&Target::Addr(from), &b6[..n])),
+        };
+        if let Some(Ok(f)) = answer
+            && wr.write_all(&f).await.is_err()
+        {
+            return;
+        }
     }
 }
 
@@ -159,15 +236,28 @@ pub fn run() -> ExitCode {
     } else {
         Vec::new()
     };
+    let mut fallback = None;
     if let Some(spec) = &cfg.rootless {
         // Before any thread exists: unshare(CLONE_NEWUSER) needs a
-        // single-threaded process.
+        // single-threaded process. With the userspace stack the namespaces
+        // are only a fence (an empty network namespace: a socket opened
+        // by mistake reaches nothing), so it goes on without them.
         if let Err(e) = super::rootless::enter(&cfg.name, spec) {
-            let reason = format!("cannot set up the rootless namespace: {e}");
-            return fail_report(&mut ctl, reason);
+            match cfg.stack {
+                StackChoice::Kernel => {
+                    let reason = format!("cannot set up the rootless namespace: {e}");
+                    return fail_report(&mut ctl, reason);
+                }
+                StackChoice::Auto => {
+                    fallback = Some(format!("no user namespace ({e})"));
+                }
+                StackChoice::Userspace => {
+                    info!(error = %e, "no user namespace; the userspace stack runs in the host's");
+                }
+            }
         }
     }
-    match start(cfg, ctl, extra) {
+    match start(cfg, ctl, extra, fallback) {
         Ok(code) => code,
         Err(e) => {
             error!("{e}");
@@ -188,13 +278,44 @@ enum Front {
     Host { helper: OwnedFd },
 }
 
-fn start(cfg: WorkerConfig, mut ctl: UnixStream, extra: Vec<OwnedFd>) -> Result<ExitCode, String> {
+fn start(
+    cfg: WorkerConfig,
+    mut ctl: UnixStream,
+    extra: Vec<OwnedFd>,
+    mut fallback: Option<String>,
+) -> Result<ExitCode, String> {
     let rootless = cfg.rootless.clone();
+    // The stack's end of the packet pipe, with the userspace stack.
+    let mut user_pipe = None;
     let taken = (|| {
         let tun = match &rootless {
-            Some(spec) => warren_netconf::create_tun_here(spec).map_err(|e| {
-                format!("cannot create the TUN device in the rootless namespace: {e}")
-            })?,
+            Some(spec) => {
+                let tun = if fallback.is_some() || cfg.stack == StackChoice::Userspace {
+                    None
+                } else {
+                    match warren_netconf::create_tun_here(spec) {
+                        Ok(t) => Some(t),
+                        Err(e) if cfg.stack == StackChoice::Auto => {
+                            fallback = Some(format!("no TUN device ({e})"));
+                            None
+                        }
+                        Err(e) => {
+                            return Err(format!(
+                                "cannot create the TUN device in the rootless namespace: {e}"
+                            ));
+                        }
+                    }
+                };
+                match tun {
+                    Some(t) => t,
+                    None => {
+                        let (engine_end, stack_end) = super::userstack::packet_pair()
+                            .map_err(|e| format!("cannot create the packet pipe: {e}"))?;
+                        user_pipe = Some(stack_end);
+                        engine_end
+                    }
+                }
+            }
             None => inherit(fds::TUN, "TUN")?,
         };
         if rootless.is_some() {
@@ -327,6 +448,7 @@ fn start(cfg: WorkerConfig, mut ctl: UnixStream, extra: Vec<OwnedFd>) -> Result<
             ctl,
             [socks, http, relay],
             extra,
+            (user_pipe, fallback),
             stats,
             handshake_ms,
         )),
@@ -342,6 +464,7 @@ async fn serve_instance(
     mut ctl: UnixStream,
     [socks, http, relay]: [OwnedFd; 3],
     mut extra: Vec<OwnedFd>,
+    (user_pipe, fallback): (Option<OwnedFd>, Option<String>),
     stats: Arc<EngineStats>,
     handshake_ms: u64,
 ) -> ExitCode {
@@ -364,18 +487,41 @@ async fn serve_instance(
             None
         }
     };
+    let net = match user_pipe {
+        None => Net::Kernel,
+        Some(pipe) => {
+            let addrs: Vec<(IpAddr, u8)> = cfg
+                .wg
+                .interface
+                .addresses
+                .iter()
+                .map(|a| (a.addr(), a.len()))
+                .collect();
+            match UserStack::start(pipe, &addrs, cfg.mtu) {
+                Ok(s) => Net::User(s),
+                Err(e) => {
+                    return fail_report(&mut ctl, format!("cannot start the userspace stack: {e}"));
+                }
+            }
+        }
+    };
+    if let Some(why) = &fallback {
+        warn!(reason = %why, "the kernel's stack is not available to this user: using the userspace TCP/IP stack");
+    }
     let dns = Resolver::new(
         cfg.wg.interface.dns.clone(),
         cfg.wg.interface.dns_search.clone(),
-    );
+    )
+    .with_net(net.clone());
     let egress = Arc::new(TunnelEgress {
         dns: dns.clone(),
         timeout: Duration::from_millis(cfg.connect_timeout_ms.max(100)),
+        net: net.clone(),
     });
     let connector = (!cfg.reverses.is_empty()).then(|| extra.pop()).flatten();
-    super::forward::start_forwards(&cfg.forwards, extra, egress.clone(), dns.clone());
+    super::forward::start_forwards(&cfg.forwards, extra, egress.clone(), dns.clone(), &net);
     if let Some(c) = connector {
-        super::forward::start_reverses(&cfg.reverses, UnixStream::from(c));
+        super::forward::start_reverses(&cfg.reverses, UnixStream::from(c), &net);
     }
     let loopback: Vec<(IpAddr, u8)> = vec![
         (IpAddr::from([127, 0, 0, 0]), 8),
@@ -416,20 +562,29 @@ async fn serve_instance(
     );
     let status_stats = stats.clone();
     let rootless = cfg.rootless.is_some();
+    let stack = net.name();
     let control = spawn_status(
         move || {
             let mut s =
                 counters.snapshot(std::process::id(), vec![socks_s.clone(), http_s.clone()]);
             let mut i = instance_status(&name, &socks_s, &http_s, &status_stats);
             i.rootless = rootless;
+            i.stack = stack.into();
             s.instance = Some(i);
             s
         },
         &stop,
     );
-    report(&mut ctl, &WorkerReport::Ready { handshake_ms });
+    report(
+        &mut ctl,
+        &WorkerReport::Ready {
+            handshake_ms,
+            stack: stack.into(),
+            fallback,
+        },
+    );
     drop(ctl);
-    info!(instance = %cfg.name, socks = %cfg.socks, http = %cfg.http, "instance serving");
+    info!(instance = %cfg.name, socks = %cfg.socks, http = %cfg.http, stack, "instance serving");
     use tokio::signal::unix::{SignalKind, signal};
     if let (Ok(mut t), Ok(mut i)) = (
         signal(SignalKind::terminate()),
@@ -490,7 +645,14 @@ async fn serve_host(
         }
     };
     let mut conn = warren_ipc::conn::FramedConn::new(conn);
-    report(&mut ctl, &WorkerReport::Ready { handshake_ms });
+    report(
+        &mut ctl,
+        &WorkerReport::Ready {
+            handshake_ms,
+            stack: "kernel".into(),
+            fallback: None,
+        },
+    );
     drop(ctl);
     info!(tunnel = %cfg.name, "host tunnel serving");
     use tokio::signal::unix::{SignalKind, signal};
@@ -552,6 +714,7 @@ fn instance_status(name: &str, socks: &str, http: &str, stats: &EngineStats) -> 
         name: name.into(),
         host: false,
         rootless: false,
+        stack: "kernel".into(),
         socks: socks.into(),
         http: http.into(),
         peers: stats
