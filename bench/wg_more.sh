@@ -8,6 +8,9 @@
 #      both against the warren exit;
 #   4. a TCP forward (`warren up --forward tcp:127.0.0.1:P=TARGET`) vs onetun
 #      against the warren exit, with RSS under load;
+#   5. a rootless instance on the userspace TCP/IP stack (`--rootless --stack
+#      userspace`, measured through its --forward) vs onetun, the
+#      helper-backed --forward and the kernel-stack rootless instance;
 #   plus the raw path without a tunnel (veth, routed through the exit netns).
 # Needs root, iperf3, wireguard-go, wg, nft, ping; onetun from
 # `cargo install --root /tmp/anchors onetun` (skipped when missing).
@@ -24,7 +27,8 @@
 #          wireguard-go exit wrmwx 198.19.S.129/25, UDP 51821 (masquerade:
 #          nft table inet wrm_bench in wrm-s).
 #   host: helper; instances A (helper-backed), R (--rootless), F (helper-backed,
-#         --forward tcp:127.0.0.1:PF=198.18.S.10:5201), onetun on
+#         --forward tcp:127.0.0.1:PF=198.18.S.10:5201), U (--rootless --stack
+#         userspace --forward tcp:127.0.0.1:PU=198.18.S.10:5201), onetun on
 #         127.0.0.1:PO -> 198.18.S.10:5201; all peers of the warren exit,
 #         endpoint 198.18.S.2:51820.
 #   wrm-c: wireguard-go wrmwc 198.19.S.130 -> wireguard-go exit (the pair);
@@ -84,10 +88,12 @@ for r in tput:
 PROC = {"wx": "warren exit (`warren server --mode wg`)", "xg": "wireguard-go exit",
         "c1": "wireguard-go client (pair)", "c2": "wireguard-go client → warren exit",
         "a": "warren worker, helper-backed", "r": "warren worker, rootless",
-        "f": "warren worker, --forward", "o": onetun_ver}
+        "f": "warren worker, --forward", "o": onetun_ver,
+        "u": "warren worker, rootless userspace stack (--forward)"}
 LABEL = {"both": "warren instance → warren exit", "pair": "wireguard-go → wireguard-go",
          "wggo2w": "wireguard-go → warren exit", "rootless": "rootless warren instance → warren exit",
          "fwd": "warren --forward → warren exit", "onetun": "onetun → warren exit",
+         "user": "rootless userspace-stack --forward → warren exit",
          "veth": "raw veth, routed through the exit netns (no tunnel)"}
 
 def num(v):
@@ -140,6 +146,10 @@ COMPARE = [
     ("3. rootless vs helper-backed instance (warren exit), -P 4", "rootless-P4", "both-P4", 0.9),
     ("4. warren --forward vs onetun (warren exit), 1 stream", "fwd-P1", "onetun-P1", None),
     ("4. warren --forward, -P 4 vs 1 stream", "fwd-P4", "fwd-P1", None),
+    ("5. userspace stack (--forward) vs onetun, 1 stream", "user-P1", "onetun-P1", 10.0),
+    ("5. userspace stack vs helper-backed --forward, 1 stream", "user-P1", "fwd-P1", None),
+    ("5. userspace stack vs kernel-stack rootless, 1 stream", "user-P1", "rootless-P1", None),
+    ("5. userspace stack, -P 4 vs 1 stream", "user-P4", "user-P1", None),
     ("warren on both ends vs raw veth path, 1 stream", "both-P1", "veth-P1", None),
 ]
 
@@ -188,7 +198,7 @@ print("\n### Memory of each WireGuard process\n")
 print("| process | VmRSS idle (2 s after up) | VmRSS after the runs | VmHWM (peak) | threads |")
 print("|---|---|---|---|---|")
 mib = lambda r, k: f"{float(r[k]) / 1024:.1f} MiB" if r else "—"
-for p in ("a", "r", "f", "o", "wx", "c2", "c1", "xg"):
+for p in ("a", "r", "f", "u", "o", "wx", "c2", "c1", "xg"):
     i, l = rss.get((p, "idle")), rss.get((p, "loaded")) or rss.get((p, "capped"))
     if not i and not l:
         continue
@@ -285,7 +295,7 @@ wait_for "iperf3 server" 10 tcp_listening "$NI" 5201
 umask 077
 for k in x c; do wg genkey >"$LOGDIR/key-$k"; wg pubkey <"$LOGDIR/key-$k" >"$LOGDIR/pub-$k"; done
 pub() { cat "$LOGDIR/pub-$1"; }
-I_A=${P}$$a I_R=${P}$$r I_F=${P}$$f
+I_A=${P}$$a I_R=${P}$$r I_F=${P}$$f I_U=${P}$$u
 for i in $I_A $I_F; do add_cleanup "ip netns del warren-$i; rm -rf /etc/netns/warren-$i"; done
 setup_host_warren   # host helper (PID_HELPER), W = env of every warren call
 WX=(env -i PATH="$PATH" XDG_RUNTIME_DIR="$LOGDIR/xdg-s" HOME="$HOMED" WARREN_HELPER_SOCKET="$LOGDIR/helper-s/h.sock")
@@ -299,6 +309,7 @@ add_peer inst-r "$NET.2:51820" "$LOGDIR/r.conf"      # TUN.3
 add_peer inst-f "$NET.2:51820" "$LOGDIR/f.conf"      # TUN.4
 add_peer wggo-d "$NET.13:51820" "$LOGDIR/d.conf"     # TUN.5
 add_peer onetun "$NET.2:51820" "$LOGDIR/o.conf"      # TUN.6
+add_peer inst-u "$NET.2:51820" "$LOGDIR/u.conf"      # TUN.7
 conf_get() { awk -v k="$2" -F' = ' '$1 == k {print $2; exit}' "$1"; }
 EXIT_PUB=$(conf_get "$LOGDIR/a.conf" PublicKey)
 
@@ -344,16 +355,21 @@ ping_ok ip netns exec "$ND" ping -4 -c 1 -W 1 "$INET_IP" || die "wireguard-go ->
 ping_ok ip netns exec "$NC" ping -4 -c 1 -W 1 "$RAW_IP" || die "raw path C -> $RAW_IP broken"
 
 # ---------------------------------------------------------------- warren instances, onetun
-read -r PF PO SA HA SR HR SF HF <<<"$(free_ports 8)"   # distinct: one socket each while chosen
+read -r PF PO SA HA SR HR SF HF PU SU HU <<<"$(free_ports 11)"   # distinct: one socket each while chosen
 UP_A=$(warren_up "$I_A" "$LOGDIR/a.conf" "$SA" "$HA") || die "warren up $I_A failed (see $XDG/warren/)"
 UP_R=$(warren_up "$I_R" "$LOGDIR/r.conf" "$SR" "$HR" -- --rootless) || die "warren up --rootless $I_R failed (see $XDG/warren/)"
 UP_F=$(warren_up "$I_F" "$LOGDIR/f.conf" "$SF" "$HF" -- --forward "tcp:127.0.0.1:$PF=$INET_IP:5201") ||
   die "warren up --forward $I_F failed (see $XDG/warren/)"
+UP_U=$(warren_up "$I_U" "$LOGDIR/u.conf" "$SU" "$HU" -- --rootless --stack userspace --forward "tcp:127.0.0.1:$PU=$INET_IP:5201") ||
+  die "warren up --rootless --stack userspace $I_U failed (see $XDG/warren/)"
 PID_A=$(json_get "$UP_A" worker_pid); PID_R=$(json_get "$UP_R" worker_pid); PID_F=$(json_get "$UP_F" worker_pid)
-add_cleanup "kill -TERM $PID_R 2>/dev/null"   # the rootless worker, by PID (`warren down --all` stops it too)
+PID_U=$(json_get "$UP_U" worker_pid)
+add_cleanup "kill -TERM $PID_R 2>/dev/null"   # the rootless workers, by PID (`warren down --all` stops them too)
+add_cleanup "kill -TERM $PID_U 2>/dev/null"
 log "instance A $I_A (helper) worker $PID_A, parent $(ppid_of "$PID_A"): $UP_A"
 log "instance R $I_R (rootless) worker $PID_R, parent $(ppid_of "$PID_R"): $UP_R"
 log "instance F $I_F (forward 127.0.0.1:$PF -> $INET_IP:5201) worker $PID_F, parent $(ppid_of "$PID_F"): $UP_F"
+log "instance U $I_U (userspace stack, forward 127.0.0.1:$PU -> $INET_IP:5201) worker $PID_U: $UP_U"
 LOG_A=$XDG/warren/instance-$I_A.log LOG_R=$XDG/warren/instance-$I_R.log LOG_F=$XDG/warren/instance-$I_F.log
 wexec() { "${W[@]}" "$BIN/warren" --no-autostart exec "$@"; }
 # ping cannot run under `warren exec` (no privileges there): a TCP connect to
@@ -380,15 +396,15 @@ fi
 
 # The workers are started by `warren up` with setsid and outlive it: count
 # them as ours in the foreign-CPU guard (wg_lib.sh).
-own_pids "$PID_A" "$PID_R" "$PID_F"
+own_pids "$PID_A" "$PID_R" "$PID_F" "$PID_U"
 
 # ---------------------------------------------------------------- idle RSS
 # WireGuard processes by short name: wx warren exit, xg wireguard-go exit,
 # c1 wireguard-go pair client, c2 wireguard-go client of the warren exit,
 # a / r / f warren workers (helper-backed / rootless / forward), o onetun.
-declare -A PIDOF=([wx]=$PID_WX [xg]=$PID_XG [c1]=$PID_C1 [c2]=$PID_C2 [a]=$PID_A [r]=$PID_R [f]=$PID_F)
+declare -A PIDOF=([wx]=$PID_WX [xg]=$PID_XG [c1]=$PID_C1 [c2]=$PID_C2 [a]=$PID_A [r]=$PID_R [f]=$PID_F [u]=$PID_U)
 (( PID_O )) && PIDOF[o]=$PID_O
-PNAMES=(wx xg c1 c2 a r f); (( PID_O )) && PNAMES+=(o)
+PNAMES=(wx xg c1 c2 a r f u); (( PID_O )) && PNAMES+=(o)
 sleep 2
 for k in "${PNAMES[@]}"; do rss_line "$k" idle "${PIDOF[$k]}"; done
 
@@ -440,13 +456,14 @@ iperf_cmd() { # iperf_cmd CFG T -> CMD (array), CL / EX (client-side / exit proc
     wggo2w-*)   CMD=(ip netns exec "$ND" iperf3 -c "$INET_IP" -t "$t" $flags -J); CL=c2 EX=wx ;;
     fwd-*)      CMD=(iperf3 -c 127.0.0.1 -p "$PF" -t "$t" $flags -J); CL=f EX=wx ;;
     onetun-*)   CMD=(iperf3 -c 127.0.0.1 -p "$PO" -t "$t" $flags -J); CL=o EX=wx ;;
+    user-*)     CMD=(iperf3 -c 127.0.0.1 -p "$PU" -t "$t" $flags -J); CL=u EX=wx ;;
     veth-*)     CMD=(ip netns exec "$NC" iperf3 -c "$RAW_IP" -t "$t" $flags -J); CL=- EX=- ;;
     *) die "unknown configuration $cfg" ;;
   esac
 }
-CONFIGS=(both-P1 pair-P1 wggo2w-P1 rootless-P1 fwd-P1 veth-P1)
+CONFIGS=(both-P1 pair-P1 wggo2w-P1 rootless-P1 fwd-P1 user-P1 veth-P1)
 (( PID_O )) && CONFIGS+=(onetun-P1)
-[[ $P4 == 1 ]] && CONFIGS+=(both-P4 pair-P4 wggo2w-P4 rootless-P4 fwd-P4)
+[[ $P4 == 1 ]] && CONFIGS+=(both-P4 pair-P4 wggo2w-P4 rootless-P4 fwd-P4 user-P4)
 if [[ -n ${ONLY_CONFIGS:-} ]]; then read -r -a CONFIGS <<<"$ONLY_CONFIGS"; fi
 FAILS=0
 declare -A CFAILS=()

@@ -17,6 +17,7 @@ use crate::autostart::{AutostartPolicy, connect_or_autostart};
 use crate::exit;
 use crate::helper_client::{ClientError, HelperClient};
 use crate::wg::conf;
+use warren_ipc::HelperError;
 
 /// Default MTU when the file names none (wg-quick's usual choice).
 const DEFAULT_MTU: u16 = 1420;
@@ -950,21 +951,24 @@ pub fn run_down(args: DownArgs, target: HelperTarget) -> ExitCode {
         let mut found = false;
         // Helper-backed instances first (the common case: no need to ask
         // every worker), then rootless ones (this user's own processes).
-        match HelperClient::connect(&target.path).await {
-            Ok(mut helper) => {
+        match (HelperClient::connect(&target.path).await, &wanted) {
+            // One round trip for a named instance: the helper checks that
+            // it is the caller's (others' answer NotFound, as missing ones).
+            (Ok(mut helper), Some(n)) => match helper.destroy_instance(n).await {
+                Ok(()) => {
+                    println!("{n} is down");
+                    return code;
+                }
+                Err(ClientError::Helper(HelperError::NotFound { .. })) => {}
+                Err(e) => return crate::cli::report_client_error(&e),
+            },
+            (Ok(mut helper), None) => {
                 let list = match helper.list_instances().await {
                     Ok(l) => l,
                     Err(e) => return crate::cli::report_client_error(&e),
                 };
                 let me = nix::unistd::getuid().as_raw();
-                for i in &list {
-                    let hit = match &wanted {
-                        Some(n) => &i.name == n,
-                        None => i.owner_uid == me,
-                    };
-                    if !hit {
-                        continue;
-                    }
+                for i in list.iter().filter(|i| i.owner_uid == me) {
                     found = true;
                     match helper.destroy_instance(&i.name).await {
                         Ok(()) => {
@@ -979,11 +983,8 @@ pub fn run_down(args: DownArgs, target: HelperTarget) -> ExitCode {
                     }
                 }
             }
-            Err(ClientError::NoSocket(_) | ClientError::NotListening(_)) => {}
-            Err(e) => return crate::cli::report_client_error(&e),
-        }
-        if found && wanted.is_some() {
-            return code;
+            (Err(ClientError::NoSocket(_) | ClientError::NotListening(_)), _) => {}
+            (Err(e), _) => return crate::cli::report_client_error(&e),
         }
         for (pid, n) in rootless_workers() {
             if wanted.as_ref().is_none_or(|w| w.as_str() == n) {
