@@ -184,20 +184,26 @@ impl Inner {
     /// Runs the stack until nothing is due right now; the time until it
     /// is due again.
     fn poll(&mut self) -> Duration {
-        for _ in 0..64 {
+        // smoltcp sends at most one segment per socket per poll: poll
+        // while something is due (bounded, so other tasks get their turn).
+        let mut next = Duration::from_secs(1);
+        for _ in 0..256 {
             let now = smoltcp::time::Instant::now();
             self.iface.poll(now, &mut self.dev, &mut self.sockets);
             match self.iface.poll_delay(now, &self.sockets) {
-                Some(d) if d == smoltcp::time::Duration::ZERO => continue,
+                Some(d) if d == smoltcp::time::Duration::ZERO => next = Duration::ZERO,
                 Some(d) => {
-                    self.reap();
-                    return Duration::from_micros(d.total_micros());
+                    next = Duration::from_micros(d.total_micros());
+                    break;
                 }
-                None => break,
+                None => {
+                    next = Duration::from_secs(1);
+                    break;
+                }
             }
         }
         self.reap();
-        Duration::from_secs(1)
+        next
     }
 
     /// Removes closed flows whose FIN handshake ended (or took too long).
