@@ -432,7 +432,7 @@ impl Registry {
                 Some(_) => {}
             }
         }
-        self.remove(name, "destroyed on request").await;
+        let _ = self.remove(name, "destroyed on request").await;
         Ok(())
     }
 
@@ -565,7 +565,7 @@ impl Registry {
             self.send_event(conn, Event::Exited { pid, status });
         }
         if leased {
-            self.remove(&instance, "its worker ended").await;
+            let _ = self.remove(&instance, "its worker ended").await;
         }
     }
 
@@ -590,7 +590,7 @@ impl Registry {
                 .collect()
         };
         for name in leased {
-            self.remove(&name, "its client disconnected").await;
+            let _ = self.remove(&name, "its client disconnected").await;
         }
     }
 
@@ -598,17 +598,19 @@ impl Registry {
     pub async fn remove_all(&self) {
         let names: Vec<InstanceName> = self.lock().instances.keys().cloned().collect();
         for n in names {
-            self.remove(&n, "helper stopping").await;
+            // Shutdown waits for the journal too, so it is left clean.
+            if let Some(books) = self.remove(&n, "helper stopping").await {
+                let _ = books.await;
+            }
         }
     }
 
     /// Ends the programs in `name`, removes its kernel objects, forgets it.
-    async fn remove(&self, name: &InstanceName, why: &str) {
+    /// Returns the task finishing the bookkeeping (journal, events).
+    async fn remove(&self, name: &InstanceName, why: &str) -> Option<tokio::task::JoinHandle<()>> {
         let (inst, procs) = {
             let mut st = self.lock();
-            let Some(inst) = st.instances.remove(name) else {
-                return;
-            };
+            let inst = st.instances.remove(name)?;
             let procs: Vec<Arc<OwnedFd>> = st
                 .procs
                 .values()
@@ -617,9 +619,11 @@ impl Registry {
                 .collect();
             (inst, procs)
         };
-        for p in &procs {
-            let _ = runas::signal(p, libc::SIGKILL);
-        }
+        let kill = || {
+            for p in &procs {
+                let _ = runas::signal(p, libc::SIGKILL);
+            }
+        };
         let n = name.clone();
         let server = match &inst.kind {
             Kind::Server { record, .. } => Some(record.clone()),
@@ -629,6 +633,15 @@ impl Registry {
             Kind::Host { record, .. } => Some(record.clone()),
             _ => None,
         };
+        // A server or host tunnel's process stops before its NAT, routes
+        // or kill switch go (otherwise packets could leave unprotected for
+        // a moment). A namespace instance is unpublished first instead: its
+        // name carries no routing, and unmounting before the worker's exit
+        // tears down its mount namespace avoids waiting on that teardown.
+        let namespace = server.is_none() && host.is_none();
+        if !namespace {
+            kill();
+        }
         let last_server = server.is_some()
             && !self
                 .lock()
@@ -642,20 +655,28 @@ impl Registry {
         })
         .await
         .unwrap_or_default();
-        let mut st = self.lock();
-        if errs.is_empty() {
-            if let Err(e) = st.journal.remove(inst.journal_id) {
-                warn!(error = %e, "cannot update the journal");
-            }
-            info!(instance = %name, reason = why, "instance removed");
-        } else {
-            for e in &errs {
-                error!(instance = %name, error = %e, cause = ?std::error::Error::source(e).map(|s| s.to_string()), "removal step failed; left in the journal for the next start");
-            }
+        if namespace {
+            kill();
         }
-        let creator = inst.creator;
-        drop(st);
-        self.send_event(creator, Event::InstanceGone { name: name.clone() });
+        // The journal and the events are bookkeeping: the caller's answer
+        // does not wait for them.
+        let (reg, name, why) = (self.clone(), name.clone(), why.to_string());
+        Some(tokio::spawn(async move {
+            let mut st = reg.lock();
+            if errs.is_empty() {
+                if let Err(e) = st.journal.remove(inst.journal_id) {
+                    warn!(error = %e, "cannot update the journal");
+                }
+                info!(instance = %name, reason = why, "instance removed");
+            } else {
+                for e in &errs {
+                    error!(instance = %name, error = %e, cause = ?std::error::Error::source(e).map(|s| s.to_string()), "removal step failed; left in the journal for the next start");
+                }
+            }
+            let creator = inst.creator;
+            drop(st);
+            reg.send_event(creator, Event::InstanceGone { name });
+        }))
     }
 }
 
