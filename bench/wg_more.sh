@@ -447,7 +447,7 @@ rss_sample() {
 }
 iperf_cmd() { # iperf_cmd CFG T -> CMD (array), CL / EX (client-side / exit process names, - for none)
   local cfg=$1 t=$2 flags
-  case $cfg in *-P4) flags="-P 4" ;; *) flags="-P 1" ;; esac
+  flags="-P ${cfg##*-P}"   # user-P128: 128 parallel streams
   # shellcheck disable=SC2206
   case $cfg in
     both-*)     CMD=("${W[@]}" "$BIN/warren" --no-autostart exec "$I_A" -- iperf3 -c "$INET_IP" -t "$t" $flags -J); CL=a EX=wx ;;

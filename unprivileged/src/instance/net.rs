@@ -124,8 +124,10 @@ pub async fn relay(
 ) -> io::Result<(u64, u64)> {
     match tunnel {
         Outbound::Tcp(t) => crate::proxy::splice::relay(host, t, idle).await,
+        // Small buffers: the stack's own windows do the buffering, and this
+        // is per flow (the userspace stack's memory bound counts it).
         Outbound::Stream(s) => {
-            tokio::io::copy_bidirectional_with_sizes(host, s, 64 * 1024, 64 * 1024).await
+            tokio::io::copy_bidirectional_with_sizes(host, s, 16 * 1024, 16 * 1024).await
         }
     }
 }

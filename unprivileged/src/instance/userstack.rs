@@ -11,8 +11,9 @@
 //! Memory is bounded: every TCP flow has fixed windows ([`TCP_BUFFER`] each
 //! way, which is also the back-pressure: a full receive window stops the
 //! far end, a full send buffer makes writers wait), at most [`MAX_TCP`]
-//! flows and [`MAX_UDP`] UDP sockets exist at once, so the stack's buffers
-//! never exceed ~45 MiB whatever the load.
+//! flows and [`MAX_UDP`] UDP sockets exist at once: 32 MiB of TCP and
+//! 8 MiB of UDP buffers at most, whatever the load (with the relays' own
+//! 32 KiB per flow, the worker stays under ~50 MiB).
 //!
 //! One task drives the stack (on the worker's single runtime thread); the
 //! sockets' reads and writes take its lock briefly and wake it.
@@ -39,7 +40,7 @@ use tracing::{debug, warn};
 /// Each TCP flow's receive window and send buffer.
 pub const TCP_BUFFER: usize = 128 * 1024;
 /// Most TCP sockets (flows and listeners) at once.
-pub const MAX_TCP: usize = 160;
+pub const MAX_TCP: usize = 128;
 /// Most UDP sockets at once.
 pub const MAX_UDP: usize = 64;
 /// Datagrams queued per UDP socket and direction.
@@ -677,20 +678,20 @@ impl std::fmt::Debug for UserListener {
 }
 
 impl UserListener {
+    /// Where its sockets listen (no address: all of the stack's).
+    fn endpoint(&self) -> IpListenEndpoint {
+        IpListenEndpoint {
+            addr: (!self.at.ip().is_unspecified()).then(|| self.at.ip().into()),
+            port: self.at.port(),
+        }
+    }
+
     /// Keeps [`BACKLOG`] sockets listening.
     fn fill(&mut self) -> io::Result<()> {
         let mut g = self.stack.lock();
         while self.backlog.len() < BACKLOG {
             let mut s = g.new_tcp()?;
-            let ep = if self.at.ip().is_unspecified() {
-                IpListenEndpoint {
-                    addr: None,
-                    port: self.at.port(),
-                }
-            } else {
-                IpListenEndpoint::from(self.at)
-            };
-            s.listen(ep)
+            s.listen(self.endpoint())
                 .map_err(|e| io::Error::new(io::ErrorKind::AddrInUse, format!("{e:?}")))?;
             let h = g.sockets.add(s);
             g.tcp.push((h, self.at.port()));
@@ -712,11 +713,7 @@ impl UserListener {
                     }
                     tcp::State::Closed => {
                         // Reset during its handshake: listen again.
-                        let ep = IpListenEndpoint {
-                            addr: (!self.at.ip().is_unspecified()).then(|| self.at.ip().into()),
-                            port: self.at.port(),
-                        };
-                        let _ = s.listen(ep);
+                        let _ = s.listen(self.endpoint());
                         s.register_recv_waker(cx.waker());
                     }
                     _ => {
