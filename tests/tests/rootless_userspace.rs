@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -44,41 +44,6 @@ fn warren_without_userns(user: &User, args: &[&str]) -> Output {
         "sh",
     ]);
     user.run(&mut c, args)
-}
-
-/// A small HTTP server on 127.0.0.1 answering `body` (a thread; ends with
-/// the test process).
-fn host_http(body: &'static str) -> u16 {
-    use std::io::{Read, Write};
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = l.local_addr().expect("addr").port();
-    std::thread::spawn(move || {
-        for s in l.incoming().take(100) {
-            let Ok(mut s) = s else { continue };
-            let mut b = [0u8; 1024];
-            let _ = s.read(&mut b);
-            let _ = write!(
-                s,
-                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    });
-    port
-}
-
-fn udp_roundtrip(to: u16, payload: &[u8]) -> Option<Vec<u8>> {
-    let u = UdpSocket::bind("127.0.0.1:0").expect("bind");
-    u.set_read_timeout(Some(Duration::from_secs(3)))
-        .expect("timeout");
-    for _ in 0..3 {
-        u.send_to(payload, ("127.0.0.1", to)).expect("send");
-        let mut b = [0u8; 256];
-        if let Ok((n, _)) = u.recv_from(&mut b) {
-            return Some(b[..n].to_vec());
-        }
-    }
-    None
 }
 
 #[test]
@@ -221,21 +186,8 @@ fn userspace_stack_where_user_namespaces_are_off() {
             && port_free(fp)),
         "listeners survived the worker"
     );
-    let connectors = || {
-        std::fs::read_dir("/proc")
-            .expect("proc")
-            .flatten()
-            .filter(|e| {
-                std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
-                    c.windows(17).any(|w| w == b"forward-connector")
-                        && c.windows(local.to_string().len())
-                            .any(|w| w == local.to_string().as_bytes())
-                })
-            })
-            .count()
-    };
     assert!(
-        wait_for(Duration::from_secs(5), || connectors() == 0),
+        wait_for(Duration::from_secs(5), || connectors_for(local) == 0),
         "the reverse connector outlived the worker"
     );
 }

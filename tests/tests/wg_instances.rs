@@ -870,27 +870,6 @@ fn rootless_instance_without_any_helper() {
     );
 }
 
-/// A one-line HTTP server on 127.0.0.1 answering `body` (a thread; ends
-/// with the test process).
-fn host_http(body: &'static str) -> u16 {
-    use std::io::{Read, Write};
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = l.local_addr().expect("addr").port();
-    std::thread::spawn(move || {
-        for s in l.incoming().take(100) {
-            let Ok(mut s) = s else { continue };
-            let mut b = [0u8; 1024];
-            let _ = s.read(&mut b);
-            let _ = write!(
-                s,
-                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    });
-    port
-}
-
 #[test]
 fn forwards_and_reverse_forwards() {
     if !require_root("forwards_and_reverse_forwards") {
@@ -931,20 +910,10 @@ fn forwards_and_reverse_forwards() {
         exit.http_body()
     );
     // UDP forward: a local port reaches the exit's echo server.
-    let u = UdpSocket::bind("127.0.0.1:0").expect("bind");
-    u.set_read_timeout(Some(Duration::from_secs(3)))
-        .expect("timeout");
-    let mut got = None;
-    for _ in 0..3 {
-        u.send_to(b"forwarded datagram", ("127.0.0.1", up_port))
-            .expect("send");
-        let mut b = [0u8; 64];
-        if let Ok((n, _)) = u.recv_from(&mut b) {
-            got = Some(b[..n].to_vec());
-            break;
-        }
-    }
-    assert_eq!(got.as_deref(), Some(&b"forwarded datagram"[..]));
+    assert_eq!(
+        udp_roundtrip(up_port, b"forwarded datagram").as_deref(),
+        Some(&b"forwarded datagram"[..])
+    );
     // Reverse: from inside the exit, the instance's tunnel address reaches
     // a service on this host.
     let r = run_limited(
@@ -970,21 +939,8 @@ fn forwards_and_reverse_forwards() {
         "forward port left bound"
     );
     // The connector ends with the worker.
-    let connectors = || {
-        std::fs::read_dir("/proc")
-            .expect("proc")
-            .flatten()
-            .filter(|e| {
-                std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
-                    c.windows(17).any(|w| w == b"forward-connector")
-                        && c.windows(local.to_string().len())
-                            .any(|w| w == local.to_string().as_bytes())
-                })
-            })
-            .count()
-    };
     assert!(
-        wait_for(Duration::from_secs(5), || connectors() == 0),
+        wait_for(Duration::from_secs(5), || connectors_for(local) == 0),
         "the reverse connector outlived the instance"
     );
 }

@@ -475,3 +475,55 @@ impl Drop for Lab {
         );
     }
 }
+
+/// A small HTTP server on 127.0.0.1 answering `body` to up to 100
+/// connections (a thread; ends with the test process).
+pub fn host_http(body: &'static str) -> u16 {
+    use std::io::{Read, Write};
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for s in l.incoming().take(100) {
+            let Ok(mut s) = s else { continue };
+            let mut b = [0u8; 1024];
+            let _ = s.read(&mut b);
+            let _ = write!(
+                s,
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    port
+}
+
+/// Running `warren forward-connector` processes whose targets include
+/// `port`.
+pub fn connectors_for(port: u16) -> usize {
+    let port = port.to_string();
+    std::fs::read_dir("/proc")
+        .expect("proc")
+        .flatten()
+        .filter(|e| {
+            std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
+                c.windows(17).any(|w| w == b"forward-connector")
+                    && c.windows(port.len()).any(|w| w == port.as_bytes())
+            })
+        })
+        .count()
+}
+
+/// One datagram to 127.0.0.1:`to` and its answer (three tries of 3 s).
+pub fn udp_roundtrip(to: u16, payload: &[u8]) -> Option<Vec<u8>> {
+    let u = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    u.set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    for _ in 0..3 {
+        u.send_to(payload, ("127.0.0.1", to)).expect("send");
+        let mut b = [0u8; 256];
+        if let Ok((n, _)) = u.recv_from(&mut b) {
+            return Some(b[..n].to_vec());
+        }
+    }
+    None
+}

@@ -233,7 +233,8 @@ async fn tcp_forward<E: crate::proxy::server::Egress>(
     }
 }
 
-async fn resolve(target: &Target, dns: &super::dns::Resolver) -> Option<SocketAddr> {
+/// The first address of `target` (names through the tunnel's DNS).
+pub(crate) async fn resolve(target: &Target, dns: &super::dns::Resolver) -> Option<SocketAddr> {
     match target {
         Target::Addr(a) => Some(*a),
         Target::Domain(d, p) => dns

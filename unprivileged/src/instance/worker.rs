@@ -120,15 +120,7 @@ async fn udp_frames(net: Net, dns: Resolver, io: tokio::io::DuplexStream) {
                             return;
                         }
                     };
-                    let dst = match target {
-                        Target::Addr(a) => Some(a),
-                        Target::Domain(d, p) => dns
-                            .lookup(&d)
-                            .await
-                            .ok()
-                            .and_then(|v| v.first().map(|ip| SocketAddr::new(*ip, p))),
-                    };
-                    if let Some(dst) = dst {
+                    if let Some(dst) = super::forward::resolve(&target, &dns).await {
                         let slot = if dst.is_ipv4() { &mut s4 } else { &mut s6 };
                         if slot.is_none() {
                             *slot = net.udp(dst.ip()).await.ok();
