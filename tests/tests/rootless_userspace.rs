@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use common::*;
 use warren_tests::wgexit::WgExit;
-use warren_tests::{bin, ids, require_root, run_limited, wait_for};
+use warren_tests::{bin, ids, require_root, wait_for};
 
 /// `warren ARGS` as the test user with user namespaces off: in a user
 /// namespace (the user mapped to itself) whose limit of child user
@@ -136,27 +136,7 @@ fn userspace_stack_where_user_namespaces_are_off() {
     assert_eq!(echoed, b"userspace udp");
 
     // Forwards both ways.
-    assert_eq!(curl_ok(&[&format!("http://127.0.0.1:{fp}/")]), body);
-    assert_eq!(
-        udp_roundtrip(up_port, b"forwarded datagram").as_deref(),
-        Some(&b"forwarded datagram"[..])
-    );
-    let r = run_limited(
-        exit.exec("curl").args([
-            "-sS",
-            "--max-time",
-            "8",
-            &format!("http://{}:2222/", exit.client_v4()),
-        ]),
-        LIMIT,
-    );
-    assert_eq!(
-        text(&r.stdout),
-        "hello from the host\n",
-        "reverse forward: {}\n{}",
-        text(&r.stderr),
-        user.log(&name)
-    );
+    assert_forwards_work(&exit, fp, up_port, &|| user.log(&name));
 
     // status says which stack; exec is refused with the reason.
     let st = warren_without_userns(&user, &["status", "--json"]);

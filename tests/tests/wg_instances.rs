@@ -904,34 +904,10 @@ fn forwards_and_reverse_forwards() {
         text(&out.stderr),
         user.log(&name)
     );
-    // TCP forward: a local port reaches the exit's web server.
-    assert_eq!(
-        curl_ok(&[&format!("http://127.0.0.1:{fp}/")]),
-        exit.http_body()
-    );
-    // UDP forward: a local port reaches the exit's echo server.
-    assert_eq!(
-        udp_roundtrip(up_port, b"forwarded datagram").as_deref(),
-        Some(&b"forwarded datagram"[..])
-    );
-    // Reverse: from inside the exit, the instance's tunnel address reaches
-    // a service on this host.
-    let r = run_limited(
-        exit.exec("curl").args([
-            "-sS",
-            "--max-time",
-            "8",
-            &format!("http://{}:2222/", exit.client_v4()),
-        ]),
-        LIMIT,
-    );
-    assert_eq!(
-        text(&r.stdout),
-        "hello from the host\n",
-        "{}\n{}",
-        text(&r.stderr),
-        user.log(&name)
-    );
+    // A local port reaches the exit's web server (TCP) and echo server
+    // (UDP); from inside the exit, the instance's tunnel address reaches a
+    // service on this host.
+    assert_forwards_work(&exit, fp, up_port, &|| user.log(&name));
     let out = user.warren(&["down", &name]);
     assert!(out.status.success());
     assert!(

@@ -527,3 +527,37 @@ pub fn udp_roundtrip(to: u16, payload: &[u8]) -> Option<Vec<u8>> {
     }
     None
 }
+
+/// The forwards an instance was started with reach the exit: a TCP forward
+/// on `tcp_port` to its web server, a UDP forward on `udp_port` to its echo
+/// server, and a reverse forward (tunnel side port 2222 → `host_http`'s
+/// "hello from the host") reached with curl from inside the exit. `log` is
+/// the instance's log, shown when one fails.
+pub fn assert_forwards_work(exit: &WgExit, tcp_port: u16, udp_port: u16, log: &dyn Fn() -> String) {
+    assert_eq!(
+        curl_ok(&[&format!("http://127.0.0.1:{tcp_port}/")]),
+        exit.http_body(),
+        "TCP forward"
+    );
+    assert_eq!(
+        udp_roundtrip(udp_port, b"forwarded datagram").as_deref(),
+        Some(&b"forwarded datagram"[..]),
+        "UDP forward"
+    );
+    let r = run_limited(
+        exit.exec("curl").args([
+            "-sS",
+            "--max-time",
+            "8",
+            &format!("http://{}:2222/", exit.client_v4()),
+        ]),
+        LIMIT,
+    );
+    assert_eq!(
+        text(&r.stdout),
+        "hello from the host\n",
+        "reverse forward: {}\n{}",
+        text(&r.stderr),
+        log()
+    );
+}
