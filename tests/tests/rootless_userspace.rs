@@ -145,6 +145,12 @@ fn userspace_stack_where_user_namespaces_are_off() {
         "{}",
         text(&st.stdout)
     );
+    let st = warren_without_userns(&user, &["status"]);
+    assert!(
+        text(&st.stdout).contains("rootless, userspace TCP/IP stack"),
+        "{}",
+        text(&st.stdout)
+    );
     let ex = warren_without_userns(&user, &["exec", &name, "--", "true"]);
     assert!(!ex.status.success());
     assert!(

@@ -100,9 +100,10 @@ async fn udp_frames(net: Net, dns: Resolver, io: tokio::io::DuplexStream) {
         }
     }
     let (mut rd, mut wr) = tokio::io::split(io);
-    let (mut inbuf, mut chunk) = (Vec::new(), vec![0u8; 64 * 1024]);
+    // The stack does not reassemble IP fragments: an answer fits a packet.
+    let (mut inbuf, mut chunk) = (Vec::new(), vec![0u8; 16 * 1024]);
     let (mut s4, mut s6): (Option<Datagram>, Option<Datagram>) = (None, None);
-    let (mut b4, mut b6) = (vec![0u8; 65_536], vec![0u8; 65_536]);
+    let (mut b4, mut b6) = (vec![0u8; 9216], vec![0u8; 9216]);
     loop {
         let answer = tokio::select! {
             r = rd.read(&mut chunk) => {
@@ -123,7 +124,11 @@ async fn udp_frames(net: Net, dns: Resolver, io: tokio::io::DuplexStream) {
                     if let Some(dst) = super::forward::resolve(&target, &dns).await {
                         let slot = if dst.is_ipv4() { &mut s4 } else { &mut s6 };
                         if slot.is_none() {
-                            *slot = net.udp(dst.ip()).await.ok();
+                            *slot = net
+                                .udp(dst.ip())
+                                .await
+                                .inspect_err(|e| debug!(error = %e, "UDP association: no socket"))
+                                .ok();
                         }
                         if let Some(s) = slot
                             && let Err(e) = s.send_to(payload, dst).await

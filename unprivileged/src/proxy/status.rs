@@ -182,8 +182,14 @@ pub fn render(snaps: &[Snapshot]) -> String {
 }
 
 fn render_instance(p: &Snapshot, i: &crate::instance::InstanceStatus) -> String {
+    let kind = match (i.host, i.rootless, i.stack.as_str()) {
+        (true, _, _) => ", host tunnel",
+        (_, true, "userspace") => ", rootless, userspace TCP/IP stack",
+        (_, true, _) => ", rootless",
+        _ => "",
+    };
     let mut s = format!(
-        "instance {} (worker pid {}): SOCKS5 {}, HTTP {}; {} connections ({} active)\n",
+        "instance {} (worker pid {}{kind}): SOCKS5 {}, HTTP {}; {} connections ({} active)\n",
         i.name, p.pid, i.socks, i.http, p.connections_total, p.connections_active
     );
     for peer in &i.peers {
