@@ -81,11 +81,18 @@ pub struct UpArgs {
     /// reachable and autostart is off or fails.
     #[arg(long, conflicts_with = "host")]
     pub rootless: bool,
-    /// Rootless only: the TCP/IP stack that carries the traffic. auto: the
+    /// Rootless: the TCP/IP stack that carries the traffic. auto: the
     /// kernel's, in the worker's own namespaces, or a userspace stack
     /// (smoltcp) where user namespaces or /dev/net/tun are not available
-    /// to you; userspace: always the userspace stack (no `warren exec`).
-    #[arg(long, value_enum, default_value = "auto", value_name = "STACK")]
+    /// to you; kernel: never the userspace stack; userspace: always it (no
+    /// `warren exec`; implies --rootless).
+    #[arg(
+        long,
+        value_enum,
+        default_value = "auto",
+        value_name = "STACK",
+        conflicts_with = "host"
+    )]
     pub stack: crate::instance::StackChoice,
     /// A port on this host forwarded to an address behind the tunnel:
     /// tcp:LISTEN=TARGET or udp:LISTEN=TARGET, e.g.
@@ -520,7 +527,7 @@ pub fn run_up(args: UpArgs, target: HelperTarget) -> ExitCode {
 }
 
 async fn up(args: UpArgs, target: HelperTarget, p: Prepared, started: Instant) -> ExitCode {
-    let helper = if args.rootless {
+    let helper = if args.rootless || args.stack == crate::instance::StackChoice::Userspace {
         None
     } else {
         match connect_or_autostart(&target.path, &target.policy).await {
