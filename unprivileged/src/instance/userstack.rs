@@ -89,6 +89,10 @@ struct PacketDevice {
     mtu: usize,
     rx: Vec<u8>,
     tx: Vec<u8>,
+    /// Packets may be waiting: false from a receive that found the pipe
+    /// empty until the pipe is readable again (saves a receive system call
+    /// per segment sent).
+    rx_ready: bool,
 }
 
 struct Rx<'a>(&'a [u8]);
@@ -129,6 +133,9 @@ impl Device for PacketDevice {
         &mut self,
         _: smoltcp::time::Instant,
     ) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+        if !self.rx_ready {
+            return None;
+        }
         // SAFETY: recv into our buffer of its full length.
         let n = unsafe {
             libc::recv(
@@ -139,6 +146,9 @@ impl Device for PacketDevice {
             )
         };
         if n <= 0 {
+            if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock {
+                self.rx_ready = false;
+            }
             return None;
         }
         let PacketDevice { fd, rx, tx, .. } = self;
@@ -331,6 +341,7 @@ impl UserStack {
             mtu: usize::from(mtu),
             rx: vec![0; usize::from(mtu).max(1280) + 64],
             tx: Vec::with_capacity(usize::from(mtu)),
+            rx_ready: true,
         };
         let mut config = Config::new(HardwareAddress::Ip);
         config.random_seed = u64::from_ne_bytes(rand_bytes());
@@ -478,7 +489,10 @@ async fn drive(shared: std::sync::Weak<Shared>, afd: AsyncFd<Arc<OwnedFd>>) {
             r = afd.readable() => match r {
                 // Cleared before the next poll drains the pipe, so a packet
                 // arriving meanwhile sets it again.
-                Ok(mut g) => g.clear_ready(),
+                Ok(mut g) => {
+                    g.clear_ready();
+                    s.lock().dev.rx_ready = true;
+                }
                 Err(e) => {
                     warn!(error = %e, "userspace stack: packet pipe failed");
                     return;
