@@ -94,6 +94,8 @@ LABEL = {"both": "warren instance → warren exit", "pair": "wireguard-go → wi
          "wggo2w": "wireguard-go → warren exit", "rootless": "rootless warren instance → warren exit",
          "fwd": "warren --forward → warren exit", "onetun": "onetun → warren exit",
          "user": "rootless userspace-stack --forward → warren exit",
+         "userdown": "same, reverse direction (iperf3 -R: exit → host)",
+         "fwddown": "warren --forward, reverse direction (iperf3 -R)",
          "veth": "raw veth, routed through the exit netns (no tunnel)"}
 
 def num(v):
@@ -150,6 +152,7 @@ COMPARE = [
     ("5. userspace stack vs helper-backed --forward, 1 stream", "user-P1", "fwd-P1", None),
     ("5. userspace stack vs kernel-stack rootless, 1 stream", "user-P1", "rootless-P1", None),
     ("5. userspace stack, -P 4 vs 1 stream", "user-P4", "user-P1", None),
+    ("5. userspace stack vs helper-backed --forward, reverse direction", "userdown-P1", "fwddown-P1", None),
     ("warren on both ends vs raw veth path, 1 stream", "both-P1", "veth-P1", None),
 ]
 
@@ -457,11 +460,13 @@ iperf_cmd() { # iperf_cmd CFG T -> CMD (array), CL / EX (client-side / exit proc
     fwd-*)      CMD=(iperf3 -c 127.0.0.1 -p "$PF" -t "$t" $flags -J); CL=f EX=wx ;;
     onetun-*)   CMD=(iperf3 -c 127.0.0.1 -p "$PO" -t "$t" $flags -J); CL=o EX=wx ;;
     user-*)     CMD=(iperf3 -c 127.0.0.1 -p "$PU" -t "$t" $flags -J); CL=u EX=wx ;;
+    userdown-*) CMD=(iperf3 -c 127.0.0.1 -p "$PU" -t "$t" $flags -R -J); CL=u EX=wx ;;
+    fwddown-*)  CMD=(iperf3 -c 127.0.0.1 -p "$PF" -t "$t" $flags -R -J); CL=f EX=wx ;;
     veth-*)     CMD=(ip netns exec "$NC" iperf3 -c "$RAW_IP" -t "$t" $flags -J); CL=- EX=- ;;
     *) die "unknown configuration $cfg" ;;
   esac
 }
-CONFIGS=(both-P1 pair-P1 wggo2w-P1 rootless-P1 fwd-P1 user-P1 veth-P1)
+CONFIGS=(both-P1 pair-P1 wggo2w-P1 rootless-P1 fwd-P1 user-P1 userdown-P1 fwddown-P1 veth-P1)
 (( PID_O )) && CONFIGS+=(onetun-P1)
 [[ $P4 == 1 ]] && CONFIGS+=(both-P4 pair-P4 wggo2w-P4 rootless-P4 fwd-P4 user-P4)
 if [[ -n ${ONLY_CONFIGS:-} ]]; then read -r -a CONFIGS <<<"$ONLY_CONFIGS"; fi
