@@ -484,12 +484,13 @@ impl UdpFrames {
                     ));
                 }
             }
-            let mut chunk = [0u8; 16 * 1024];
-            let n = self.rd.read(&mut chunk).await?;
+            // Into the spare capacity: no buffer in the future's state
+            // (which every connection task would carry).
+            self.buf.reserve(16 * 1024);
+            let n = self.rd.read_buf(&mut self.buf).await?;
             if n == 0 {
                 return Err(std::io::ErrorKind::UnexpectedEof.into());
             }
-            self.buf.extend_from_slice(&chunk[..n]);
         }
     }
 }
@@ -751,11 +752,13 @@ async fn fill<R: tokio::io::AsyncRead + Unpin>(
     buf: &mut Vec<u8>,
     idle: Duration,
 ) -> std::io::Result<bool> {
-    let mut chunk = [0u8; 16 * 1024];
-    let n = tokio::time::timeout(idle, r.read(&mut chunk))
+    // Into the spare capacity, not through a buffer on the stack: a 16 KiB
+    // array held across this await made every connection's task (SOCKS5
+    // ones too: the task is sized for its largest state) 16 KiB bigger.
+    buf.reserve(16 * 1024);
+    let n = tokio::time::timeout(idle, r.read_buf(buf))
         .await
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-    buf.extend_from_slice(&chunk[..n]);
     Ok(n > 0)
 }
 

@@ -80,7 +80,6 @@ where
     R: AsyncRead + Unpin,
 {
     let mut buf = Vec::with_capacity(512);
-    let mut chunk = [0u8; 4096];
     loop {
         match parse(&buf) {
             Ok(Some((v, used))) => return Ok(Ok((v, buf.split_off(used)))),
@@ -93,11 +92,14 @@ where
                 "message too long",
             ));
         }
-        let n = r.read(&mut chunk).await?;
+        if buf.len() == buf.capacity() {
+            buf.reserve(4096);
+        }
+        // Into the spare capacity: nothing to zero or copy.
+        let n = r.read_buf(&mut buf).await?;
         if n == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
-        buf.extend_from_slice(&chunk[..n]);
     }
 }
 
