@@ -253,6 +253,11 @@ pub async fn serve<E: Egress>(
 ) {
     let slots = Arc::new(Semaphore::new(settings.max_connections));
     let tracker = TaskTracker::new();
+    // Accepted sockets inherit TCP_NODELAY from the listener (Linux): one
+    // setsockopt here instead of one per connection.
+    let inherited =
+        nix::sys::socket::setsockopt(&listener, nix::sys::socket::sockopt::TcpNoDelay, &true)
+            .is_ok();
     loop {
         let (sock, peer) = tokio::select! {
             _ = stop.cancelled() => break,
@@ -272,7 +277,9 @@ pub async fn serve<E: Egress>(
         };
         let (settings, egress) = (settings.clone(), egress.clone());
         tracker.spawn(async move {
-            let _ = sock.set_nodelay(true);
+            if !inherited {
+                let _ = sock.set_nodelay(true);
+            }
             let _active = super::status::ActiveGuard::new(&settings.counters);
             let r = match protocol {
                 Protocol::Socks5 => socks(sock, peer, &settings, &*egress).await,

@@ -1,19 +1,27 @@
-//! Zero-copy relay between two TCP sockets with splice(2): bytes move
-//! socket → pipe → socket inside the kernel, never through user space.
-//! Half-close is propagated: when one side ends, the other's write side is
-//! shut down, and the relay ends when both directions have.
+//! Relay between two TCP sockets. Bulk data goes zero-copy with splice(2):
+//! socket → pipe → socket inside the kernel, never through user space;
+//! small messages (most short connections carry nothing else) take one
+//! read and one write through a per-thread buffer, which costs fewer
+//! syscalls than making a pipe. Half-close is propagated: when one side
+//! ends, the other's write side is shut down, and the relay ends when both
+//! directions have.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use nix::fcntl::{SpliceFFlags, splice};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-/// Bytes moved per splice call (and the pipe's capacity).
+/// Bytes moved per splice call (and the pipe's capacity). Measured
+/// against 256 KiB and 64 KiB (docs/benchmarks.md): 1 MiB is fastest.
 const CHUNK: usize = 1 << 20;
+
+/// Bytes copied through user space per read before a direction switches
+/// to splice (a read that fills it means bulk traffic).
+const SMALL: usize = 16 * 1024;
 
 struct Pipe {
     r: OwnedFd,
@@ -38,15 +46,107 @@ fn flags() -> SpliceFFlags {
     SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK
 }
 
+/// What one copy through the thread's buffer did.
+enum Small {
+    /// Nothing to read now.
+    WouldBlock,
+    /// End of stream.
+    Eof,
+    /// `n` bytes read; `rest` of them could not be written yet.
+    Moved { n: usize, rest: Option<Vec<u8>> },
+}
+
+/// Reads once from `from` into this thread's buffer and writes what it
+/// got to `to` without waiting. The buffer is never held across an await,
+/// so an idle connection's task holds none.
+fn copy_small(from: &TcpStream, to: &TcpStream) -> io::Result<Small> {
+    thread_local! {
+        // Zeroed once per thread, not per read.
+        static BUF: std::cell::RefCell<Box<[u8]>> = std::cell::RefCell::new(vec![0; SMALL].into_boxed_slice());
+    }
+    BUF.with_borrow_mut(|buf| {
+        // A short read drained the socket (epoll is edge-triggered): report WouldBlock
+        // to tokio so it forgets the readiness and the next wait sleeps
+        // instead of costing a read that fails with EAGAIN (what tokio's
+        // own poll_read does).
+        let mut got = 0;
+        let r = from.try_io(Interest::READABLE, || {
+            let n = nix::unistd::read(from, &mut buf[..]).map_err(io::Error::from)?;
+            got = n;
+            if n > 0 && n < SMALL {
+                Err(io::ErrorKind::WouldBlock.into())
+            } else {
+                Ok(n)
+            }
+        });
+        let n = match r {
+            Ok(0) => return Ok(Small::Eof),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => got,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Small::WouldBlock),
+            Err(e) => return Err(e),
+        };
+        let mut off = 0;
+        while off < n {
+            match to.try_write(&buf[off..n]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(w) => off += w,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Ok(Small::Moved {
+                        n,
+                        rest: Some(buf[off..n].to_vec()),
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Small::Moved { n, rest: None })
+    })
+}
+
+async fn write_all(to: &TcpStream, mut b: &[u8]) -> io::Result<()> {
+    while !b.is_empty() {
+        to.writable().await?;
+        match to.try_write(b) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(w) => b = &b[w..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// One direction: `from` → `to` until `from` ends; then shuts `to`'s write
-/// side. Returns the bytes moved.
+/// side (see [`Activity::end_one_way`]). Returns the bytes moved.
+///
+/// Small messages are copied through the thread's buffer (one read, one
+/// write); once a read fills that buffer the direction carries bulk data
+/// and switches to splice(2) through a pipe of its own. So short
+/// connections and idle ones hold no pipe.
 async fn one_way(from: &TcpStream, to: &TcpStream, seen: &Activity) -> io::Result<u64> {
-    // The pipe is made when the first bytes (or the EOF) arrive, so an idle
-    // connection holds no pipe (fewer descriptors and no kernel pipe
-    // memory for the 10,000-idle-connections case).
-    from.readable().await?;
-    let mut pipe = Pipe::new()?;
     let mut total = 0u64;
+    loop {
+        from.readable().await?;
+        match copy_small(from, to)? {
+            Small::WouldBlock => continue,
+            Small::Eof => {
+                seen.end_one_way(to);
+                return Ok(total);
+            }
+            Small::Moved { n, rest } => {
+                if let Some(rest) = rest {
+                    write_all(to, &rest).await?;
+                }
+                total += n as u64;
+                seen.touch();
+                if n == SMALL {
+                    break;
+                }
+            }
+        }
+    }
+    let mut pipe = Pipe::new()?;
     let mut eof = false;
     loop {
         if pipe.held == 0 && eof {
@@ -75,8 +175,7 @@ async fn one_way(from: &TcpStream, to: &TcpStream, seen: &Activity) -> io::Resul
         total += n as u64;
         seen.touch();
     }
-    // Propagate the half-close.
-    let _ = nix::sys::socket::shutdown(to.as_raw_fd(), nix::sys::socket::Shutdown::Write);
+    seen.end_one_way(to);
     Ok(total)
 }
 
@@ -84,9 +183,21 @@ async fn one_way(from: &TcpStream, to: &TcpStream, seen: &Activity) -> io::Resul
 struct Activity {
     start: Instant,
     last_ms: AtomicU64,
+    /// Directions that have ended.
+    ended: AtomicU8,
 }
 
 impl Activity {
+    /// A direction ended: propagate the half-close to `to`, unless the
+    /// other direction has ended too. Then the relay is over and the
+    /// caller's close of both sockets sends the FIN (one syscall less per
+    /// connection).
+    fn end_one_way(&self, to: &TcpStream) {
+        if self.ended.fetch_add(1, Relaxed) == 0 {
+            let _ = nix::sys::socket::shutdown(to.as_raw_fd(), nix::sys::socket::Shutdown::Write);
+        }
+    }
+
     fn touch(&self) {
         self.last_ms
             .store(self.start.elapsed().as_millis() as u64, Relaxed);
@@ -100,11 +211,13 @@ impl Activity {
 
 /// Relays both ways until both directions have ended, or until no byte
 /// moved either way for `idle` (then `TimedOut`). Returns bytes (a → b,
-/// b → a).
+/// b → a). The caller closes both sockets when it returns (the last
+/// direction to end leaves its FIN to that close).
 pub async fn relay(a: &TcpStream, b: &TcpStream, idle: Duration) -> io::Result<(u64, u64)> {
     let seen = Activity {
         start: Instant::now(),
         last_ms: AtomicU64::new(0),
+        ended: AtomicU8::new(0),
     };
     let watch = async {
         let step = (idle / 4).max(Duration::from_millis(50));
