@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::server::{Access, Direct, Protocol, Settings, serve};
+use super::server::{Access, Direct, Protocol, Settings, serve_with_slots};
 use crate::config::Env as _;
 use crate::exit;
 
@@ -137,8 +137,29 @@ async fn reload_loop(
 
 /// Runs `warren proxy`.
 pub fn run_proxy(args: ProxyArgs) -> ExitCode {
-    run_intake(args, "proxy", |direct| Ok(Arc::new(direct)))
+    run_intake_on(
+        args,
+        "proxy",
+        |direct| Ok(Arc::new(direct)),
+        Runtime::ThreadPerCore,
+    )
 }
+
+/// How the intake's connections are run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Runtime {
+    /// One multi-thread runtime with two workers.
+    MultiThread,
+    /// A single-threaded runtime per core (at most [`MAX_INTAKE_THREADS`]),
+    /// each accepting from the same listening sockets: a connection stays
+    /// on the thread that accepted it, with no hand-off between threads on
+    /// its path (measured in docs/benchmarks.md).
+    ThreadPerCore,
+}
+
+/// Upper bound of [`Runtime::ThreadPerCore`]'s threads: every thread waits
+/// on the same listeners, and each new connection wakes them all.
+const MAX_INTAKE_THREADS: usize = 4;
 
 /// Runs the SOCKS5/HTTP intake of `warren proxy` and `warren client`:
 /// listeners, rules (reloaded on SIGHUP and file change), the control
@@ -148,6 +169,63 @@ pub fn run_intake<E: super::server::Egress>(
     args: ProxyArgs,
     cmd: &str,
     egress: impl FnOnce(Direct) -> Result<Arc<E>, String>,
+) -> ExitCode {
+    run_intake_on(args, cmd, egress, Runtime::MultiThread)
+}
+
+/// A listening socket an intake thread serves, with that listener's
+/// connection limit (one permit per allowed connection).
+type Intake = (std::net::TcpListener, Protocol, Arc<tokio::sync::Semaphore>);
+
+/// Serves `listeners` on a thread of its own with a single-threaded
+/// runtime until `stop`, then waits for its live connections.
+fn spawn_intake_thread<E: super::server::Egress>(
+    n: usize,
+    listeners: Vec<Intake>,
+    settings: Arc<Settings>,
+    egress: Arc<E>,
+    stop: CancellationToken,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("warren-intake-{n}"))
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    warn!(error = %e, "intake thread: cannot start its runtime");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let mut tasks = Vec::new();
+                for (l, proto, slots) in listeners {
+                    match tokio::net::TcpListener::from_std(l) {
+                        Ok(l) => tasks.push(tokio::spawn(serve_with_slots(
+                            l,
+                            proto,
+                            settings.clone(),
+                            egress.clone(),
+                            slots,
+                            stop.clone(),
+                        ))),
+                        Err(e) => warn!(error = %e, "intake thread: cannot use a listener"),
+                    }
+                }
+                for t in tasks {
+                    let _ = t.await;
+                }
+            });
+        })
+}
+
+fn run_intake_on<E: super::server::Egress>(
+    args: ProxyArgs,
+    cmd: &str,
+    egress: impl FnOnce(Direct) -> Result<Arc<E>, String>,
+    runtime: Runtime,
 ) -> ExitCode {
     crate::cli::init_logging(args.verbose);
     let usage = |m: String| {
@@ -229,11 +307,25 @@ pub fn run_intake<E: super::server::Egress>(
             return exit::code(exit::CONFIG);
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let (rt, extra_threads) = match runtime {
+        Runtime::MultiThread => (
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build(),
+            0,
+        ),
+        Runtime::ThreadPerCore => (
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build(),
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .clamp(1, MAX_INTAKE_THREADS)
+                - 1,
+        ),
+    };
+    let rt = match rt {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("warren {cmd}: cannot start the runtime: {e}");
@@ -246,6 +338,8 @@ pub fn run_intake<E: super::server::Egress>(
         let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         let reloader = tokio::spawn(reload_loop(path.clone(), rules.clone(), hup, stop.clone()));
         let mut tasks = Vec::new();
+        // What each extra intake thread serves: copies of the listeners.
+        let mut copies: Vec<Vec<Intake>> = (0..extra_threads).map(|_| Vec::new()).collect();
         let mut names = Vec::new();
         for (addr, proto) in [(socks, Protocol::Socks5), (http, Protocol::Http)] {
             let Some(addr) = addr else { continue };
@@ -258,17 +352,41 @@ pub fn run_intake<E: super::server::Egress>(
             };
             info!(listen = %l.local_addr().unwrap_or(addr), protocol = ?proto, "listening");
             names.push(format!("{proto:?} {}", l.local_addr().unwrap_or(addr)));
-            tasks.push(tokio::spawn(serve(
+            // The listener's connection limit, shared by its threads.
+            let slots = Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
+            for (n, copies) in copies.iter_mut().enumerate() {
+                // The same listening socket (a second descriptor for it):
+                // whichever thread is free accepts.
+                match std::os::fd::AsFd::as_fd(&l).try_clone_to_owned() {
+                    Ok(c) => copies.push((c.into(), proto, slots.clone())),
+                    Err(e) => warn!(error = %e, intake = n + 1, "cannot share a listener with an intake thread"),
+                }
+            }
+            tasks.push(tokio::spawn(serve_with_slots(
                 l,
                 proto,
                 settings.clone(),
                 egress.clone(),
+                slots,
                 stop.clone(),
             )));
         }
         if tasks.is_empty() {
             eprintln!("warren {cmd}: both listeners are off");
             return exit::code(exit::USAGE);
+        }
+        let mut threads = Vec::new();
+        for (n, listeners) in copies.into_iter().enumerate() {
+            match spawn_intake_thread(
+                n + 1,
+                listeners,
+                settings.clone(),
+                egress.clone(),
+                stop.clone(),
+            ) {
+                Ok(t) => threads.push(t),
+                Err(e) => warn!(error = %e, "cannot start an intake thread; using fewer"),
+            }
         }
         let control = match control_socket(&env) {
             Ok((l, path)) => {
@@ -292,6 +410,9 @@ pub fn run_intake<E: super::server::Egress>(
         stop.cancel();
         for t in tasks {
             let _ = t.await;
+        }
+        for t in threads {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
         let _ = reloader.await;
         if let Some(c) = control {

@@ -252,6 +252,19 @@ pub async fn serve<E: Egress>(
     stop: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(settings.max_connections));
+    serve_with_slots(listener, protocol, settings, egress, slots, stop).await
+}
+
+/// [`serve`] with a connection limit shared with other listeners or
+/// threads (`slots` holds one permit per allowed connection).
+pub(crate) async fn serve_with_slots<E: Egress>(
+    listener: TcpListener,
+    protocol: Protocol,
+    settings: Arc<Settings>,
+    egress: Arc<E>,
+    slots: Arc<Semaphore>,
+    stop: CancellationToken,
+) {
     let tracker = TaskTracker::new();
     // Accepted sockets inherit TCP_NODELAY from the listener (Linux): one
     // setsockopt here instead of one per connection.
