@@ -91,62 +91,52 @@ impl Egress for TunnelEgress {
 /// frame's payload goes to its target from a socket per address family;
 /// answers come back as frames naming their source.
 async fn udp_frames(net: Net, dns: Resolver, io: tokio::io::DuplexStream) {
-    use crate::transport::wire::{parse_udp_frame, udp_frame};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use crate::transport::io::UdpFrames;
     async fn recv(s: &Option<Datagram>, b: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
         match s {
             Some(s) => s.recv_from(b).await,
             None => std::future::pending().await,
         }
     }
-    let (mut rd, mut wr) = tokio::io::split(io);
-    // The stack does not reassemble IP fragments: an answer fits a packet.
-    let (mut inbuf, mut chunk) = (Vec::new(), vec![0u8; 16 * 1024]);
+    let mut frames = UdpFrames::new(io);
     let (mut s4, mut s6): (Option<Datagram>, Option<Datagram>) = (None, None);
+    // The stack does not reassemble IP fragments: an answer fits a packet.
     let (mut b4, mut b6) = (vec![0u8; 9216], vec![0u8; 9216]);
     loop {
         let answer = tokio::select! {
-            r = rd.read(&mut chunk) => {
-                let n = match r {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => n,
-                };
-                inbuf.extend_from_slice(&chunk[..n]);
-                loop {
-                    let ((target, payload), used) = match parse_udp_frame(&inbuf) {
-                        Ok(Some(f)) => f,
-                        Ok(None) => break,
-                        Err(e) => {
-                            debug!(error = %e, "UDP association: bad frame");
-                            return;
-                        }
-                    };
-                    if let Some(dst) = super::forward::resolve(&target, &dns).await {
-                        let slot = if dst.is_ipv4() { &mut s4 } else { &mut s6 };
-                        if slot.is_none() {
-                            *slot = net
-                                .udp(dst.ip())
-                                .await
-                                .inspect_err(|e| debug!(error = %e, "UDP association: no socket"))
-                                .ok();
-                        }
-                        if let Some(s) = slot
-                            && let Err(e) = s.send_to(payload, dst).await
-                        {
-                            debug!(%dst, error = %e, "UDP association: datagram not sent");
-                        }
+            r = frames.recv() => {
+                let (target, payload) = match r {
+                    Ok(f) => f,
+                    Err(e) => {
+                        debug!(error = %e, "UDP association ended");
+                        return;
                     }
-                    inbuf.drain(..used);
+                };
+                if let Some(dst) = super::forward::resolve(&target, &dns).await {
+                    let slot = if dst.is_ipv4() { &mut s4 } else { &mut s6 };
+                    if slot.is_none() {
+                        *slot = net
+                            .udp(dst.ip())
+                            .await
+                            .inspect_err(|e| debug!(error = %e, "UDP association: no socket"))
+                            .ok();
+                    }
+                    if let Some(s) = slot
+                        && let Err(e) = s.send_to(&payload, dst).await
+                    {
+                        debug!(%dst, error = %e, "UDP association: datagram not sent");
+                    }
                 }
                 None
             }
-            r = recv(&s4, &mut b4) => r.ok().map(|(n, from)| udp_frame(&Target::Addr(from), &b4[..n])),
-            r = recv(&s6, &mut b6) => r.ok().map(|(n, from)| udp_frame(&Target::Addr(from), &b6[..n])),
+            r = recv(&s4, &mut b4) => r.ok().map(|(n, from)| (from, n, 4)),
+            r = recv(&s6, &mut b6) => r.ok().map(|(n, from)| (from, n, 6)),
         };
-        if let Some(Ok(f)) = answer
-            && wr.write_all(&f).await.is_err()
-        {
-            return;
+        if let Some((from, n, family)) = answer {
+            let b = if family == 4 { &b4 } else { &b6 };
+            if frames.send(&Target::Addr(from), &b[..n]).await.is_err() {
+                return;
+            }
         }
     }
 }

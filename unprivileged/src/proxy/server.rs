@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 
 use super::http::{self, HttpError};
 use super::socks5::{self, Cmd, Reply};
-use crate::transport::io::{Prefixed, read_until};
+use crate::transport::io::{Prefixed, UdpFrames, read_until};
 use crate::transport::wire::Target;
 
 /// A connection an egress made: a TCP socket (relayed with splice), or a
@@ -460,61 +460,6 @@ async fn relay(
     Ok(())
 }
 
-/// UDP frames over a transport stream (one association).
-struct UdpFrames {
-    rd: tokio::io::ReadHalf<UdpTunnel>,
-    wr: tokio::io::WriteHalf<UdpTunnel>,
-    buf: Vec<u8>,
-}
-
-impl UdpFrames {
-    fn new(t: UdpTunnel) -> UdpFrames {
-        let (rd, wr) = tokio::io::split(t);
-        UdpFrames {
-            rd,
-            wr,
-            buf: Vec::with_capacity(4096),
-        }
-    }
-
-    async fn send(&mut self, target: &Target, payload: &[u8]) -> std::io::Result<()> {
-        let f = crate::transport::wire::udp_frame(target, payload)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
-        self.wr.write_all(&f).await
-    }
-
-    /// The next datagram from the far end: its source and payload.
-    async fn recv(&mut self) -> std::io::Result<(SocketAddr, Vec<u8>)> {
-        loop {
-            match crate::transport::wire::parse_udp_frame(&self.buf) {
-                Ok(Some(((t, payload), n))) => {
-                    let from = match t {
-                        Target::Addr(a) => a,
-                        Target::Domain(..) => SocketAddr::from(([0, 0, 0, 0], 0)),
-                    };
-                    let p = payload.to_vec();
-                    self.buf.drain(..n);
-                    return Ok((from, p));
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        e.to_string(),
-                    ));
-                }
-            }
-            // Into the spare capacity: no buffer in the future's state
-            // (which every connection task would carry).
-            self.buf.reserve(16 * 1024);
-            let n = self.rd.read_buf(&mut self.buf).await?;
-            if n == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-        }
-    }
-}
-
 /// The client-facing side of a UDP association: a socket of its own, or
 /// the instance's shared host-side relay.
 enum RelayEnd {
@@ -595,13 +540,17 @@ async fn udp_associate<E: Egress>(
     let mut ctl_buf = [0u8; 64];
     // Datagrams the rules send to the egress's tunnel (if it has one) go
     // there as frames, opened on first use.
-    let mut tunnel: Option<UdpFrames> = None;
+    let mut tunnel: Option<UdpFrames<UdpTunnel>> = None;
     let mut tunnel_failed = false;
     loop {
         tokio::select! {
             r = async { match tunnel.as_mut() { Some(t) => t.recv().await, None => std::future::pending().await } } => {
                 match r {
                     Ok((from, payload)) => {
+                        let from = match from {
+                            Target::Addr(a) => a,
+                            Target::Domain(..) => SocketAddr::from(([0, 0, 0, 0], 0)),
+                        };
                         if let Some(c) = client {
                             s.counters.bytes_down.fetch_add(payload.len() as u64, Relaxed);
                             let _ = relay.send_to(&socks5::udp_datagram(from, &payload), c).await;

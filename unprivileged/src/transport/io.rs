@@ -131,3 +131,55 @@ mod tests {
         assert_eq!(r, Ok((2, b"cd".to_vec())));
     }
 }
+
+/// Datagrams as [`super::wire::udp_frame`]s over a stream, both ways (one
+/// UDP association: the SOCKS5 side of a tunnel, the transport server's
+/// relay, the userspace stack's).
+#[derive(Debug)]
+pub struct UdpFrames<S> {
+    rd: tokio::io::ReadHalf<S>,
+    wr: tokio::io::WriteHalf<S>,
+    buf: Vec<u8>,
+}
+
+impl<S: AsyncRead + AsyncWrite> UdpFrames<S> {
+    /// Frames over `stream`.
+    pub fn new(stream: S) -> UdpFrames<S> {
+        let (rd, wr) = tokio::io::split(stream);
+        UdpFrames {
+            rd,
+            wr,
+            buf: Vec::with_capacity(4096),
+        }
+    }
+
+    /// Sends one datagram for (or from) `target`.
+    pub async fn send(&mut self, target: &super::wire::Target, payload: &[u8]) -> io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        let f = super::wire::udp_frame(target, payload)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        self.wr.write_all(&f).await
+    }
+
+    /// The next datagram: its target (or source) and payload. Cancel-safe:
+    /// bytes read stay buffered for the next call.
+    pub async fn recv(&mut self) -> io::Result<(super::wire::Target, Vec<u8>)> {
+        loop {
+            match super::wire::parse_udp_frame(&self.buf) {
+                Ok(Some(((t, payload), n))) => {
+                    let p = payload.to_vec();
+                    self.buf.drain(..n);
+                    return Ok((t, p));
+                }
+                Ok(None) => {}
+                Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
+            }
+            // Into the spare capacity: no buffer in the future's state
+            // (which every connection task would carry).
+            self.buf.reserve(16 * 1024);
+            if self.rd.read_buf(&mut self.buf).await? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    }
+}

@@ -11,7 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
@@ -302,49 +302,43 @@ async fn relay_udp<S: Duplex>(io: S, peer: SocketAddr, s: &ServerSettings) {
         .local_addr()
         .map(Target::Addr)
         .unwrap_or_else(|_| unspecified());
-    let (mut rd, mut wr) = tokio::io::split(io);
-    if wr
+    let mut io = io;
+    if io
         .write_all(&wire::reply(Status::Ok, &bound))
         .await
         .is_err()
     {
         return;
     }
-    let mut inbuf: Vec<u8> = Vec::with_capacity(4096);
-    let mut chunk = vec![0u8; 64 * 1024];
+    let mut frames = crate::transport::io::UdpFrames::new(io);
     let mut dgram = vec![0u8; 64 * 1024];
     loop {
         tokio::select! {
-            r = rd.read(&mut chunk) => {
-                let n = match r { Ok(0) | Err(_) => break, Ok(n) => n };
-                inbuf.extend_from_slice(&chunk[..n]);
-                loop {
-                    let (target, payload, used) = match wire::parse_udp_frame(&inbuf) {
-                        Ok(Some(((t, p), u))) => (t, p.to_vec(), u),
-                        Ok(None) => break,
-                        Err(e) => {
-                            warn!(%peer, error = %e, "bad UDP frame; ending relay");
-                            return;
-                        }
-                    };
-                    inbuf.drain(..used);
-                    match resolve(&target, s).await {
-                        Ok(addrs) => {
-                            let dst = to_socket_family(addrs[0]);
-                            if let Err(e) = sock.send_to(&payload, dst).await {
-                                debug!(%peer, %target, error = %e, "UDP send failed");
-                            }
-                        }
-                        Err(st) => debug!(%peer, %target, status = ?st, "UDP target refused"),
+            r = frames.recv() => {
+                let (target, payload) = match r {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                        warn!(%peer, error = %e, "bad UDP frame; ending relay");
+                        return;
                     }
+                    Err(_) => break,
+                };
+                match resolve(&target, s).await {
+                    Ok(addrs) => {
+                        let dst = to_socket_family(addrs[0]);
+                        if let Err(e) = sock.send_to(&payload, dst).await {
+                            debug!(%peer, %target, error = %e, "UDP send failed");
+                        }
+                    }
+                    Err(st) => debug!(%peer, %target, status = ?st, "UDP target refused"),
                 }
             }
             r = sock.recv_from(&mut dgram) => {
                 let Ok((n, from)) = r else { break };
-                let from = Target::Addr(unmap(from));
-                match wire::udp_frame(&from, &dgram[..n]) {
-                    Ok(f) => if wr.write_all(&f).await.is_err() { break },
-                    Err(_) => continue,
+                match frames.send(&Target::Addr(unmap(from)), &dgram[..n]).await {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => continue,
+                    Err(_) => break,
                 }
             }
             _ = tokio::time::sleep(s.udp_idle) => {
