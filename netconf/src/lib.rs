@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use futures::TryStreamExt;
-use warren_ipc::instance::InstanceSpec;
+use warren_ipc::instance::{InstanceSpec, IpPrefix};
 
 /// The TUN device's name inside every instance (each namespace has its own).
 pub const TUN_NAME: &str = "wr0";
@@ -117,7 +117,7 @@ pub async fn link_up_with_addresses(
 /// Inside the namespace: loopback up; TUN with MTU, addresses (IPv6
 /// without duplicate address detection, usable at once) and routes, up.
 pub async fn configure(spec: &InstanceSpec) -> io::Result<()> {
-    use rtnetlink::{LinkUnspec, RouteMessageBuilder};
+    use rtnetlink::LinkUnspec;
     let (conn, handle, _) = rtnetlink::new_connection()?;
     let task = tokio::spawn(conn);
     let res = async {
@@ -129,25 +129,39 @@ pub async fn configure(spec: &InstanceSpec) -> io::Result<()> {
             .await
             .map_err(io::Error::other)?;
         let tun = link_up_with_addresses(&handle, TUN_NAME, spec.mtu, &spec.addresses).await?;
-        for r in &spec.routes {
-            let msg = RouteMessageBuilder::<IpAddr>::new()
-                .destination_prefix(r.addr(), r.len())
-                .map_err(|e| io::Error::other(format!("route {r}: {e}")))?
-                .output_interface(tun)
-                .build();
-            handle
-                .route()
-                .add(msg)
-                .replace()
-                .execute()
-                .await
-                .map_err(|e| io::Error::other(format!("route {r}: {e}")))?;
-        }
+        add_routes(&handle, &spec.routes, tun, None).await?;
         Ok(())
     }
     .await;
     task.abort();
     res
+}
+
+/// Routes `routes` through interface `index` (replacing any existing one),
+/// in routing table `table` or the main table.
+pub async fn add_routes(
+    handle: &rtnetlink::Handle,
+    routes: &[IpPrefix],
+    index: u32,
+    table: Option<u32>,
+) -> io::Result<()> {
+    for r in routes {
+        let mut msg = rtnetlink::RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(r.addr(), r.len())
+            .map_err(|e| io::Error::other(format!("route {r}: {e}")))?
+            .output_interface(index);
+        if let Some(t) = table {
+            msg = msg.table_id(t);
+        }
+        handle
+            .route()
+            .add(msg.build())
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| io::Error::other(format!("route {r}: {e}")))?;
+    }
+    Ok(())
 }
 
 pub fn set_ipv6_disabled() -> io::Result<()> {

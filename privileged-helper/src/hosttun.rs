@@ -15,7 +15,6 @@
 //! place, or a symlink is replaced by a file; both are restored on removal.
 //! systemd-resolved's per-link DNS (D-Bus) is not implemented yet.
 
-use std::net::IpAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
@@ -254,21 +253,7 @@ fn create_inner(
                 &spec.addresses,
             )
             .await?;
-            for r in &spec.routes {
-                let msg = rtnetlink::RouteMessageBuilder::<IpAddr>::new()
-                    .destination_prefix(r.addr(), r.len())
-                    .map_err(other)?
-                    .output_interface(index)
-                    .table_id(rec.table)
-                    .build();
-                handle
-                    .route()
-                    .add(msg)
-                    .replace()
-                    .execute()
-                    .await
-                    .map_err(|e| other(format!("route {r}: {e}")))?;
-            }
+            warren_netconf::add_routes(&handle, &spec.routes, index, Some(rec.table)).await?;
             rules(&handle, rec, true).await
         }
         .await;
