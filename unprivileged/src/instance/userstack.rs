@@ -184,10 +184,10 @@ struct Inner {
     v6: Option<IpAddr>,
     /// Closed TCP sockets finishing their FIN handshake, since when.
     closing: Vec<(SocketHandle, std::time::Instant)>,
-    tcp_ports: HashSet<u16>,
-    udp_ports: HashSet<u16>,
+    /// TCP sockets (flows and listeners) and their local ports.
     tcp: Vec<(SocketHandle, u16)>,
-    udp: usize,
+    /// Local ports of the UDP sockets.
+    udp_ports: HashSet<u16>,
     next_port: u16,
 }
 
@@ -240,10 +240,7 @@ impl Inner {
     fn remove_tcp(&mut self, h: SocketHandle) {
         self.sockets.remove(h);
         if let Some(i) = self.tcp.iter().position(|(x, _)| *x == h) {
-            let (_, port) = self.tcp.swap_remove(i);
-            if !self.tcp.iter().any(|(_, p)| *p == port) {
-                self.tcp_ports.remove(&port);
-            }
+            self.tcp.swap_remove(i);
         }
     }
 
@@ -264,15 +261,15 @@ impl Inner {
     }
 
     fn free_port(&mut self, udp: bool) -> io::Result<u16> {
-        let used = if udp {
-            &self.udp_ports
-        } else {
-            &self.tcp_ports
-        };
         for _ in 0..16_384 {
             let p = self.next_port;
             self.next_port = if p == u16::MAX { 49_152 } else { p + 1 };
-            if !used.contains(&p) {
+            let used = if udp {
+                self.udp_ports.contains(&p)
+            } else {
+                self.tcp.iter().any(|&(_, q)| q == p)
+            };
+            if !used {
                 return Ok(p);
             }
         }
@@ -326,7 +323,7 @@ impl std::fmt::Debug for UserStack {
             .field("v4", &g.v4)
             .field("v6", &g.v6)
             .field("tcp", &g.tcp.len())
-            .field("udp", &g.udp)
+            .field("udp", &g.udp_ports.len())
             .finish()
     }
 }
@@ -381,10 +378,8 @@ impl UserStack {
                 v4,
                 v6,
                 closing: Vec::new(),
-                tcp_ports: HashSet::new(),
                 udp_ports: HashSet::new(),
                 tcp: Vec::new(),
-                udp: 0,
                 next_port: start_port,
             }),
             wake: Notify::new(),
@@ -406,7 +401,6 @@ impl UserStack {
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{e:?}")))?;
             let h = g.sockets.add(s);
             g.tcp.push((h, port));
-            g.tcp_ports.insert(port);
             h
         };
         self.0.wake.notify_one();
@@ -435,7 +429,7 @@ impl UserStack {
     /// A UDP socket on a free port of the tunnel's addresses.
     pub fn udp(&self) -> io::Result<UserUdp> {
         let mut g = self.0.lock();
-        if g.udp >= MAX_UDP {
+        if g.udp_ports.len() >= MAX_UDP {
             return Err(io::Error::other(format!(
                 "the userspace stack already has {MAX_UDP} UDP sockets (its memory bound)"
             )));
@@ -451,7 +445,6 @@ impl UserStack {
         s.bind(port)
             .map_err(|e| io::Error::new(io::ErrorKind::AddrInUse, format!("{e:?}")))?;
         let handle = g.sockets.add(s);
-        g.udp += 1;
         g.udp_ports.insert(port);
         Ok(UserUdp {
             stack: self.0.clone(),
@@ -671,7 +664,6 @@ impl Drop for UserUdp {
     fn drop(&mut self) {
         let mut g = self.stack.lock();
         g.sockets.remove(self.handle);
-        g.udp -= 1;
         g.udp_ports.remove(&self.port);
     }
 }
@@ -709,7 +701,6 @@ impl UserListener {
                 .map_err(|e| io::Error::new(io::ErrorKind::AddrInUse, format!("{e:?}")))?;
             let h = g.sockets.add(s);
             g.tcp.push((h, self.at.port()));
-            g.tcp_ports.insert(self.at.port());
             self.backlog.push(h);
         }
         Ok(())
