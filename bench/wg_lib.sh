@@ -66,7 +66,7 @@ setup_host_warren() {
   XDG=$LOGDIR/xdg HOMED=$LOGDIR/home HDIR=$LOGDIR/helper
   mkdir -p "$XDG" "$HOMED"; chmod 700 "$XDG"
   start_warren_helper - "$HDIR" "$LOGDIR/helper.log"; PID_HELPER=$LAST_HELPER_PID
-  W=(env -i PATH="$PATH" XDG_RUNTIME_DIR="$XDG" HOME="$HOMED" WARREN_HELPER_SOCKET="$HDIR/h.sock"
+  W=(env -i PATH="$PATH" XDG_RUNTIME_DIR="$XDG" HOME="$HOMED" WARREN_HELPER_SOCKET="$HDIR/h.sock" ${WARREN_WG_OFFLOAD:+WARREN_WG_OFFLOAD=$WARREN_WG_OFFLOAD}
      ${WARREN_WG_SOCKBUF:+WARREN_WG_SOCKBUF=$WARREN_WG_SOCKBUF})
   add_cleanup "timeout 20 ${W[*]} $BIN/warren --no-autostart down --all"
   wait_for "warren-helper socket" 10 test -S "$HDIR/h.sock"

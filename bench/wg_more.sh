@@ -301,7 +301,7 @@ pub() { cat "$LOGDIR/pub-$1"; }
 I_A=${P}$$a I_R=${P}$$r I_F=${P}$$f I_U=${P}$$u
 for i in $I_A $I_F; do add_cleanup "ip netns del warren-$i; rm -rf /etc/netns/warren-$i"; done
 setup_host_warren   # host helper (PID_HELPER), W = env of every warren call
-WX=(env -i PATH="$PATH" XDG_RUNTIME_DIR="$LOGDIR/xdg-s" HOME="$HOMED" WARREN_HELPER_SOCKET="$LOGDIR/helper-s/h.sock")
+WX=(env -i PATH="$PATH" XDG_RUNTIME_DIR="$LOGDIR/xdg-s" HOME="$HOMED" WARREN_HELPER_SOCKET="$LOGDIR/helper-s/h.sock" ${WARREN_WG_OFFLOAD:+WARREN_WG_OFFLOAD=$WARREN_WG_OFFLOAD})
 mkdir -p "$LOGDIR/xdg-s"; chmod 700 "$LOGDIR/xdg-s"
 "${W[@]}" "$BIN/warren" server wg keygen --out "$LOGDIR/exit.conf" --address "$TUN.1/25" --listen-port 51820 >"$LOGDIR/keygen.log"
 add_peer() { # add_peer NAME ENDPOINT FILE

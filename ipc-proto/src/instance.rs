@@ -181,6 +181,9 @@ pub struct InstanceSpec {
     pub routes: Vec<IpPrefix>,
     /// DNS servers for the namespace's resolv.conf.
     pub dns: Vec<IpAddr>,
+    /// Open the TUN with `IFF_VNET_HDR` (virtio header on every packet:
+    /// TCP segmentation and coalescing offloads). Off by default.
+    pub offload: bool,
 }
 
 #[derive(Deserialize)]
@@ -190,12 +193,13 @@ struct RawInstanceSpec {
     addresses: Vec<IpPrefix>,
     routes: Vec<IpPrefix>,
     dns: Vec<IpAddr>,
+    offload: bool,
 }
 
 impl TryFrom<RawInstanceSpec> for InstanceSpec {
     type Error = Invalid;
     fn try_from(r: RawInstanceSpec) -> Result<Self, Invalid> {
-        InstanceSpec::new(r.name, r.mtu, r.addresses, r.routes, r.dns)
+        Ok(InstanceSpec::new(r.name, r.mtu, r.addresses, r.routes, r.dns)?.with_offload(r.offload))
     }
 }
 
@@ -232,7 +236,15 @@ impl InstanceSpec {
             addresses,
             routes,
             dns,
+            offload: false,
         })
+    }
+
+    /// The same spec with TUN offloads on or off.
+    #[must_use]
+    pub fn with_offload(mut self, on: bool) -> Self {
+        self.offload = on;
+        self
     }
 
     /// Whether the instance has any IPv6 address.
@@ -254,6 +266,8 @@ pub struct ServerTunnelSpec {
     /// The tunnel's addresses with their subnets (`198.19.5.1/24`): traffic
     /// from these subnets is forwarded and masqueraded.
     pub addresses: Vec<IpPrefix>,
+    /// Open the TUN with `IFF_VNET_HDR` (see [`InstanceSpec::offload`]).
+    pub offload: bool,
 }
 
 #[derive(Deserialize)]
@@ -261,12 +275,13 @@ struct RawServerTunnelSpec {
     name: InstanceName,
     mtu: u16,
     addresses: Vec<IpPrefix>,
+    offload: bool,
 }
 
 impl TryFrom<RawServerTunnelSpec> for ServerTunnelSpec {
     type Error = Invalid;
     fn try_from(r: RawServerTunnelSpec) -> Result<Self, Invalid> {
-        ServerTunnelSpec::new(r.name, r.mtu, r.addresses)
+        Ok(ServerTunnelSpec::new(r.name, r.mtu, r.addresses)?.with_offload(r.offload))
     }
 }
 
@@ -282,7 +297,15 @@ impl ServerTunnelSpec {
             name,
             mtu,
             addresses,
+            offload: false,
         })
+    }
+
+    /// The same spec with TUN offloads on or off.
+    #[must_use]
+    pub fn with_offload(mut self, on: bool) -> Self {
+        self.offload = on;
+        self
     }
 
     /// The TUN device's name.

@@ -36,6 +36,13 @@ nix::ioctl_write_int!(tunsetiff, b'T', 202);
 /// non-blocking, close-on-exec) in the calling thread's namespace. The
 /// device lives as long as a descriptor to it is open.
 pub fn open_tun_named(name: &str) -> io::Result<OwnedFd> {
+    open_tun(name, false)
+}
+
+/// [`open_tun_named`], with `IFF_VNET_HDR` when `vnet_hdr` (every packet
+/// read or written carries a 10-byte `virtio_net_hdr`; this is what lets
+/// the reader turn on TSO and the writer hand over merged TCP segments).
+pub fn open_tun(name: &str, vnet_hdr: bool) -> io::Result<OwnedFd> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ {
         return Err(io::Error::from(io::ErrorKind::InvalidInput));
     }
@@ -54,7 +61,8 @@ pub fn open_tun_named(name: &str) -> io::Result<OwnedFd> {
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let mut req = IfReq {
         name: [0; libc::IFNAMSIZ],
-        flags: (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short,
+        flags: (libc::IFF_TUN | libc::IFF_NO_PI | if vnet_hdr { libc::IFF_VNET_HDR } else { 0 })
+            as libc::c_short,
         _pad: [0; 22],
     };
     req.name[..name.len()].copy_from_slice(name.as_bytes());
@@ -182,7 +190,7 @@ pub fn set_ipv6_disabled() -> io::Result<()> {
 /// configures loopback, the TUN's MTU, addresses and routes. Returns the
 /// TUN descriptor.
 pub fn create_tun_here(spec: &InstanceSpec) -> io::Result<OwnedFd> {
-    let tun = open_tun_named(TUN_NAME)?;
+    let tun = open_tun(TUN_NAME, spec.offload)?;
     if !spec.has_ipv6() {
         set_ipv6_disabled()?;
     }

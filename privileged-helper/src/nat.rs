@@ -207,7 +207,8 @@ async fn default_egress(handle: &rtnetlink::Handle) -> std::io::Result<(u32, Str
 /// caller's (it is shared by all server tunnels).
 pub fn create(spec: &ServerTunnelSpec) -> Result<(OwnedFd, String, String), NetError> {
     let ifname = spec.ifname();
-    let tun = crate::netns::open_tun_named(&ifname).map_err(err(format!("create TUN {ifname}")))?;
+    let tun = warren_netconf::open_tun(&ifname, spec.offload)
+        .map_err(err(format!("create TUN {ifname}")))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

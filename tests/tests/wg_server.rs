@@ -113,3 +113,169 @@ fn warren_on_both_ends_instance_through_the_warren_exit() {
     server.signal(nix::sys::signal::Signal::SIGTERM);
     let _ = server.wait_timeout(Duration::from_secs(10));
 }
+
+/// The status of instance `name` (its `instance` object) from
+/// `warren status --json`.
+fn instance_status(user: &User, name: &str) -> serde_json::Value {
+    let out = user.warren(&["status", "--json"]);
+    assert!(out.status.success(), "status: {}", text(&out.stderr));
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
+    st["instances"]
+        .as_array()
+        .and_then(|a| a.iter().find(|i| i["instance"]["name"] == name))
+        .map(|i| i["instance"].clone())
+        .unwrap_or_else(|| panic!("instance {name} missing from status: {st}"))
+}
+
+fn sha256_file(p: &std::path::Path) -> String {
+    let out = run_limited(std::process::Command::new("sha256sum").arg(p), LIMIT);
+    assert!(out.status.success());
+    text(&out.stdout)
+        .split_whitespace()
+        .next()
+        .expect("sha256sum output")
+        .to_string()
+}
+
+/// 16 MiB down and 16 MiB up through a warren instance and the warren
+/// exit, byte for byte (SHA-256 on both sides); returns the instance's
+/// TUN figures after the transfers.
+fn bulk_both_ways(lab: &Lab, user: &User, name: &str, socks: &str) -> serde_json::Value {
+    let file = user.dir.join(&format!("{name}.down"));
+    let headers = user.dir.join(&format!("{name}.headers"));
+    let _ = curl_ok(&[
+        "--socks5",
+        socks,
+        "--max-time",
+        "60",
+        "-D",
+        headers.to_str().expect("utf-8"),
+        "-o",
+        file.to_str().expect("utf-8"),
+        &format!("http://{}/big", lab.web()),
+    ]);
+    let sent = std::fs::read_to_string(&headers)
+        .expect("headers")
+        .lines()
+        .find_map(|l| l.strip_prefix("X-Sha256: ").map(|v| v.trim().to_string()))
+        .expect("X-Sha256 header");
+    assert_eq!(
+        std::fs::metadata(&file).expect("download").len(),
+        16 << 20,
+        "download size"
+    );
+    assert_eq!(sha256_file(&file), sent, "the download arrived altered");
+    // Upload: different bytes, hashed by the server in the internet namespace.
+    let up = user.dir.join(&format!("{name}.up"));
+    let mut data = std::fs::read(&file).expect("read");
+    data.reverse();
+    std::fs::write(&up, &data).expect("write");
+    let got = curl_ok(&[
+        "--socks5",
+        socks,
+        "--max-time",
+        "60",
+        "--data-binary",
+        &format!("@{}", up.display()),
+        "-H",
+        "Content-Type: application/octet-stream",
+        &format!("http://{}/hash", lab.web()),
+    ]);
+    assert_eq!(got, sha256_file(&up), "the upload arrived altered");
+    instance_status(user, name)["tun"].clone()
+}
+
+#[test]
+fn tun_offloads_carry_bulk_tcp_intact_both_ways_and_can_be_turned_off() {
+    if !require_root("tun_offloads_carry_bulk_tcp_intact_both_ways_and_can_be_turned_off") {
+        return;
+    }
+    let lab = Lab::new("o", 45);
+    let host_helper = Helper::start("wgserver-o", &[]);
+    let user = User::bare("wgserver-o-user", &host_helper.socket);
+    let (mut server, conf) = lab.start_exit(&user);
+    wait_server(&lab, &mut server);
+    let endpoint = format!("198.18.{}.6:51820", lab.n);
+    let on_conf = user.write_conf("on.conf", &lab.add_peer(&user, &conf, "on", &endpoint));
+    let off_conf = user.write_conf("off.conf", &lab.add_peer(&user, &conf, "off", &endpoint));
+    // The exit picks new peers up within 2 s (file change).
+    std::thread::sleep(Duration::from_millis(2500));
+
+    // Offloads on (the default).
+    let on = iname("on");
+    let (sp, hp) = free_ports();
+    user.up(&on, &on_conf, sp, hp);
+    let tun = bulk_both_ways(&lab, &user, &on, &format!("127.0.0.1:{sp}"));
+    assert_eq!(tun["offload"], true, "{tun}");
+    // Downloads arrive as segments from the exit: the instance merges them.
+    assert!(
+        tun["gso_writes"].as_u64().unwrap_or(0) > 0,
+        "no merged writes: {tun}"
+    );
+    assert!(
+        tun["coalesced"].as_u64().unwrap_or(0) > tun["gso_writes"].as_u64().unwrap_or(0),
+        "{tun}"
+    );
+    // Uploads leave the namespace's TCP as TSO packets: the instance cuts them.
+    assert!(
+        tun["gso_reads"].as_u64().unwrap_or(0) > 0,
+        "no TSO reads: {tun}"
+    );
+    assert!(
+        tun["segments"].as_u64().unwrap_or(0) > tun["gso_reads"].as_u64().unwrap_or(0),
+        "{tun}"
+    );
+    assert_eq!(tun["bad_reads"], 0, "{tun}");
+    let plain = text(&user.warren(&["status"]).stdout);
+    assert!(plain.contains("TUN offloads on"), "{plain}");
+
+    // Offloads off for the second instance: same bytes, no merging.
+    let off = iname("off");
+    let (sp2, hp2) = free_ports();
+    let out = user.run_env(
+        &mut warren_tests::as_user(
+            warren_tests::ids::MEMBER,
+            warren_tests::ids::GROUP,
+            &[warren_tests::ids::GROUP],
+            &warren_tests::bin("warren"),
+        ),
+        &[("WARREN_WG_OFFLOAD", "0")],
+        &[
+            "up",
+            &off,
+            "--wg",
+            off_conf.to_str().expect("utf-8"),
+            "--socks-port",
+            &sp2.to_string(),
+            "--http-port",
+            &hp2.to_string(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "up with offloads off: {}",
+        text(&out.stderr)
+    );
+    let _ = hp2;
+    let tun = bulk_both_ways(&lab, &user, &off, &format!("127.0.0.1:{sp2}"));
+    assert_eq!(tun["offload"], false, "{tun}");
+    for k in ["gso_writes", "coalesced", "gso_reads", "segments"] {
+        assert_eq!(tun[k], 0, "{k} with offloads off: {tun}");
+    }
+    let _ = user.warren(&["down", "--all"]);
+
+    // The exit merged the uploads of both: it says so when it stops.
+    server.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(
+        server
+            .wait_timeout(Duration::from_secs(10))
+            .is_some_and(|s| s.success()),
+        "server did not stop cleanly"
+    );
+    let log = server.log();
+    let merged = log
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("tun_gso_writes="))
+        .and_then(|v| v.parse::<u64>().ok());
+    assert!(merged.is_some_and(|n| n > 0), "exit merged nothing:\n{log}");
+}

@@ -114,9 +114,15 @@ impl User {
     }
 
     pub fn run(&self, c: &mut Command, args: &[&str]) -> Output {
+        self.run_env(c, &[], args)
+    }
+
+    /// [`User::run`] with `env` added to its clean environment.
+    pub fn run_env(&self, c: &mut Command, env: &[(&str, &str)], args: &[&str]) -> Output {
         c.args(["--no-autostart"])
             .args(args)
             .env_clear()
+            .envs(env.iter().copied())
             .env("PATH", "/usr/local/bin:/usr/bin:/bin")
             .env("XDG_RUNTIME_DIR", self.dir.path())
             .env("HOME", self.dir.path())
@@ -272,9 +278,29 @@ const SERVERS: &str = r#"
 import socket, sys, threading, http.server
 ip = sys.argv[1]
 body = ("internet " + ip + "\n").encode()
+import hashlib, os
+big = None
 class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"
     def do_GET(self):
-        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers(); self.wfile.write(body)
+        global big
+        data = body
+        if self.path == "/big":
+            # 16 MiB of random bytes and their SHA-256, for bulk transfers.
+            big = big or os.urandom(16 << 20)
+            data = big
+        self.send_response(200); self.send_header("Content-Length", str(len(data)))
+        self.send_header("X-Sha256", hashlib.sha256(data).hexdigest()); self.end_headers(); self.wfile.write(data)
+    def do_POST(self):
+        # Answers the SHA-256 of the request body (at most 64 MiB).
+        n = min(int(self.headers.get("Content-Length", "0")), 64 << 20)
+        h = hashlib.sha256(); left = n
+        while left > 0:
+            chunk = self.rfile.read(min(left, 1 << 20))
+            if not chunk: break
+            h.update(chunk); left -= len(chunk)
+        out = h.hexdigest().encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(out))); self.end_headers(); self.wfile.write(out)
     def log_message(self, *a): pass
 http.server.HTTPServer.address_family = socket.AF_INET
 srv = http.server.HTTPServer((ip, 80), H)

@@ -444,7 +444,8 @@ fn prepare(args: &UpArgs) -> Result<Prepared, (u8, String)> {
         routes_for(&wg),
         wg.interface.dns.clone(),
     )
-    .map_err(|e| (exit::CONFIG, format!("{}: {}", args.wg.display(), e)))?;
+    .map_err(|e| (exit::CONFIG, format!("{}: {}", args.wg.display(), e)))?
+    .with_offload(crate::wg::offload::wanted());
     let (socks, http) = listeners(args).map_err(|e| (exit::FAILURE, e))?;
     let socks_addr = socks
         .local_addr()
@@ -484,6 +485,7 @@ fn prepare(args: &UpArgs) -> Result<Prepared, (u8, String)> {
         forwards: args.forwards.clone(),
         reverses: args.reverses.clone(),
         stack: args.stack,
+        offload: spec.offload,
     };
     let extra = forward_sockets(args).map_err(|e| (exit::FAILURE, e))?;
     Ok(Prepared {
@@ -1231,6 +1233,8 @@ fn prepare_host(args: &UpArgs) -> Result<HostPrepared, (u8, String)> {
         forwards: Vec::new(),
         reverses: Vec::new(),
         stack: crate::instance::StackChoice::Kernel,
+        // The host tunnel's TUN is opened without a virtio header.
+        offload: false,
     };
     let worker = worker_json(&cfg).map_err(|e| (exit::FAILURE, e))?;
     Ok(HostPrepared {

@@ -106,6 +106,10 @@ pub struct WorkerConfig {
     /// Rootless only: which TCP/IP stack carries the traffic.
     #[serde(default)]
     pub stack: StackChoice,
+    /// The helper's TUN (fd 3) was opened with a virtio header (TUN
+    /// offloads). A rootless worker's own TUN follows `rootless.offload`.
+    #[serde(default)]
+    pub offload: bool,
 }
 
 /// Which TCP/IP stack a rootless instance uses (`warren up --stack`).
@@ -165,6 +169,26 @@ pub struct InstanceStatus {
     pub http: String,
     /// Its peers.
     pub peers: Vec<PeerStatus>,
+    /// The TUN side's offloads.
+    #[serde(default)]
+    pub tun: TunStatus,
+}
+
+/// TUN offloads of an instance, in [`InstanceStatus`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TunStatus {
+    /// The TUN carries virtio headers (TSO in, merged TCP segments out).
+    pub offload: bool,
+    /// Writes of merged TCP segments to the TUN.
+    pub gso_writes: u64,
+    /// Packets merged into those writes.
+    pub coalesced: u64,
+    /// Large (TSO) packets read from the TUN.
+    pub gso_reads: u64,
+    /// Segments cut from them.
+    pub segments: u64,
+    /// Reads dropped as malformed or unsupported.
+    pub bad_reads: u64,
 }
 
 /// A peer in [`InstanceStatus`].

@@ -274,6 +274,8 @@ fn start(
     let rootless = cfg.rootless.clone();
     // The stack's end of the packet pipe, with the userspace stack.
     let mut user_pipe = None;
+    // Whether the engine's descriptor carries virtio headers.
+    let mut offload = cfg.offload;
     let taken = (|| {
         let tun = match &rootless {
             Some(spec) => {
@@ -293,6 +295,7 @@ fn start(
                         }
                     }
                 };
+                offload = tun.is_some() && spec.offload;
                 match tun {
                     Some(t) => t,
                     None => {
@@ -354,6 +357,7 @@ fn start(
         peers,
         mtu: cfg.mtu,
         gso: true,
+        offload,
         socket_buffer: 4 << 20,
         host_dns: cfg
             .host_dns
@@ -723,5 +727,13 @@ fn instance_status(name: &str, socks: &str, http: &str, stats: &EngineStats) -> 
                 }
             })
             .collect(),
+        tun: super::TunStatus {
+            offload: stats.offload.load(Relaxed),
+            gso_writes: stats.tun_gso_writes.load(Relaxed),
+            coalesced: stats.tun_coalesced.load(Relaxed),
+            gso_reads: stats.tun_gso_reads.load(Relaxed),
+            segments: stats.tun_segments.load(Relaxed),
+            bad_reads: stats.tun_bad_reads.load(Relaxed),
+        },
     }
 }

@@ -206,6 +206,13 @@ fn render_instance(p: &Snapshot, i: &crate::instance::InstanceStatus) -> String 
             peer.tx_bytes
         ));
     }
+    let t = &i.tun;
+    if t.offload {
+        s.push_str(&format!(
+            "  TUN offloads on: {} merged writes ({} packets), {} TSO reads ({} segments)\n",
+            t.gso_writes, t.coalesced, t.gso_reads, t.segments
+        ));
+    }
     s
 }
 

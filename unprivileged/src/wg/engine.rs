@@ -34,6 +34,8 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use tracing::{debug, info, warn};
+
+use super::offload::{self, Coalescer};
 use warren_ipc::instance::IpPrefix;
 use zeroize::Zeroizing;
 
@@ -79,6 +81,10 @@ pub struct EngineConfig {
     pub mtu: u16,
     /// Send with UDP GSO when the kernel supports it.
     pub gso: bool,
+    /// The TUN was opened with `IFF_VNET_HDR`: packets carry a virtio
+    /// header, TCP segments are merged on the way in and TSO is enabled
+    /// on the way out (see [`super::offload`]). Must match the device.
+    pub offload: bool,
     /// Receive/send buffer size asked for on the UDP socket.
     pub socket_buffer: usize,
     /// DNS servers reachable from the UDP socket's namespace (the host's),
@@ -133,6 +139,18 @@ pub struct EngineStats {
     pub tx_no_route: AtomicU64,
     /// Send errors on the UDP socket.
     pub tx_errors: AtomicU64,
+    /// The TUN carries virtio headers (offloads on).
+    pub offload: AtomicBool,
+    /// Writes to the TUN of merged TCP segments.
+    pub tun_gso_writes: AtomicU64,
+    /// Packets that went into those writes.
+    pub tun_coalesced: AtomicU64,
+    /// Large (TSO) packets read from the TUN.
+    pub tun_gso_reads: AtomicU64,
+    /// Segments cut from them.
+    pub tun_segments: AtomicU64,
+    /// TUN reads dropped as malformed or of an unsupported kind.
+    pub tun_bad_reads: AtomicU64,
 }
 
 impl EngineStats {
@@ -214,6 +232,7 @@ pub struct Engine {
     limiter: Arc<RateLimiter>,
     stats: Arc<EngineStats>,
     gso: bool,
+    offload: bool,
     slot: usize,
     host_dns: Vec<SocketAddr>,
     started: Instant,
@@ -330,12 +349,32 @@ impl Engine {
             .collect();
         let stats = EngineStats {
             peers: std::sync::RwLock::new(peers.iter().map(|p| p.stats.clone()).collect()),
+            offload: AtomicBool::new(cfg.offload),
             ..Default::default()
         };
         let routes = route_table(&peers);
         // The data path polls: non-blocking reads everywhere, blocking UDP
         // sends (back-pressure instead of drops when the send buffer fills).
         set_nonblocking(tun.as_raw_fd(), true)?;
+        if cfg.offload {
+            // Let the kernel hand over partial checksums and TCP
+            // super-packets; the engine completes and cuts them.
+            const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+            const TUN_F_CSUM: libc::c_ulong = 0x01;
+            const TUN_F_TSO4: libc::c_ulong = 0x02;
+            const TUN_F_TSO6: libc::c_ulong = 0x04;
+            // SAFETY: TUNSETOFFLOAD takes its flags by value.
+            let rc = unsafe {
+                libc::ioctl(
+                    tun.as_raw_fd(),
+                    TUNSETOFFLOAD,
+                    TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6,
+                )
+            };
+            if rc < 0 {
+                warn!(error = %io::Error::last_os_error(), "TUN offloads unavailable; reading one packet at a time");
+            }
+        }
         udp.set_nonblocking(false)?;
         let fd = udp.as_raw_fd();
         let want = cfg.socket_buffer.min(i32::MAX as usize) as libc::c_int;
@@ -365,6 +404,7 @@ impl Engine {
             limiter,
             stats: stats.clone(),
             gso: cfg.gso,
+            offload: cfg.offload,
             slot,
             host_dns: cfg.host_dns,
             started: Instant::now(),
@@ -374,7 +414,7 @@ impl Engine {
 
     /// Runs until stopped; returns the first fatal I/O error.
     pub fn run(mut self) -> io::Result<()> {
-        let mut io = Buffers::new(self.slot);
+        let mut io = Buffers::new(self.slot, self.offload);
         // Start handshakes with every peer we know the address of, now
         // rather than on the first packet.
         for i in 0..self.peers.len() {
@@ -392,6 +432,7 @@ impl Engine {
         info!(
             peers = self.peers.len(),
             gso = self.gso,
+            offload = self.offload,
             "WireGuard engine running"
         );
         loop {
@@ -491,7 +532,12 @@ impl Engine {
                 };
                 let peer = &mut self.peers[pi];
                 let mut authenticated = true;
-                match peer.tunn.decapsulate(Some(src.ip()), dg, &mut io.scratch) {
+                // Decrypted into this datagram's own slot: with offloads
+                // the batch's packets are written together at the end.
+                let out = &mut io.tun_out[k * io.slot..(k + 1) * io.slot];
+                let base = out.as_ptr() as usize;
+                let mut deliver = None;
+                match peer.tunn.decapsulate(Some(src.ip()), dg, out) {
                     TunnResult::WriteToNetwork(b) => {
                         send_to(&self.udp, self.udp_v6, b, src, &self.stats);
                         // Flush what was queued while the handshake ran.
@@ -502,26 +548,29 @@ impl Engine {
                         }
                     }
                     TunnResult::WriteToTunnelV4(b, a) => {
-                        if allowed(&peer.allowed, IpAddr::V4(a)) {
-                            peer.stats.rx_bytes.fetch_add(b.len() as u64, Relaxed);
-                            write_tun(self.tun.as_fd(), b);
-                        } else {
-                            self.stats.rx_not_allowed.fetch_add(1, Relaxed);
-                        }
+                        deliver = Some((b.as_ptr() as usize - base, b.len(), IpAddr::V4(a)));
                     }
                     TunnResult::WriteToTunnelV6(b, a) => {
-                        if allowed(&peer.allowed, IpAddr::V6(a)) {
-                            peer.stats.rx_bytes.fetch_add(b.len() as u64, Relaxed);
-                            write_tun(self.tun.as_fd(), b);
-                        } else {
-                            self.stats.rx_not_allowed.fetch_add(1, Relaxed);
-                        }
+                        deliver = Some((b.as_ptr() as usize - base, b.len(), IpAddr::V6(a)));
                     }
                     TunnResult::Done => {}
                     TunnResult::Err(e) => {
                         authenticated = false;
                         self.stats.rx_invalid.fetch_add(1, Relaxed);
                         debug!(peer = %peer.stats.public_key, error = ?e, "datagram rejected");
+                    }
+                }
+                if let Some((at, len, a)) = deliver.filter(|d| d.1 > 0) {
+                    if !allowed(&peer.allowed, a) {
+                        self.stats.rx_not_allowed.fetch_add(1, Relaxed);
+                    } else {
+                        peer.stats.rx_bytes.fetch_add(len as u64, Relaxed);
+                        let off = k * io.slot + at;
+                        if self.offload {
+                            io.coalescer.push(&io.tun_out, off, len);
+                        } else {
+                            write_tun(self.tun.as_fd(), &io.tun_out[off..off + len]);
+                        }
                     }
                 }
                 if authenticated && handshake {
@@ -535,6 +584,13 @@ impl Engine {
                     }
                 }
             }
+            if !io.coalescer.is_empty() {
+                let mut w = offload::WriteStats::default();
+                io.coalescer
+                    .flush(&mut io.tun_out, self.tun.as_fd(), &mut w);
+                self.stats.tun_gso_writes.fetch_add(w.gso_writes, Relaxed);
+                self.stats.tun_coalesced.fetch_add(w.coalesced, Relaxed);
+            }
             if n < BATCH {
                 break;
             }
@@ -542,21 +598,11 @@ impl Engine {
         Ok(())
     }
 
-    fn route(&self, dst: IpAddr) -> Option<usize> {
-        if self.peers.len() == 1 {
-            return allowed(&self.peers[0].allowed, dst).then_some(0);
-        }
-        self.routes
-            .iter()
-            .find(|(p, _)| prefix_contains(p, dst))
-            .map(|(_, i)| *i)
-    }
-
     fn tun_in(&mut self, io: &mut Buffers) -> io::Result<()> {
         for _ in 0..4 {
-            let mut got = 0;
-            io.tx_meta.clear();
-            while got < BATCH {
+            let mut reads = 0;
+            io.txq.tx_meta.clear();
+            while reads < BATCH {
                 let buf = &mut io.tun_in[..];
                 // SAFETY: reads at most buf.len() bytes into a live buffer.
                 let n =
@@ -569,60 +615,45 @@ impl Engine {
                         _ => return Err(e),
                     }
                 }
-                got += 1;
-                let pkt = &io.tun_in[..n as usize];
-                let Some(dst) = Tunn::dst_address(pkt) else {
-                    continue;
+                reads += 1;
+                let read = &mut io.tun_in[..n as usize];
+                let mut out = Outbound {
+                    peers: &mut self.peers,
+                    routes: &self.routes,
+                    stats: &self.stats,
+                    txq: &mut io.txq,
+                    udp: &self.udp,
+                    udp_v6: self.udp_v6,
+                    gso: &mut self.gso,
                 };
-                let Some(pi) = self.route(dst) else {
-                    self.stats.tx_no_route.fetch_add(1, Relaxed);
+                if !self.offload {
+                    out.packet(read);
                     continue;
-                };
-                let peer = &mut self.peers[pi];
-                let k = io.tx_meta.len();
-                let out = &mut io.tx[k * io.slot..(k + 1) * io.slot];
-                if let TunnResult::WriteToNetwork(b) = peer.tunn.encapsulate(pkt, out) {
-                    let len = b.len();
-                    peer.stats.tx_bytes.fetch_add(pkt.len() as u64, Relaxed);
-                    if let Some(ep) = peer.endpoint {
-                        io.tx_meta.push((len, ep));
+                }
+                match offload::segment(read, &mut io.seg, |p| out.packet(p)) {
+                    Ok(1) => {}
+                    Ok(k) => {
+                        self.stats.tun_gso_reads.fetch_add(1, Relaxed);
+                        self.stats.tun_segments.fetch_add(k as u64, Relaxed);
+                    }
+                    Err(e) => {
+                        self.stats.tun_bad_reads.fetch_add(1, Relaxed);
+                        debug!(error = ?e, len = n, "packet from the TUN dropped");
                     }
                 }
             }
-            self.flush(io);
-            if got < BATCH {
+            flush_tx(
+                &mut io.txq,
+                &mut self.gso,
+                &self.udp,
+                self.udp_v6,
+                &self.stats,
+            );
+            if reads < BATCH {
                 break;
             }
         }
         Ok(())
-    }
-
-    fn flush(&mut self, io: &mut Buffers) {
-        if io.tx_meta.is_empty() {
-            return;
-        }
-        if self.gso {
-            match io.send_gso(self.udp.as_raw_fd(), self.udp_v6) {
-                Ok(()) => {}
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT)
-                    ) =>
-                {
-                    warn!(error = %e, "UDP GSO unavailable; sending datagrams one by one");
-                    self.gso = false;
-                    io.send_mmsg(self.udp.as_raw_fd(), self.udp_v6, &self.stats);
-                }
-                Err(e) => {
-                    self.stats.tx_errors.fetch_add(1, Relaxed);
-                    debug!(error = %e, "UDP send failed");
-                }
-            }
-        } else {
-            io.send_mmsg(self.udp.as_raw_fd(), self.udp_v6, &self.stats);
-        }
-        io.tx_meta.clear();
     }
 
     fn send_one(&self, b: &[u8], to: SocketAddr) {
@@ -932,29 +963,131 @@ fn send_to(udp: &UdpSocket, v6: bool, b: &[u8], to: SocketAddr, stats: &EngineSt
     }
 }
 
+/// What the TUN side needs to route, encrypt and queue one packet.
+struct Outbound<'a> {
+    peers: &'a mut [Peer],
+    routes: &'a [(IpPrefix, usize)],
+    stats: &'a EngineStats,
+    txq: &'a mut TxQueue,
+    udp: &'a UdpSocket,
+    udp_v6: bool,
+    gso: &'a mut bool,
+}
+
+impl Outbound<'_> {
+    /// Routes `pkt` to its peer by destination, encrypts it into the next
+    /// free slot and sends the queue when it is full.
+    fn packet(&mut self, pkt: &[u8]) {
+        let Some(dst) = Tunn::dst_address(pkt) else {
+            return;
+        };
+        let pi = if self.peers.len() == 1 {
+            allowed(&self.peers[0].allowed, dst).then_some(0)
+        } else {
+            self.routes
+                .iter()
+                .find(|(p, _)| prefix_contains(p, dst))
+                .map(|(_, i)| *i)
+        };
+        let Some(pi) = pi else {
+            self.stats.tx_no_route.fetch_add(1, Relaxed);
+            return;
+        };
+        if self.txq.tx_meta.len() == BATCH {
+            flush_tx(self.txq, self.gso, self.udp, self.udp_v6, self.stats);
+        }
+        let peer = &mut self.peers[pi];
+        let k = self.txq.tx_meta.len();
+        let slot = self.txq.slot;
+        let out = &mut self.txq.tx[k * slot..(k + 1) * slot];
+        if let TunnResult::WriteToNetwork(b) = peer.tunn.encapsulate(pkt, out) {
+            let len = b.len();
+            peer.stats.tx_bytes.fetch_add(pkt.len() as u64, Relaxed);
+            if let Some(ep) = peer.endpoint {
+                self.txq.tx_meta.push((len, ep));
+            }
+        }
+    }
+}
+
+/// Sends the queued datagrams (UDP GSO, or `sendmmsg` once the kernel has
+/// refused GSO) and empties the queue.
+fn flush_tx(txq: &mut TxQueue, gso: &mut bool, udp: &UdpSocket, v6: bool, stats: &EngineStats) {
+    if txq.tx_meta.is_empty() {
+        return;
+    }
+    if *gso {
+        match txq.send_gso(udp.as_raw_fd(), v6) {
+            Ok(()) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT)
+                ) =>
+            {
+                warn!(error = %e, "UDP GSO unavailable; sending datagrams one by one");
+                *gso = false;
+                txq.send_mmsg(udp.as_raw_fd(), v6, stats);
+            }
+            Err(e) => {
+                stats.tx_errors.fetch_add(1, Relaxed);
+                debug!(error = %e, "UDP send failed");
+            }
+        }
+    } else {
+        txq.send_mmsg(udp.as_raw_fd(), v6, stats);
+    }
+    txq.tx_meta.clear();
+}
+
 /// The engine's packet buffers, allocated once.
 struct Buffers {
     slot: usize,
     rx: Vec<u8>,
     rx_meta: Vec<(usize, Option<SocketAddr>)>,
     rx_addrs: Vec<libc::sockaddr_storage>,
-    tx: Vec<u8>,
-    tx_meta: Vec<(usize, SocketAddr)>,
+    txq: TxQueue,
+    /// One TUN read (with its virtio header and up to 64 KiB when the TUN
+    /// has offloads).
     tun_in: Vec<u8>,
+    /// One segment cut from a large TUN read.
+    seg: Vec<u8>,
+    /// The packets decrypted from one batch of datagrams, a slot each,
+    /// kept until they are written to the TUN together.
+    tun_out: Vec<u8>,
+    coalescer: Coalescer,
     scratch: Vec<u8>,
 }
 
+/// Encrypted datagrams waiting to be sent, a slot each.
+struct TxQueue {
+    slot: usize,
+    tx: Vec<u8>,
+    tx_meta: Vec<(usize, SocketAddr)>,
+}
+
 impl Buffers {
-    fn new(slot: usize) -> Buffers {
+    fn new(slot: usize, offload: bool) -> Buffers {
+        let read = if offload {
+            offload::VNET_HDR_LEN + 65_535
+        } else {
+            slot
+        };
         Buffers {
             slot,
             rx: vec![0; BATCH * slot],
             rx_meta: vec![(0, None); BATCH],
             // SAFETY: sockaddr_storage is plain data; all-zero is valid.
             rx_addrs: vec![unsafe { zeroed() }; BATCH],
-            tx: vec![0; BATCH * slot],
-            tx_meta: Vec::with_capacity(BATCH),
-            tun_in: vec![0; slot],
+            txq: TxQueue {
+                slot,
+                tx: vec![0; BATCH * slot],
+                tx_meta: Vec::with_capacity(BATCH),
+            },
+            tun_in: vec![0; read],
+            seg: vec![0; slot],
+            tun_out: vec![0; BATCH * slot],
+            coalescer: Coalescer::default(),
             scratch: vec![0; slot.max(2048)],
         }
     }
@@ -1014,7 +1147,9 @@ impl Buffers {
         }
         Ok(n)
     }
+}
 
+impl TxQueue {
     /// Sends the queued datagrams with `sendmmsg`.
     fn send_mmsg(&mut self, fd: RawFd, v6: bool, stats: &EngineStats) {
         let n = self.tx_meta.len();

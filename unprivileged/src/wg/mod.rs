@@ -3,4 +3,5 @@
 
 pub mod conf;
 pub mod engine;
+pub mod offload;
 pub mod server;

@@ -255,7 +255,7 @@ pub fn run(file: &Path, name: &str, target: HelperTarget) -> ExitCode {
     };
     let mtu = wg.interface.mtu.unwrap_or(1420);
     let spec = match ServerTunnelSpec::new(name.clone(), mtu, wg.interface.addresses.clone()) {
-        Ok(s) => s,
+        Ok(s) => s.with_offload(crate::wg::offload::wanted()),
         Err(e) => {
             eprintln!("warren server: {}: {e}", file.display());
             return exit::code(exit::CONFIG);
@@ -306,6 +306,7 @@ async fn serve(
         peers,
         mtu: spec.mtu,
         gso: true,
+        offload: spec.offload,
         socket_buffer: 4 << 20,
         host_dns: Vec::new(),
     };
@@ -392,7 +393,15 @@ async fn serve(
         .iter()
         .filter(|p| p.last_handshake_ms.load(Relaxed) > 0)
         .count();
-    info!(peers_seen = live, "stopping");
+    info!(
+        peers_seen = live,
+        offload = spec.offload,
+        tun_gso_writes = stats.tun_gso_writes.load(Relaxed),
+        tun_coalesced = stats.tun_coalesced.load(Relaxed),
+        tun_gso_reads = stats.tun_gso_reads.load(Relaxed),
+        tun_segments = stats.tun_segments.load(Relaxed),
+        "stopping"
+    );
     stop.stop();
     let _ = thread.join();
     // Dropping the connection ends the lease: the helper removes the TUN,
