@@ -436,6 +436,11 @@ pub struct SpawnSpec {
     /// The instance lives as long as this program: when it exits, the
     /// helper removes the instance (a worker's lease).
     pub bind_lease: bool,
+    /// Make descriptor 0 (a terminal, e.g. a pseudo-terminal the client
+    /// opened) the program's controlling terminal. Done after the drop to
+    /// the caller's ids, without stealing: a terminal that already belongs
+    /// to another session stays where it is (the program then has none).
+    pub controlling_tty: bool,
 }
 
 #[derive(Deserialize)]
@@ -447,6 +452,7 @@ struct RawSpawnSpec {
     n_fds: u8,
     private_resolv: bool,
     bind_lease: bool,
+    controlling_tty: bool,
 }
 
 impl TryFrom<RawSpawnSpec> for SpawnSpec {
@@ -460,6 +466,7 @@ impl TryFrom<RawSpawnSpec> for SpawnSpec {
             n_fds: r.n_fds,
             private_resolv: r.private_resolv,
             bind_lease: r.bind_lease,
+            controlling_tty: r.controlling_tty,
         };
         s.validate()?;
         Ok(s)
@@ -583,6 +590,7 @@ mod tests {
             n_fds: 3,
             private_resolv: true,
             bind_lease: false,
+            controlling_tty: false,
         };
         assert!(ok.validate().is_ok());
         let mut bad = ok.clone();

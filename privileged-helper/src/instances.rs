@@ -492,6 +492,7 @@ impl Registry {
                 &spec.env,
                 &spec.cwd,
                 fds,
+                spec.controlling_tty,
             )
             .map(|s| (s, spec.bind_lease))
         })

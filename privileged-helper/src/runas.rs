@@ -48,9 +48,12 @@ struct Prepared {
     uid: libc::uid_t,
     gid: libc::gid_t,
     cwd: CString,
+    ctty: bool,
 }
 
-/// Spawns `argv` in the namespace `netns` as `peer`.
+/// Spawns `argv` in the namespace `netns` as `peer`; with `ctty`, the
+/// program's descriptor 0 becomes its controlling terminal if it can.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn(
     netns: &File,
     resolv_conf: Option<&std::path::Path>,
@@ -59,6 +62,7 @@ pub fn spawn(
     env: &[String],
     cwd: &str,
     fds: Vec<OwnedFd>,
+    ctty: bool,
 ) -> io::Result<Spawned> {
     let cs = |s: &str| CString::new(s).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput));
     let prep = Prepared {
@@ -76,6 +80,7 @@ pub fn spawn(
         uid: peer.uid,
         gid: peer.gid,
         cwd: cs(cwd)?,
+        ctty,
     };
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..]).env_clear();
@@ -179,6 +184,13 @@ fn child_setup(p: &Prepared) -> io::Result<()> {
         // A session of its own: never the helper's controlling terminal or
         // process group (signals come from its client, by pid).
         libc::setsid();
+        if p.ctty {
+            // As the caller, so without the privilege to steal a terminal
+            // from another session: only a terminal nobody controls (the
+            // client's fresh pseudo-terminal) is taken. Failing leaves the
+            // program without one, as before.
+            libc::ioctl(0, libc::TIOCSCTTY, 0);
+        }
         check(libc::chdir(p.cwd.as_ptr()))?;
     }
     Ok(())

@@ -309,6 +309,7 @@ async fn run_in(
         n_fds: 0,
         private_resolv,
         bind_lease: false,
+        controlling_tty: false,
     };
     let pid = c
         .spawn(spec, &[null.as_fd(), w.as_fd(), w.as_fd()])
@@ -435,6 +436,7 @@ fn other_users_cannot_touch_an_instance() {
                     n_fds: 0,
                     private_resolv: false,
                     bind_lease: false,
+                    controlling_tty: false,
                 },
                 &[null.as_fd()],
             )
@@ -581,6 +583,7 @@ fn worker_lease_ends_the_instance_with_the_worker() {
                     n_fds: 0,
                     private_resolv: false,
                     bind_lease: true,
+                    controlling_tty: false,
                 },
                 &[null.as_fd(), null.as_fd(), null.as_fd()],
             )

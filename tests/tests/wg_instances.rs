@@ -92,6 +92,44 @@ fn up_proxies_exec_status_and_down_through_a_wireguard_go_exit() {
         .expect("exec did not end on SIGINT");
     assert_eq!(st.code(), Some(130), "sleep did not die of SIGINT");
 
+    // Under a terminal, the program gets a terminal of its own (the size of
+    // ours) as its controlling terminal: /dev/tty works. With -T it does not.
+    let in_terminal = |exec_flags: &str| {
+        let script = format!(
+            "stty rows 33 cols 111; exec {} --no-autostart exec {exec_flags} {name} -- \
+             sh -c 'tty; stty size; echo via-dev-tty > /dev/tty && exit 7'",
+            bin("warren").display()
+        );
+        let mut c = as_user(ids::MEMBER, ids::GROUP, &[ids::GROUP], Path::new("script"));
+        c.args(["-qec", &script, "/dev/null"])
+            .env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .env("XDG_RUNTIME_DIR", user.dir.path())
+            .env("HOME", user.dir.path())
+            .env("WARREN_HELPER_SOCKET", &helper.socket)
+            .current_dir(user.dir.path());
+        run_limited(&mut c, Duration::from_secs(20))
+    };
+    let out = in_terminal("");
+    let shown = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "exec in a terminal: {shown}{}",
+        text(&out.stderr)
+    );
+    assert!(shown.contains("/dev/pts/"), "no terminal: {shown}");
+    assert!(shown.contains("33 111"), "size not passed on: {shown}");
+    assert!(shown.contains("via-dev-tty"), "/dev/tty unusable: {shown}");
+    let out = in_terminal("-T");
+    let shown = text(&out.stdout);
+    assert_ne!(
+        out.status.code(),
+        Some(7),
+        "-T still gave a terminal: {shown}"
+    );
+    assert!(!shown.contains("via-dev-tty"), "{shown}");
+
     // status --json: the instance, its peer, a recent handshake, bytes.
     let out = user.warren(&["status", "--json"]);
     assert!(out.status.success());

@@ -123,9 +123,19 @@ Runs CMD inside instance NAME's network namespace as yourself, with your
 terminal, environment and working directory; DNS inside is the tunnel's.
 The exit status is CMD's (128+N when killed by signal N).
 
-Example:
-  warren exec work -- curl http://intranet.example/")]
+When your input is a terminal, CMD gets a terminal of its own (a
+pseudo-terminal with your terminal's modes and size, as ssh gives), so
+password prompts, editors and Ctrl-C/Ctrl-Z work as usual; -T turns that
+off (CMD then shares your terminal's descriptors but has no controlling
+terminal).
+
+Examples:
+  warren exec work -- curl http://intranet.example/
+  warren exec work -- ssh build-host")]
 pub struct ExecArgs {
+    /// Do not allocate a terminal for CMD, even when input is a terminal.
+    #[arg(short = 'T', long)]
+    pub no_tty: bool,
     /// The instance.
     pub name: String,
     /// The program and its arguments (after `--`).
@@ -804,6 +814,7 @@ async fn launch_inner(
         n_fds: 0,
         private_resolv: true,
         bind_lease: true,
+        controlling_tty: false,
     };
     let fds = [
         theirs.as_fd(),
@@ -1120,6 +1131,15 @@ pub fn run_exec(args: ExecArgs, target: HelperTarget) -> ExitCode {
         .filter(|e| e.len() < warren_ipc::instance::MAX_ARG_LEN)
         .take(warren_ipc::instance::MAX_ARGS)
         .collect();
+    let (i, o, e) = (std::io::stdin(), std::io::stdout(), std::io::stderr());
+    let pty = if args.no_tty || !super::pty::is_tty(i.as_fd()) {
+        None
+    } else {
+        match super::pty::open_like(i.as_fd()) {
+            Ok(p) => Some(p),
+            Err(err) => return fail("exec", format!("cannot open a pseudo-terminal: {err}")),
+        }
+    };
     let spec = SpawnSpec {
         instance: name.clone(),
         argv: args.command,
@@ -1128,6 +1148,7 @@ pub fn run_exec(args: ExecArgs, target: HelperTarget) -> ExitCode {
         n_fds: 0,
         private_resolv: true,
         bind_lease: false,
+        controlling_tty: pty.is_some(),
     };
     let rt = match runtime() {
         Ok(rt) => rt,
@@ -1144,14 +1165,54 @@ pub fn run_exec(args: ExecArgs, target: HelperTarget) -> ExitCode {
             }
             Err(e) => return crate::cli::report_client_error(&e),
         };
-        let (i, o, e) = (std::io::stdin(), std::io::stdout(), std::io::stderr());
-        let pid = match helper.spawn(spec, &[i.as_fd(), o.as_fd(), e.as_fd()]).await {
+        // With a pty, the program's 0 is its terminal side, and so are 1
+        // and 2 where ours are terminals (redirections stay as they are).
+        let fds = match &pty {
+            Some(p) => {
+                let pick = |fd| {
+                    if super::pty::is_tty(fd) {
+                        p.slave.as_fd()
+                    } else {
+                        fd
+                    }
+                };
+                [p.slave.as_fd(), pick(o.as_fd()), pick(e.as_fd())]
+            }
+            None => [i.as_fd(), o.as_fd(), e.as_fd()],
+        };
+        let pid = match helper.spawn(spec, &fds).await {
             Ok(pid) => pid,
             Err(err) => return crate::cli::report_client_error(&err),
+        };
+        // The pty's program side is the program's alone now: when it (and
+        // whatever it started) closes it, the output relay sees the end.
+        let (term, mut output_done) = match pty {
+            Some(p) => {
+                let out = if super::pty::is_tty(o.as_fd()) || !super::pty::is_tty(e.as_fd()) {
+                    o.as_fd()
+                } else {
+                    e.as_fd()
+                };
+                let master = p.master;
+                drop(p.slave);
+                let winch_fd = match master.try_clone() {
+                    Ok(f) => f,
+                    Err(err) => return fail("exec", format!("pseudo-terminal: {err}")),
+                };
+                let raw = super::pty::RawMode::enter(i.as_fd()).ok();
+                match super::pty::relay(master, i.as_fd(), out) {
+                    Ok(rx) => (Some((raw, winch_fd)), Some(rx)),
+                    Err(err) => return fail("exec", format!("pseudo-terminal relay: {err}")),
+                }
+            }
+            None => (None, None),
         };
         // The program runs as us, so we may signal it ourselves: what the
         // terminal sends us, it gets.
         use tokio::signal::unix::{SignalKind, signal};
+        let mut winch = term
+            .as_ref()
+            .and_then(|_| signal(SignalKind::window_change()).ok());
         let kinds = [
             (SignalKind::interrupt(), libc::SIGINT),
             (SignalKind::terminate(), libc::SIGTERM),
@@ -1175,8 +1236,22 @@ pub fn run_exec(args: ExecArgs, target: HelperTarget) -> ExitCode {
                     // SAFETY: kill has no memory-safety preconditions.
                     unsafe { libc::kill(pid, sig) };
                 }
+                Some(()) = async { winch.as_mut()?.recv().await } => {
+                    if let Some((_, m)) = &term {
+                        super::pty::copy_winsize(i.as_fd(), m.as_fd());
+                    }
+                }
                 ev = helper.next_event() => match ev {
                     Ok(Event::Exited { pid: p, status }) if p == pid => {
+                        // The rest of its output, unless something it left
+                        // running keeps the terminal open.
+                        if let Some(rx) = output_done.take() {
+                            let _ = tokio::task::spawn_blocking(move || {
+                                rx.recv_timeout(Duration::from_secs(2))
+                            })
+                            .await;
+                        }
+                        drop(term);
                         return match status {
                             ExitStatus::Code(c) => ExitCode::from(c.clamp(0, 255) as u8),
                             ExitStatus::Signal(s) => ExitCode::from((128 + s).clamp(0, 255) as u8),

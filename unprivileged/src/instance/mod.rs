@@ -32,6 +32,7 @@ pub mod cli;
 pub mod dns;
 pub mod forward;
 pub mod net;
+pub mod pty;
 pub mod rootless;
 pub mod udpmux;
 pub mod userstack;

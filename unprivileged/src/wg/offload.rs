@@ -499,7 +499,12 @@ pub fn complete_checksum(pkt: &mut [u8], csum_start: usize, csum_offset: usize) 
     if at + 2 > pkt.len() || csum_start > pkt.len() {
         return false;
     }
-    let c = !fold(sum(&pkt[csum_start..], 0));
+    let c = match !fold(sum(&pkt[csum_start..], 0)) {
+        // A UDP checksum of 0 means "none" (and is invalid over IPv6):
+        // send the other zero, as the kernel does (CSUM_MANGLED_0).
+        0 => 0xffff,
+        c => c,
+    };
     pkt[at..at + 2].copy_from_slice(&c.to_be_bytes());
     true
 }
@@ -867,6 +872,18 @@ mod tests {
             Ok(1)
         );
         assert_eq!(got, vec![p]);
+    }
+
+    #[test]
+    fn a_completed_checksum_is_never_zero() {
+        // A UDP packet whose data makes the checksum come out as 0.
+        let mut p = vec![0u8; 8 + 2];
+        // Field holds the (here: zero) pseudo sum; data 0xffff sums to
+        // 0xffff, whose complement is 0.
+        p[8] = 0xff;
+        p[9] = 0xff;
+        assert!(complete_checksum(&mut p, 0, 6));
+        assert_eq!(&p[6..8], &[0xff, 0xff]);
     }
 
     #[test]
