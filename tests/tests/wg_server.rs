@@ -27,6 +27,17 @@ fn wait_server(lab: &Lab, server: &mut Proc) {
     std::thread::sleep(Duration::from_millis(200));
 }
 
+/// A lab with the warren exit serving in S, and a helper on the host with
+/// a user of it (for warren instances as the exit's clients).
+fn exit_and_host_user(tag: &str, n: u8) -> (Lab, Helper, User, Proc, std::path::PathBuf) {
+    let lab = Lab::new(tag, n);
+    let host_helper = Helper::start(&format!("wgserver-{tag}"), &[]);
+    let user = User::bare(&format!("wgserver-{tag}-user"), &host_helper.socket);
+    let (mut server, conf) = lab.start_exit(&user);
+    wait_server(&lab, &mut server);
+    (lab, host_helper, user, server, conf)
+}
+
 #[test]
 fn a_wireguard_go_client_uses_the_warren_exit_and_stopping_it_restores_s() {
     if !require_root("a_wireguard_go_client_uses_the_warren_exit_and_stopping_it_restores_s") {
@@ -80,11 +91,7 @@ fn warren_on_both_ends_instance_through_the_warren_exit() {
     if !require_root("warren_on_both_ends_instance_through_the_warren_exit") {
         return;
     }
-    let lab = Lab::new("b", 42);
-    let host_helper = Helper::start("wgserver-b", &[]);
-    let user = User::bare("wgserver-b-user", &host_helper.socket);
-    let (mut server, conf) = lab.start_exit(&user);
-    wait_server(&lab, &mut server);
+    let (lab, _host_helper, user, mut server, conf) = exit_and_host_user("b", 42);
     let client = lab.add_peer(&user, &conf, "laptop", &format!("198.18.{}.6:51820", lab.n));
     let cconf = user.write_conf("laptop.conf", &client);
     let name = iname("b");
@@ -190,11 +197,7 @@ fn tun_offloads_carry_bulk_tcp_intact_both_ways_and_can_be_turned_off() {
     if !require_root("tun_offloads_carry_bulk_tcp_intact_both_ways_and_can_be_turned_off") {
         return;
     }
-    let lab = Lab::new("o", 45);
-    let host_helper = Helper::start("wgserver-o", &[]);
-    let user = User::bare("wgserver-o-user", &host_helper.socket);
-    let (mut server, conf) = lab.start_exit(&user);
-    wait_server(&lab, &mut server);
+    let (lab, _host_helper, user, mut server, conf) = exit_and_host_user("o", 45);
     let endpoint = format!("198.18.{}.6:51820", lab.n);
     let on_conf = user.write_conf("on.conf", &lab.add_peer(&user, &conf, "on", &endpoint));
     let off_conf = user.write_conf("off.conf", &lab.add_peer(&user, &conf, "off", &endpoint));
