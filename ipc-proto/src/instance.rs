@@ -181,9 +181,41 @@ pub struct InstanceSpec {
     pub routes: Vec<IpPrefix>,
     /// DNS servers for the namespace's resolv.conf.
     pub dns: Vec<IpAddr>,
+    /// Search domains for that resolv.conf (see [`check_search`]).
+    pub search: Vec<String>,
     /// Open the TUN with `IFF_VNET_HDR` (virtio header on every packet:
     /// TCP segmentation and coalescing offloads). Off by default.
     pub offload: bool,
+}
+
+/// Most search domains (glibc reads at most 6).
+pub const MAX_SEARCH: usize = 6;
+
+/// Checks search domains: at most [`MAX_SEARCH`], each a host name of at
+/// most 253 bytes (letters, digits, `-`, `_`, dots; no empty label), so
+/// that nothing but a `search` line can come of them in resolv.conf.
+pub fn check_search(search: &[String]) -> Result<(), Invalid> {
+    if search.len() > MAX_SEARCH {
+        return Err(invalid(
+            "search",
+            format!("at most {MAX_SEARCH} search domains"),
+        ));
+    }
+    for d in search {
+        let ok = !d.is_empty()
+            && d.len() <= 253
+            && d.trim_end_matches('.').split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && !l.starts_with('-')
+                    && l.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            });
+        if !ok {
+            return Err(invalid("search", format!("{d:?} is not a domain name")));
+        }
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -193,13 +225,16 @@ struct RawInstanceSpec {
     addresses: Vec<IpPrefix>,
     routes: Vec<IpPrefix>,
     dns: Vec<IpAddr>,
+    search: Vec<String>,
     offload: bool,
 }
 
 impl TryFrom<RawInstanceSpec> for InstanceSpec {
     type Error = Invalid;
     fn try_from(r: RawInstanceSpec) -> Result<Self, Invalid> {
-        Ok(InstanceSpec::new(r.name, r.mtu, r.addresses, r.routes, r.dns)?.with_offload(r.offload))
+        InstanceSpec::new(r.name, r.mtu, r.addresses, r.routes, r.dns)?
+            .with_offload(r.offload)
+            .with_search(r.search)
     }
 }
 
@@ -236,6 +271,7 @@ impl InstanceSpec {
             addresses,
             routes,
             dns,
+            search: Vec::new(),
             offload: false,
         })
     }
@@ -245,6 +281,13 @@ impl InstanceSpec {
     pub fn with_offload(mut self, on: bool) -> Self {
         self.offload = on;
         self
+    }
+
+    /// The same spec with these search domains (checked).
+    pub fn with_search(mut self, search: Vec<String>) -> Result<Self, Invalid> {
+        check_search(&search)?;
+        self.search = search;
+        Ok(self)
     }
 
     /// Whether the instance has any IPv6 address.
@@ -343,6 +386,8 @@ pub struct HostTunnelSpec {
     pub routes: Vec<IpPrefix>,
     /// DNS servers while the tunnel is up (none: DNS left alone).
     pub dns: Vec<IpAddr>,
+    /// Search domains while the tunnel is up (see [`check_search`]).
+    pub search: Vec<String>,
     /// Drop everything that does not leave through the tunnel (or is the
     /// tunnel's own encrypted traffic), and anything arriving for the
     /// tunnel's addresses on other interfaces.
@@ -356,13 +401,15 @@ struct RawHostTunnelSpec {
     addresses: Vec<IpPrefix>,
     routes: Vec<IpPrefix>,
     dns: Vec<IpAddr>,
+    search: Vec<String>,
     kill_switch: bool,
 }
 
 impl TryFrom<RawHostTunnelSpec> for HostTunnelSpec {
     type Error = Invalid;
     fn try_from(r: RawHostTunnelSpec) -> Result<Self, Invalid> {
-        HostTunnelSpec::new(r.name, r.mtu, r.addresses, r.routes, r.dns, r.kill_switch)
+        HostTunnelSpec::new(r.name, r.mtu, r.addresses, r.routes, r.dns, r.kill_switch)?
+            .with_search(r.search)
     }
 }
 
@@ -389,8 +436,16 @@ impl HostTunnelSpec {
             addresses: checked.addresses,
             routes: checked.routes,
             dns: checked.dns,
+            search: Vec::new(),
             kill_switch,
         })
+    }
+
+    /// The same spec with these search domains (checked).
+    pub fn with_search(mut self, search: Vec<String>) -> Result<Self, Invalid> {
+        check_search(&search)?;
+        self.search = search;
+        Ok(self)
     }
 
     /// The TUN device's name.
@@ -569,6 +624,41 @@ mod tests {
         let p: (IpAddr, u8) = ("198.18.0.1".parse().expect("ip"), 33);
         let enc = postcard::to_allocvec(&p).expect("encode");
         assert!(postcard::from_bytes::<IpPrefix>(&enc).is_err());
+    }
+
+    #[test]
+    fn search_domains_are_names_only() {
+        let ok = |v: &[&str]| check_search(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert!(ok(&["corp.example", "lab", "a-b.c_d.example."]).is_ok());
+        for bad in [
+            "",
+            "a b",
+            "x\nnameserver 198.18.0.1",
+            "-lead.example",
+            "a..b",
+            "semi;colon",
+        ] {
+            assert!(ok(&[bad]).is_err(), "{bad:?}");
+        }
+        assert!(ok(&["a"; MAX_SEARCH + 1]).is_err());
+        // And a spec carrying a bad one does not decode.
+        let mut spec = InstanceSpec::new(
+            InstanceName::new("s").expect("name"),
+            1420,
+            vec!["198.18.0.2/32".parse().expect("prefix")],
+            vec![],
+            vec![],
+        )
+        .expect("spec");
+        spec.search = vec!["x\nnameserver 198.18.0.9".into()];
+        let enc = postcard::to_allocvec(&spec).expect("encode");
+        assert!(postcard::from_bytes::<InstanceSpec>(&enc).is_err());
+        spec.search = vec!["corp.example".into()];
+        let enc = postcard::to_allocvec(&spec).expect("encode");
+        assert_eq!(
+            postcard::from_bytes::<InstanceSpec>(&enc).expect("decode"),
+            spec
+        );
     }
 
     #[test]

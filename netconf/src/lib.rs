@@ -72,6 +72,22 @@ pub fn open_tun(name: &str, vnet_hdr: bool) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// A resolv.conf naming only `dns` (and the `search` domains, which the
+/// specs validated to be plain names), under a `comment` line. With no
+/// servers: no resolver at all (fails at once) rather than a leak.
+pub fn resolv_conf(comment: &str, dns: &[std::net::IpAddr], search: &[String]) -> String {
+    let mut text = format!("{comment}\n");
+    for s in dns {
+        text.push_str(&format!("nameserver {s}\n"));
+    }
+    if dns.is_empty() {
+        text.push_str("options attempts:1 timeout:1\n");
+    } else if !search.is_empty() {
+        text.push_str(&format!("search {}\n", search.join(" ")));
+    }
+    text
+}
+
 /// The index of link `name`.
 pub async fn link_index(handle: &rtnetlink::Handle, name: &str) -> io::Result<u32> {
     let mut links = handle.link().get().match_name(name.to_string()).execute();

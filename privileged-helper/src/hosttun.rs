@@ -147,10 +147,11 @@ fn set_dns(spec: &HostTunnelSpec, backup: &DnsBackup) -> std::io::Result<DnsBack
         return Err(other("unexpected plan"));
     };
     let path = Path::new(RESOLV_CONF);
-    let mut text = String::from("# written by warren-helper while a host tunnel is up\n");
-    for s in &spec.dns {
-        text.push_str(&format!("nameserver {s}\n"));
-    }
+    let text = warren_netconf::resolv_conf(
+        "# written by warren-helper while a host tunnel is up",
+        &spec.dns,
+        &spec.search,
+    );
     let meta = std::fs::symlink_metadata(path);
     if let Ok(m) = &meta
         && m.file_type().is_symlink()

@@ -268,7 +268,7 @@ impl Registry {
             .build(format!("create instance {name}"), journal_id, move || {
                 let made = (|| {
                     let ns = netns::create_netns(&spec2.name)?;
-                    netns::write_resolv_conf(&spec2.name, &spec2.dns)?;
+                    netns::write_resolv_conf(&spec2.name, &spec2.dns, &spec2.search)?;
                     let tun = netns::create_tun_and_configure(&ns, &spec2)?;
                     Ok((ns, tun))
                 })();

@@ -214,13 +214,22 @@ pub fn create_tun_and_configure(ns: &File, spec: &InstanceSpec) -> Result<OwnedF
 /// Writes `/etc/netns/warren-NAME/resolv.conf` with only the tunnel's DNS
 /// servers (so names never resolve outside the tunnel), readable by all, in
 /// the host's mount namespace (where `ip netns exec` and users look).
-pub fn write_resolv_conf(name: &InstanceName, dns: &[IpAddr]) -> Result<(), NetError> {
-    let (name, dns) = (name.clone(), dns.to_vec());
-    in_host_mount_ns(move || Ok(write_resolv_conf_here(&name, &dns)))
+pub fn write_resolv_conf(
+    name: &InstanceName,
+    dns: &[IpAddr],
+    search: &[String],
+) -> Result<(), NetError> {
+    let text = warren_netconf::resolv_conf(
+        "# written by warren-helper for this instance only",
+        dns,
+        search,
+    );
+    let name = name.clone();
+    in_host_mount_ns(move || Ok(write_resolv_conf_here(&name, &text)))
         .map_err(step("enter the host's mount namespace"))?
 }
 
-fn write_resolv_conf_here(name: &InstanceName, dns: &[IpAddr]) -> Result<(), NetError> {
+fn write_resolv_conf_here(name: &InstanceName, text: &str) -> Result<(), NetError> {
     let (_, dir) = paths(name);
     for d in [Path::new(ETC_NETNS_DIR), dir.as_path()] {
         match std::fs::DirBuilder::new().mode(0o755).create(d) {
@@ -228,14 +237,6 @@ fn write_resolv_conf_here(name: &InstanceName, dns: &[IpAddr]) -> Result<(), Net
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(step(format!("create {}", d.display()))(e)),
         }
-    }
-    let mut text = String::from("# written by warren-helper for this instance only\n");
-    for s in dns {
-        text.push_str(&format!("nameserver {s}\n"));
-    }
-    if dns.is_empty() {
-        // No DNS through the tunnel: no resolver at all, rather than a leak.
-        text.push_str("options attempts:1 timeout:1\n");
     }
     let tmp = dir.join("resolv.conf.tmp");
     let _ = std::fs::remove_file(&tmp);

@@ -359,7 +359,11 @@ fn spawned_program_runs_as_the_caller_and_cannot_regain_privileges() {
         )
         .await;
         let (_i, _tun) = c
-            .create_instance(spec(&n, true, false))
+            .create_instance(
+                spec(&n, true, false)
+                    .with_search(vec!["corp.example".into(), "lab".into()])
+                    .expect("search domains"),
+            )
             .await
             .expect("create as a member");
         let (out, st) = run_in(&mut c, &n, &["id"], false).await;
@@ -396,6 +400,7 @@ fn spawned_program_runs_as_the_caller_and_cannot_regain_privileges() {
         assert!(out.contains("198.19.77.2"), "{out}");
         let (out, _) = run_in(&mut c, &n, &["cat", "/etc/resolv.conf"], true).await;
         assert!(out.contains("nameserver 198.19.77.53"), "{out}");
+        assert!(out.contains("\nsearch corp.example lab\n"), "{out}");
         // Exit codes come back.
         let (_, st) = run_in(&mut c, &n, &["sh", "-c", "exit 7"], false).await;
         assert_eq!(st, ExitStatus::Code(7));
@@ -949,7 +954,11 @@ fn host_tunnel_routes_like_wg_quick_with_kill_switch_and_restores_everything() {
     rt().block_on(async {
         let mut c = HelperClient::connect(&lab.sock).await.expect("connect");
         let (info, _tun, udp) = c
-            .create_host_tunnel(host_spec(&n, true))
+            .create_host_tunnel(
+                host_spec(&n, true)
+                    .with_search(vec!["corp.example".into()])
+                    .expect("search"),
+            )
             .await
             .expect("host tunnel");
         assert_eq!(info.table, 51820);
@@ -978,7 +987,9 @@ fn host_tunnel_routes_like_wg_quick_with_kill_switch_and_restores_everything() {
         );
         let dns = std::fs::read_to_string(&lab.resolv).expect("resolv");
         assert!(
-            dns.contains("nameserver 198.19.71.53") && !dns.contains("198.18.52.53"),
+            dns.contains("nameserver 198.19.71.53")
+                && dns.contains("\nsearch corp.example\n")
+                && !dns.contains("198.18.52.53"),
             "{dns}"
         );
         assert!(

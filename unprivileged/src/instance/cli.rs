@@ -454,6 +454,7 @@ fn prepare(args: &UpArgs) -> Result<Prepared, (u8, String)> {
         routes_for(&wg),
         wg.interface.dns.clone(),
     )
+    .and_then(|s| s.with_search(wg.interface.dns_search.clone()))
     .map_err(|e| (exit::CONFIG, format!("{}: {}", args.wg.display(), e)))?
     .with_offload(crate::wg::offload::wanted());
     let (socks, http) = listeners(args).map_err(|e| (exit::FAILURE, e))?;
@@ -1288,6 +1289,7 @@ fn prepare_host(args: &UpArgs) -> Result<HostPrepared, (u8, String)> {
         wg.interface.dns.clone(),
         args.kill_switch,
     )
+    .and_then(|s| s.with_search(wg.interface.dns_search.clone()))
     .map_err(|e| (exit::CONFIG, format!("{}: {}", args.wg.display(), e)))?;
     let listen_port = wg.interface.listen_port;
     let unused: SocketAddr = (Ipv4Addr::LOCALHOST, 0).into();

@@ -41,10 +41,11 @@ pub fn enter(name: &str, spec: &InstanceSpec) -> Result<(), String> {
     if let Some(d) = resolv.parent() {
         crate::proxy::status::ensure_private_dir(d).map_err(|e| format!("{}: {e}", d.display()))?;
     }
-    let mut text = String::from("# warren rootless instance: the tunnel's DNS servers only\n");
-    for d in &spec.dns {
-        text.push_str(&format!("nameserver {d}\n"));
-    }
+    let text = warren_netconf::resolv_conf(
+        "# warren rootless instance: the tunnel's DNS servers only",
+        &spec.dns,
+        &spec.search,
+    );
     std::fs::write(&resolv, text).map_err(|e| format!("{}: {e}", resolv.display()))?;
     unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWNS).map_err(|e| {
         format!("unshare: {e} (are unprivileged user namespaces allowed? see /proc/sys/user/max_user_namespaces)")
