@@ -125,7 +125,7 @@ The exit status is CMD's (128+N when killed by signal N).
 
 When your input is a terminal, CMD gets a terminal of its own (a
 pseudo-terminal with your terminal's modes and size, as ssh gives), so
-password prompts, editors and Ctrl-C/Ctrl-Z work as usual; -T turns that
+password prompts, editors and Ctrl-C work as usual; -T turns that
 off (CMD then shares your terminal's descriptors but has no controlling
 terminal).
 
