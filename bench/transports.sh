@@ -28,13 +28,15 @@ done | tee "$dir/runs.jsonl"
 python3 - "$dir/runs.jsonl" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
-paths = ["direct", "tls", "tls-mux"]
+paths = ["direct", "relay", "tls", "tls-mux"]
 med = {p: {k: statistics.median(r[k] for r in rows if r["path"] == p)
            for k in ("bulk_mib_s", "short_rps", "short_p50_ms", "short_p99_ms")} for p in paths}
 for p in paths:
     m = med[p]
     print(f"{p:8s} bulk {m['bulk_mib_s']:8.0f} MiB/s  short {m['short_rps']:7.0f} req/s  p50 {m['short_p50_ms']:6.2f} ms  p99 {m['short_p99_ms']:6.2f} ms")
 print(f"tls bulk / direct: {med['tls']['bulk_mib_s']/med['direct']['bulk_mib_s']:.2f}")
+print(f"plain user-space relay (no TLS) bulk / direct: {med['relay']['bulk_mib_s']/med['direct']['bulk_mib_s']:.2f}")
+print(f"tls bulk / plain relay: {med['tls']['bulk_mib_s']/med['relay']['bulk_mib_s']:.2f}")
 print(f"tls-mux bulk / direct: {med['tls-mux']['bulk_mib_s']/med['direct']['bulk_mib_s']:.2f}")
 print(f"tls-mux short rate / tls: {med['tls-mux']['short_rps']/med['tls']['short_rps']:.2f}")
 PY

@@ -5,7 +5,8 @@
 //! process runs the targets itself (a bulk source and an echo server on
 //! loopback) and measures:
 //!
-//! * bulk: one stream reading SIZE MiB from the source — direct, tls, tls-mux;
+//! * bulk: one stream reading SIZE MiB from the source — direct, a plain
+//!   user-space TCP relay (the tls path's copies without TLS), tls, tls-mux;
 //! * short connections: N open + 64-byte request + 64-byte reply + close,
 //!   with C concurrent — direct, tls, tls-mux; rate and p50/p99 latency.
 //!
@@ -96,6 +97,41 @@ async fn echo64() -> SocketAddr {
                 }
             });
         }
+    });
+    addr
+}
+
+/// A plain TCP relay (read/write through user space, 64 KiB buffers, as
+/// the tls server relays) on a thread and runtime of its own, standing in
+/// for a separate process: the tls path's copies without TLS, i.e. what
+/// any user-space relay can reach here.
+fn relay(target: SocketAddr) -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    l.set_nonblocking(true).expect("nonblocking");
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let l = TcpListener::from_std(l).expect("listener");
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let _ = s.set_nodelay(true);
+                    if let Ok(mut t) = TcpStream::connect(target).await {
+                        let _ = t.set_nodelay(true);
+                        let _ = tokio::io::copy_bidirectional_with_sizes(
+                            &mut s,
+                            &mut t,
+                            64 * 1024,
+                            64 * 1024,
+                        )
+                        .await;
+                    }
+                });
+            }
+        });
     });
     addr
 }
@@ -200,6 +236,7 @@ fn main() {
         let echo = echo64().await;
         let paths: Vec<(&str, Open, Open)> = vec![
             ("direct", direct(src), direct(echo)),
+            ("relay", direct(relay(src)), direct(relay(echo))),
             ("tls", through(tls.clone(), src), through(tls.clone(), echo)),
             ("tls-mux", through(mux.clone(), src), through(mux.clone(), echo)),
         ];
