@@ -497,9 +497,9 @@ fn socks_connect_to(p: &Proxy, to: SocketAddr) -> TcpStream {
 }
 
 #[test]
-fn connection_limit_is_shared_by_the_intake_threads() {
-    // `warren proxy` accepts on one thread per core; the limit is the
-    // listener's, whichever thread accepts.
+fn connection_limit_is_shared_by_the_intake_threads_and_both_listeners() {
+    // `warren proxy` accepts on one thread per core; the limit is one for
+    // both listeners, whichever thread accepts.
     let p = proxy(&["--max-connections", "2"], &[]);
     let echo = echo_server();
     let mut held: Vec<TcpStream> = (0..2).map(|_| socks_connect_to(&p, echo)).collect();
@@ -513,6 +513,21 @@ fn connection_limit_is_shared_by_the_intake_threads() {
         let mut rest = Vec::new();
         let _ = s.read_to_end(&mut rest);
         assert!(rest.is_empty(), "a connection over the limit was served");
+    }
+    // The HTTP listener counts against the same limit.
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(p.http).expect("connect http");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let _ = s.write_all(format!("CONNECT {echo} HTTP/1.1\r\nHost: {echo}\r\n\r\n").as_bytes());
+        let mut b = [0u8; 64];
+        let n = s.read(&mut b).unwrap_or(0);
+        assert_eq!(
+            n,
+            0,
+            "HTTP over the shared limit was served: {:?}",
+            String::from_utf8_lossy(&b[..n])
+        );
     }
     // A closed connection frees its slot (once the proxy has seen the
     // close: retried, bounded).

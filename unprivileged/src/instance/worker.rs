@@ -25,7 +25,7 @@ use super::net::{Datagram, Net};
 use super::userstack::UserStack;
 use super::{InstanceStatus, PeerStatus, StackChoice, WorkerConfig, WorkerReport, fds};
 use crate::exit;
-use crate::proxy::server::{Access, Egress, Protocol, Settings, serve};
+use crate::proxy::server::{Access, Egress, Protocol, Settings, serve_with_slots};
 use crate::transport::wire::Target;
 use crate::wg::engine::{Engine, EngineConfig, EngineStats, PeerSpec};
 
@@ -529,19 +529,23 @@ async fn serve_instance(
         ..Settings::default()
     });
     let stop = CancellationToken::new();
+    // One connection limit for both listeners.
+    let slots = Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
     let tasks = vec![
-        tokio::spawn(serve(
+        tokio::spawn(serve_with_slots(
             socks_l,
             Protocol::Socks5,
             settings.clone(),
             egress.clone(),
+            slots.clone(),
             stop.clone(),
         )),
-        tokio::spawn(serve(
+        tokio::spawn(serve_with_slots(
             http_l,
             Protocol::Http,
             settings.clone(),
             egress,
+            slots,
             stop.clone(),
         )),
     ];

@@ -43,7 +43,7 @@ pub struct ProxyArgs {
     /// WARREN_PROXY_PASSWORD).
     #[arg(long)]
     pub user: Option<String>,
-    /// Most simultaneous connections.
+    /// Most simultaneous connections, SOCKS5 and HTTP together.
     /// [default: 10000]
     #[arg(long)]
     pub max_connections: Option<usize>,
@@ -341,6 +341,8 @@ fn run_intake_on<E: super::server::Egress>(
         // What each extra intake thread serves: copies of the listeners.
         let mut copies: Vec<Vec<Intake>> = (0..extra_threads).map(|_| Vec::new()).collect();
         let mut names = Vec::new();
+        // One connection limit for both listeners and all their threads.
+        let slots = Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
         for (addr, proto) in [(socks, Protocol::Socks5), (http, Protocol::Http)] {
             let Some(addr) = addr else { continue };
             let l = match tokio::net::TcpListener::bind(addr).await {
@@ -352,8 +354,6 @@ fn run_intake_on<E: super::server::Egress>(
             };
             info!(listen = %l.local_addr().unwrap_or(addr), protocol = ?proto, "listening");
             names.push(format!("{proto:?} {}", l.local_addr().unwrap_or(addr)));
-            // The listener's connection limit, shared by its threads.
-            let slots = Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
             for (n, copies) in copies.iter_mut().enumerate() {
                 // The same listening socket (a second descriptor for it):
                 // whichever thread is free accepts.
@@ -367,7 +367,7 @@ fn run_intake_on<E: super::server::Egress>(
                 proto,
                 settings.clone(),
                 egress.clone(),
-                slots,
+                slots.clone(),
                 stop.clone(),
             )));
         }
