@@ -585,9 +585,7 @@ impl Engine {
                 }
             }
             if !io.coalescer.is_empty() {
-                let mut w = offload::WriteStats::default();
-                io.coalescer
-                    .flush(&mut io.tun_out, self.tun.as_fd(), &mut w);
+                let w = io.coalescer.flush(&mut io.tun_out, self.tun.as_fd());
                 self.stats.tun_gso_writes.fetch_add(w.gso_writes, Relaxed);
                 self.stats.tun_coalesced.fetch_add(w.coalesced, Relaxed);
             }

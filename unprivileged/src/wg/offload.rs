@@ -270,9 +270,6 @@ pub struct WriteStats {
     pub gso_writes: u64,
     /// Packets that went into merged writes.
     pub coalesced: u64,
-    /// Writes that failed (queue full: the packets are dropped, as a NIC
-    /// would drop them).
-    pub dropped: u64,
 }
 
 /// Collects the packets decrypted from one batch of datagrams and writes
@@ -282,7 +279,7 @@ pub struct Coalescer {
     pkts: Vec<Pkt>,
     groups: Vec<Group>,
     /// Merge at all (turned off if the kernel refuses a merged write).
-    pub merge: bool,
+    merge: bool,
 }
 
 impl Default for Coalescer {
@@ -383,12 +380,13 @@ impl Coalescer {
         self.pkts.is_empty()
     }
 
-    /// Writes every waiting packet to `tun` (merged where possible) and
-    /// forgets them. Rewrites the first packet's headers of merged groups
-    /// in `buf`. Returns an error only when the kernel refused a merged
-    /// write as invalid (merging is then turned off; those packets are
-    /// lost, as on a full queue).
-    pub fn flush(&mut self, buf: &mut [u8], tun: BorrowedFd<'_>, stats: &mut WriteStats) {
+    /// Writes every waiting packet to `tun` (merged where possible),
+    /// forgets them and says what was merged. Rewrites the first packet's
+    /// headers of merged groups in `buf`. A failed write loses its packets,
+    /// as a NIC's full queue would; if the kernel refuses a merged packet
+    /// as invalid, merging is turned off from then on.
+    pub fn flush(&mut self, buf: &mut [u8], tun: BorrowedFd<'_>) -> WriteStats {
+        let mut stats = WriteStats::default();
         let groups = std::mem::take(&mut self.groups);
         for g in &groups {
             let hdr = if g.count > 1 {
@@ -427,7 +425,6 @@ impl Coalescer {
             // not written during the call.
             let rc = unsafe { libc::writev(tun.as_raw_fd(), iov.as_ptr(), n as libc::c_int) };
             if rc < 0 {
-                stats.dropped += 1;
                 let e = io::Error::last_os_error();
                 if g.count > 1 && e.raw_os_error() == Some(libc::EINVAL) {
                     tracing::warn!(error = %e, "the TUN refused a merged TCP packet; writing packets one by one from now on");
@@ -441,6 +438,7 @@ impl Coalescer {
         self.groups = groups;
         self.groups.clear();
         self.pkts.clear();
+        stats
     }
 
     /// Rewrites a merged group's first packet's headers for the whole
@@ -689,9 +687,8 @@ mod tests {
         }
         let (a, b) = std::os::unix::net::UnixDatagram::pair().unwrap();
         b.set_nonblocking(true).unwrap();
-        let mut st = WriteStats::default();
         use std::os::fd::AsFd;
-        c.flush(&mut buf, a.as_fd(), &mut st);
+        let st = c.flush(&mut buf, a.as_fd());
         let mut out = Vec::new();
         let mut r = vec![0u8; 70_000];
         while let Ok(n) = b.recv(&mut r) {
@@ -700,10 +697,16 @@ mod tests {
         (out, st)
     }
 
-    /// Splits a merged write back with [`segment`].
-    fn resegment(hdr: &VnetHdr, pkt: &[u8]) -> Vec<Vec<u8>> {
+    /// What a TUN read returns: the virtio header, then the packet.
+    fn read_of(hdr: VnetHdr, pkt: &[u8]) -> Vec<u8> {
         let mut read = hdr.bytes().to_vec();
         read.extend_from_slice(pkt);
+        read
+    }
+
+    /// Splits a merged write back with [`segment`].
+    fn resegment(hdr: &VnetHdr, pkt: &[u8]) -> Vec<Vec<u8>> {
+        let mut read = read_of(*hdr, pkt);
         // The merged packet carries a partial checksum; segment() writes
         // full ones, so it must not care.
         let mut seg = vec![0u8; 70_000];
@@ -863,8 +866,7 @@ mod tests {
             csum_offset: 16,
             ..Default::default()
         };
-        let mut read = hdr.bytes().to_vec();
-        read.extend_from_slice(&partial);
+        let mut read = read_of(hdr, &partial);
         let mut seg = vec![0u8; 2048];
         let mut got = Vec::new();
         assert_eq!(
@@ -889,55 +891,44 @@ mod tests {
     #[test]
     fn segment_rejects_malformed_headers_without_panicking() {
         let mut seg = vec![0u8; 2048];
+        let tcp = seg4(0, 0, TCP_ACK, &[0u8; 100]);
         let cases: Vec<Vec<u8>> = vec![
             vec![],
             vec![0; 5],
-            {
-                let mut v = VnetHdr {
+            read_of(
+                VnetHdr {
                     gso_type: GSO_TCPV4,
                     gso_size: 0,
                     csum_start: 20,
                     ..Default::default()
-                }
-                .bytes()
-                .to_vec();
-                v.extend_from_slice(&seg4(0, 0, TCP_ACK, &[0u8; 100]));
-                v
-            },
-            {
-                let mut v = VnetHdr {
+                },
+                &tcp,
+            ),
+            read_of(
+                VnetHdr {
                     gso_type: 3, // UDP
                     gso_size: 100,
                     ..Default::default()
-                }
-                .bytes()
-                .to_vec();
-                v.extend_from_slice(&[0x45; 60]);
-                v
-            },
-            {
-                let mut v = VnetHdr {
+                },
+                &[0x45; 60],
+            ),
+            read_of(
+                VnetHdr {
                     flags: F_NEEDS_CSUM,
                     csum_start: 500,
                     ..Default::default()
-                }
-                .bytes()
-                .to_vec();
-                v.extend_from_slice(&[0x45; 60]);
-                v
-            },
-            {
-                let mut v = VnetHdr {
+                },
+                &[0x45; 60],
+            ),
+            read_of(
+                VnetHdr {
                     gso_type: GSO_TCPV4,
                     gso_size: 5000, // larger than the segment buffer
                     csum_start: 20,
                     ..Default::default()
-                }
-                .bytes()
-                .to_vec();
-                v.extend_from_slice(&seg4(0, 0, TCP_ACK, &[0u8; 100]));
-                v
-            },
+                },
+                &tcp,
+            ),
         ];
         for mut c in cases {
             assert!(segment(&mut c, &mut seg, |_| {}).is_err());
