@@ -143,12 +143,20 @@ pub struct SystemdEnv {
     pub notify: Option<PathBuf>,
     /// Watchdog interval, when asked for.
     pub watchdog: Option<Duration>,
+    /// The host's mount namespace, kept for the helper in systemd's file
+    /// descriptor store by `warren-helper pass-host-namespace` (the unit's
+    /// `ExecStartPre=+`), named [`HOST_MNT_FDNAME`].
+    pub host_mnt: Option<OwnedFd>,
 }
+
+/// The name under which the unit's `ExecStartPre=+` stores the host's mount
+/// namespace in systemd's file descriptor store.
+pub const HOST_MNT_FDNAME: &str = "host-mnt";
 
 /// Reads and removes the systemd variables. Must run before any thread is
 /// started (it edits the environment).
 pub fn take_systemd_env() -> Result<SystemdEnv, ListenError> {
-    let fds: Vec<RawFd> = sd_notify::listen_fds()
+    let fds: Vec<(RawFd, String)> = sd_notify::listen_fds_with_names()
         .map_err(|e| ListenError::Activation(e.to_string()))?
         .collect();
     let notify = std::env::var_os("NOTIFY_SOCKET").map(PathBuf::from);
@@ -165,9 +173,24 @@ pub fn take_systemd_env() -> Result<SystemdEnv, ListenError> {
         // exists, so nothing reads the environment concurrently.
         unsafe { std::env::remove_var(var) };
     }
-    let listener = match fds.as_slice() {
+    let (host_mnt, sockets): (Vec<_>, Vec<_>) = fds
+        .into_iter()
+        .partition(|(_, name)| name == HOST_MNT_FDNAME);
+    let host_mnt = match host_mnt.as_slice() {
         [] => None,
-        [fd] => Some(adopt_listener(*fd)?),
+        // SAFETY: sd_listen_fds semantics: systemd passed us this
+        // descriptor and nothing else in the process refers to it.
+        [(fd, _)] => Some(unsafe { OwnedFd::from_raw_fd(*fd) }),
+        more => {
+            return Err(ListenError::Activation(format!(
+                "expected one {HOST_MNT_FDNAME} descriptor, got {}",
+                more.len()
+            )));
+        }
+    };
+    let listener = match sockets.as_slice() {
+        [] => None,
+        [(fd, _)] => Some(adopt_listener(*fd)?),
         more => {
             return Err(ListenError::Activation(format!(
                 "expected one socket, got {}",
@@ -179,6 +202,7 @@ pub fn take_systemd_env() -> Result<SystemdEnv, ListenError> {
         listener,
         notify,
         watchdog,
+        host_mnt,
     })
 }
 

@@ -41,12 +41,19 @@ enum Command {
     /// Remove every namespace instance a helper that is no longer running
     /// left behind (from its journal beside the socket). Run by the systemd
     /// unit after the helper stops, crashes included; `serve` does the same
-    /// at start. Refuses while a helper answers on the socket.
+    /// at start. Refuses while a helper runs (it holds `helper.lock` beside
+    /// the socket); it never connects to the socket, so it cannot start a
+    /// socket-activated helper either.
     Cleanup {
         /// The socket whose journal to read.
         #[arg(long, value_name = "PATH", default_value = warren_ipc::DEFAULT_SOCKET_PATH)]
         socket: PathBuf,
     },
+    /// Hand the host's mount namespace to the helper through systemd's file
+    /// descriptor store. Only for the unit's `ExecStartPre=+` line (which runs
+    /// it outside the unit's sandbox, in the host's namespaces): the sandboxed
+    /// helper cannot open PID 1's namespace itself (docs/adr/0006).
+    PassHostNamespace,
     /// Write the man pages into DIR (packaging).
     #[command(hide = true)]
     GenerateMan {
@@ -99,6 +106,13 @@ fn main() -> ExitCode {
                     "warren-helper: cannot write man pages to {}: {e}",
                     dir.display()
                 );
+                ExitCode::FAILURE
+            }
+        },
+        Command::PassHostNamespace => match pass_host_namespace() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("warren-helper: {e:#}");
                 ExitCode::FAILURE
             }
         },
@@ -190,6 +204,70 @@ fn detach_stdio(socket: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Stores our mount namespace (the host's: `ExecStartPre=+` runs outside the
+/// sandbox) in the service's file descriptor store, replacing any earlier one.
+fn pass_host_namespace() -> anyhow::Result<()> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, UnixAddr, sendmsg};
+    use std::os::fd::AsRawFd;
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        bail!(
+            "NOTIFY_SOCKET is not set: this only runs from the unit's ExecStartPre=+ line \
+             (with NotifyAccess=exec and FileDescriptorStoreMax=1)"
+        );
+    };
+    let ns = std::fs::File::open("/proc/self/ns/mnt").context("cannot open /proc/self/ns/mnt")?;
+    let bytes = target.as_encoded_bytes();
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => UnixAddr::new_abstract(name),
+        None => UnixAddr::new(bytes),
+    }
+    .context("bad NOTIFY_SOCKET")?;
+    let sock = std::os::unix::net::UnixDatagram::unbound().context("cannot make a socket")?;
+    let name = warren_helper::listener::HOST_MNT_FDNAME;
+    let send = |msg: String, fds: &[std::os::fd::RawFd]| {
+        let iov = [std::io::IoSlice::new(msg.as_bytes())];
+        let cmsg = [ControlMessage::ScmRights(fds)];
+        let cmsgs = if fds.is_empty() { &[][..] } else { &cmsg[..] };
+        sendmsg(
+            sock.as_raw_fd(),
+            &iov,
+            cmsgs,
+            MsgFlags::empty(),
+            Some(&addr),
+        )
+    };
+    // Replace, not add: a restart runs this again while the store may still
+    // hold the previous start's descriptor.
+    send(format!("FDSTOREREMOVE=1\nFDNAME={name}"), &[])
+        .context("cannot clear the file descriptor store")?;
+    send(format!("FDSTORE=1\nFDNAME={name}"), &[ns.as_raw_fd()])
+        .context("cannot store the host's mount namespace with systemd")?;
+    Ok(())
+}
+
+/// The lock a running helper holds (beside its socket): one helper per
+/// socket, and `cleanup` knows without connecting (which would start a
+/// socket-activated helper again).
+fn take_lock(socket: &std::path::Path) -> anyhow::Result<Option<nix::fcntl::Flock<std::fs::File>>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = socket.parent().context("socket path has no directory")?;
+    warren_helper::listener::ensure_socket_dir(dir)?;
+    let path = dir.join("helper.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(l) => Ok(Some(l)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, e)) => Err(e).with_context(|| format!("cannot lock {}", path.display())),
+    }
+}
+
 /// The journal lives beside the socket.
 fn journal_path(socket: &std::path::Path) -> anyhow::Result<PathBuf> {
     let dir = socket.parent().context("socket path has no directory")?;
@@ -200,12 +278,15 @@ fn run_cleanup(socket: &std::path::Path) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("must run as root");
     }
-    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+    let Some(_lock) = take_lock(socket)? else {
         bail!(
-            "a helper is serving {}; it removes its own resources",
+            "a helper is running for {} (it holds helper.lock); it removes its own resources",
             socket.display()
         );
-    }
+    };
+    // Under the unit this runs as `ExecStopPost=+`, in the host's namespaces.
+    warren_helper::netns::detect_host_mount_ns(None)?;
+    warren_helper::privs::drop_privileges()?;
     let path = journal_path(socket)?;
     let (mut journal, corrupt) =
         warren_helper::journal::Journal::<warren_helper::instances::JournalEntry>::open(&path)?;
@@ -266,6 +347,14 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             Activation::Manual => None,
             _ => Some(DEFAULT_IDLE_SECS),
         });
+    // Before anything else touches the socket's directory (a second
+    // autostart must not truncate the running helper's log).
+    let Some(_lock) = take_lock(&args.socket)? else {
+        bail!(
+            "another helper is already running for {} (it holds helper.lock)",
+            args.socket.display()
+        );
+    };
     if activation == Activation::Autostarted {
         detach_stdio(&args.socket)?;
     }
@@ -281,11 +370,13 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             .parent()
             .context("socket path has no directory")?,
     )?;
-    let registry = warren_helper::instances::Registry::open(journal_path(&args.socket)?)?;
-    // Before dropping privileges: /proc/1/ns/mnt needs them.
-    if warren_helper::netns::detect_host_mount_ns().context("cannot inspect mount namespaces")? {
+    // Before dropping privileges (another process's /proc/PID/ns needs
+    // them), and before the journal is reconciled: removing orphans happens
+    // in the host's mount namespace.
+    if warren_helper::netns::detect_host_mount_ns(systemd.host_mnt.map(std::fs::File::from))? {
         info!("running in a private mount namespace: named namespaces are published to the host's");
     }
+    let registry = warren_helper::instances::Registry::open(journal_path(&args.socket)?)?;
     let dropped = drop_privileges()?;
     info!(kept = ?dropped.kept, "capabilities dropped to what the helper needs; no_new_privs set");
 
@@ -325,8 +416,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         anyhow::Ok(serve(listener, opts, token).await)
     })?;
     if let Some(path) = own_socket {
-        // Only remove the socket if it is still ours (a successor may have
-        // replaced it).
+        // Still ours: no successor can bind it while this helper holds the lock.
         let _ = std::fs::remove_file(&path);
     }
     info!(reason = ?reason, "stopped");

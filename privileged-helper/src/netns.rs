@@ -71,11 +71,7 @@ pub fn in_netns<T: Send>(ns: &File, f: impl FnOnce() -> io::Result<T> + Send) ->
 /// shares it.
 fn prepare_netns_dir() -> io::Result<()> {
     let dir = Path::new(NETNS_DIR);
-    match std::fs::DirBuilder::new().mode(0o755).create(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(e),
-    }
+    create_public_dir(dir)?;
     // Try to make it shared; if it is not a mount point yet, bind it onto
     // itself first (exactly `ip netns`'s recipe).
     let shared = |d: &Path| {
@@ -101,31 +97,104 @@ fn prepare_netns_dir() -> io::Result<()> {
     Ok(())
 }
 
+/// Creates `d` (if missing) readable by everyone: mode 0755 whatever the
+/// umask (the unit's `UMask=0077` would make it root's alone, and then no
+/// program in an instance could read its resolv.conf).
+fn create_public_dir(d: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::DirBuilder::new().mode(0o755).create(d) {
+        Ok(()) => std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes `text` to `path` through a temporary file beside it and a rename,
+/// readable by everyone (mode 0644 whatever the umask), never following a
+/// symlink at the temporary path.
+pub fn write_public_file(path: &Path, text: &str) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".warren-tmp");
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)?;
+    let done = f
+        .set_permissions(std::fs::Permissions::from_mode(0o644))
+        .and_then(|()| f.write_all(text.as_bytes()))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if done.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    done
+}
+
 /// The host's mount namespace, when the helper runs in a private one (the
 /// hardened systemd unit: `ProtectSystem=`, `PrivateMounts=`...). Bind mounts
 /// the helper makes in its own mount namespace never reach the host, so
-/// named namespaces are published from a thread that entered the host's
-/// (docs/adr/0002-netns-visibility.md). "The host's" is the mount namespace
-/// of the process that started the helper — systemd (PID 1) under the unit,
-/// sudo or a shell otherwise. Opened once at start, before capabilities are
-/// dropped (reading another process's /proc/PID/ns needs them).
+/// named namespaces are published, and files under `/etc` written, from a
+/// thread that entered the host's (docs/adr/0002-netns-visibility.md,
+/// docs/adr/0006-host-mount-namespace.md).
 static HOST_MNT: OnceLock<Option<File>> = OnceLock::new();
 
+/// Why the host's mount namespace could not be found.
+#[derive(Debug, Error)]
+#[error(
+    "cannot find the host's mount namespace ({what}): {source}; under the systemd unit \
+     it comes from `ExecStartPre=+warren-helper pass-host-namespace` (is the unit \
+     file current?); refusing to start, since named namespaces and DNS changes \
+     would otherwise land in a private file system view"
+)]
+pub struct HostNsError {
+    what: String,
+    #[source]
+    source: io::Error,
+}
+
+/// Whether `f` is a mount namespace (`NS_GET_NSTYPE`).
+fn is_mount_ns(f: &File) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+    // SAFETY: an ioctl without arguments on a descriptor we own.
+    let t = unsafe { libc::ioctl(f.as_raw_fd(), NS_GET_NSTYPE as _) };
+    if t < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(t == libc::CLONE_NEWNS)
+}
+
 /// Records the host's mount namespace if it differs from ours. Call once at
-/// start, before dropping privileges. Returns whether it differs.
-pub fn detect_host_mount_ns() -> io::Result<bool> {
+/// start, before dropping privileges. `passed` is the descriptor systemd
+/// handed over (the unit's `ExecStartPre=+` put it in the file descriptor
+/// store); without it, the mount namespace of the process that started the
+/// helper (sudo, a shell) is the host's. Finding none is an error, never a
+/// silent "we are the host". Returns whether the helper's differs.
+pub fn detect_host_mount_ns(passed: Option<File>) -> Result<bool, HostNsError> {
     use std::os::unix::fs::MetadataExt;
-    let ours = std::fs::metadata("/proc/self/ns/mnt")?;
-    let parent = nix::unistd::getppid().as_raw();
-    let host = match File::open(format!("/proc/{parent}/ns/mnt")) {
-        Ok(f) => f,
-        // No access to the parent's (e.g. a restricted container): use ours.
-        Err(_) => {
-            let _ = HOST_MNT.set(None);
-            return Ok(false);
+    let fail = |what: String| move |source| HostNsError { what, source };
+    let ours = std::fs::metadata("/proc/self/ns/mnt").map_err(fail("/proc/self/ns/mnt".into()))?;
+    let host = match passed {
+        Some(f) => {
+            let what = "the descriptor systemd passed";
+            if !is_mount_ns(&f).map_err(fail(what.into()))? {
+                return Err(fail(what.into())(io::Error::other("not a mount namespace")));
+            }
+            f
+        }
+        None => {
+            let path = format!("/proc/{}/ns/mnt", nix::unistd::getppid().as_raw());
+            File::open(&path).map_err(fail(path))?
         }
     };
-    let hm = host.metadata()?;
+    let hm = host
+        .metadata()
+        .map_err(fail("the host's namespace".into()))?;
     let differs = (hm.dev(), hm.ino()) != (ours.dev(), ours.ino());
     let _ = HOST_MNT.set(differs.then_some(host));
     Ok(differs)
@@ -147,7 +216,7 @@ fn enter_host_mount_ns() -> io::Result<()> {
 }
 
 /// Runs `f` on a fresh thread in the host's mount namespace.
-fn in_host_mount_ns<T: Send>(f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
+pub fn in_host_mount_ns<T: Send>(f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
     std::thread::scope(|s| {
         s.spawn(|| {
             enter_host_mount_ns()?;
@@ -232,22 +301,9 @@ pub fn write_resolv_conf(
 fn write_resolv_conf_here(name: &InstanceName, text: &str) -> Result<(), NetError> {
     let (_, dir) = paths(name);
     for d in [Path::new(ETC_NETNS_DIR), dir.as_path()] {
-        match std::fs::DirBuilder::new().mode(0o755).create(d) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(step(format!("create {}", d.display()))(e)),
-        }
+        create_public_dir(d).map_err(step(format!("create {}", d.display())))?;
     }
-    let tmp = dir.join("resolv.conf.tmp");
-    let _ = std::fs::remove_file(&tmp);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)
-        .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
-        .and_then(|()| std::fs::rename(&tmp, dir.join("resolv.conf")))
+    write_public_file(&dir.join("resolv.conf"), text)
         .map_err(step(format!("write {}/resolv.conf", dir.display())))
 }
 
