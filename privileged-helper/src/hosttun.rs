@@ -10,10 +10,12 @@
 //! it bypasses the tunnel and the endpoint stays reachable; the unprivileged
 //! client could not set that mark itself.
 //!
-//! DNS: `/etc/resolv.conf` (in the helper's own mount namespace, which shares
-//! the file with the host) is saved beside the journal and rewritten in
+//! DNS: `/etc/resolv.conf` (from a thread in the host's mount namespace: the
+//! unit's is read-only there) is saved beside the journal and rewritten in
 //! place, or a symlink is replaced by a file; both are restored on removal.
-//! systemd-resolved's per-link DNS (D-Bus) is not implemented yet.
+//! Where systemd-resolved is in charge, the tunnel's link gets the DNS
+//! servers and the `~.` routing domain instead (resolved's D-Bus API, through
+//! `resolvectl`), and resolved drops them when the link goes.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -35,6 +37,10 @@ const RESOLV_CONF: &str = "/etc/resolv.conf";
 /// How DNS was before.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DnsBackup {
+    /// systemd-resolved is in charge: the tunnel's DNS was set on its link
+    /// through resolved's D-Bus API, and goes with the link (resolved
+    /// forgets a removed link's settings, after a crash too).
+    Resolved,
     /// resolv.conf was a file; its content was saved to this path.
     File(PathBuf),
     /// resolv.conf was a symlink to this target.
@@ -142,7 +148,70 @@ fn marked_udp(mark: u32) -> std::io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// Where systemd-resolved answers varlink and D-Bus clients (it exists only
+/// while resolved runs).
+const RESOLVED_SOCKET: &str = "/run/systemd/resolve/io.systemd.Resolve";
+/// resolved's command-line client; run by absolute path, never found
+/// through PATH, with an empty environment.
+const RESOLVECTL: &str = "/usr/bin/resolvectl";
+
+/// Whether systemd-resolved is in charge of the host's DNS: it runs, and
+/// /etc/resolv.conf points to it (a link into /run/systemd/resolve, or its
+/// stub address). Then rewriting resolv.conf would be wrong: resolved's
+/// per-link settings are the interface.
+fn resolved_in_charge() -> bool {
+    if !Path::new(RESOLVED_SOCKET).exists() {
+        return false;
+    }
+    match std::fs::read_link(RESOLV_CONF) {
+        Ok(t) => t.to_string_lossy().contains("/run/systemd/resolve/"),
+        Err(_) => std::fs::read_to_string(RESOLV_CONF).is_ok_and(|t| {
+            t.lines()
+                .any(|l| l.split_whitespace().eq(["nameserver", "127.0.0.53"]))
+        }),
+    }
+}
+
+/// Runs `resolvectl ARGS` (resolved's `SetLinkDNS`/`SetLinkDomains` on
+/// D-Bus), with an empty environment; its failure output becomes the error.
+fn resolvectl(args: &[&str]) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(RESOLVECTL)?;
+    if m.uid() != 0 || m.mode() & 0o022 != 0 {
+        return Err(other(format!("{RESOLVECTL} is not root's alone")));
+    }
+    let out = std::process::Command::new(RESOLVECTL)
+        .args(args)
+        .env_clear()
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(other(format!(
+        "resolvectl {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    )))
+}
+
 fn set_dns(spec: &HostTunnelSpec, backup: &DnsBackup) -> std::io::Result<DnsBackup> {
+    if resolved_in_charge() {
+        let ifname = spec.ifname();
+        let dns: Vec<String> = spec.dns.iter().map(ToString::to_string).collect();
+        // "~.": every name goes to the tunnel's servers, none to the uplink's.
+        let domains: Vec<String> = std::iter::once("~.".to_string())
+            .chain(spec.search.iter().cloned())
+            .collect();
+        let mut a = vec!["dns", ifname.as_str()];
+        a.extend(dns.iter().map(String::as_str));
+        resolvectl(&a)?;
+        let mut a = vec!["domain", ifname.as_str()];
+        a.extend(domains.iter().map(String::as_str));
+        resolvectl(&a)?;
+        resolvectl(&["default-route", ifname.as_str(), "yes"])?;
+        return Ok(DnsBackup::Resolved);
+    }
     let DnsBackup::File(saved) = backup else {
         return Err(other("unexpected plan"));
     };
@@ -157,8 +226,7 @@ fn set_dns(spec: &HostTunnelSpec, backup: &DnsBackup) -> std::io::Result<DnsBack
         && m.file_type().is_symlink()
     {
         let target = std::fs::read_link(path)?;
-        std::fs::remove_file(path)?;
-        std::fs::write(path, text)?;
+        crate::netns::write_public_file(path, &text)?;
         return Ok(DnsBackup::Symlink(target));
     }
     let old = std::fs::read(path).unwrap_or_default();
@@ -171,6 +239,8 @@ fn set_dns(spec: &HostTunnelSpec, backup: &DnsBackup) -> std::io::Result<DnsBack
 fn restore_dns(b: &DnsBackup) -> std::io::Result<()> {
     let path = Path::new(RESOLV_CONF);
     match b {
+        // Removing the link (before this) took its DNS settings with it.
+        DnsBackup::Resolved => Ok(()),
         DnsBackup::File(saved) => match std::fs::read(saved) {
             Ok(old) => {
                 std::fs::write(path, old)?;
@@ -184,8 +254,11 @@ fn restore_dns(b: &DnsBackup) -> std::io::Result<()> {
             if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
                 return Ok(());
             }
-            let _ = std::fs::remove_file(path);
-            std::os::unix::fs::symlink(target, path)
+            // Atomically: a new link beside it, renamed over the file.
+            let tmp = Path::new("/etc/.resolv.conf.warren-link");
+            let _ = std::fs::remove_file(tmp);
+            std::os::unix::fs::symlink(target, tmp)?;
+            std::fs::rename(tmp, path)
         }
     }
 }
@@ -268,7 +341,10 @@ fn create_inner(
             .map_err(err(format!("install kill switch table {table}")))?;
     }
     if let Some(plan) = &rec.dns {
-        rec.dns = Some(set_dns(spec, plan).map_err(err("switch DNS"))?);
+        // /etc is read-only in the unit's sandbox: the host's file is
+        // changed from the host's mount namespace.
+        let set = crate::netns::in_host_mount_ns(|| set_dns(spec, plan));
+        rec.dns = Some(set.map_err(err("switch DNS"))?);
     }
     let _ = udp.as_fd();
     Ok((tun, udp))
@@ -317,7 +393,7 @@ pub fn destroy(rec: &HostRecord) -> Vec<NetError> {
         errs.push(e);
     }
     if let Some(b) = &rec.dns
-        && let Err(e) = restore_dns(b)
+        && let Err(e) = crate::netns::in_host_mount_ns(|| restore_dns(b))
     {
         errs.push(err("restore DNS")(e));
     }
