@@ -188,6 +188,12 @@ pub struct InstanceSpec {
     pub offload: bool,
 }
 
+/// The `lease` of an [`InstanceInfo`] that a previous helper left behind and
+/// the current one could not remove (its journal keeps it; `warren status`
+/// shows it and `warren down NAME` retries).
+pub const ORPHAN_LEASE: &str =
+    "orphan: removal failed (see the helper's log; `warren down NAME` retries)";
+
 /// Most search domains (glibc reads at most 6).
 pub const MAX_SEARCH: usize = 6;
 

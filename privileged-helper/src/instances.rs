@@ -20,8 +20,8 @@ use tracing::{error, info, warn};
 use warren_ipc::Event;
 use warren_ipc::HelperError;
 use warren_ipc::instance::{
-    HostTunnelInfo, HostTunnelSpec, InstanceInfo, InstanceName, InstanceSpec, ServerTunnelInfo,
-    ServerTunnelSpec, SpawnSpec,
+    HostTunnelInfo, HostTunnelSpec, InstanceInfo, InstanceName, InstanceSpec, ORPHAN_LEASE,
+    ServerTunnelInfo, ServerTunnelSpec, SpawnSpec,
 };
 
 use crate::auth::PeerCred;
@@ -175,7 +175,10 @@ impl Registry {
         make: impl FnOnce(&State) -> (JournalEntry, T),
     ) -> Result<(u64, T), HelperError> {
         let mut st = self.lock();
-        if st.instances.contains_key(name) || (in_kernel && netns::exists(name)) {
+        if st.instances.contains_key(name)
+            || orphans(&st).any(|(_, n, _)| n == name.as_str())
+            || (in_kernel && netns::exists(name))
+        {
             return Err(HelperError::Exists {
                 what: format!("resource {name}"),
             });
@@ -414,6 +417,15 @@ impl Registry {
 
     /// Destroys an instance the caller owns (root: any).
     pub async fn destroy(&self, name: &InstanceName, peer: &PeerCred) -> Result<(), HelperError> {
+        let orphan = {
+            let st = self.lock();
+            orphans(&st)
+                .find(|(_, n, owner)| *n == name.as_str() && (*owner == peer.uid || peer.uid == 0))
+                .map(|(id, ..)| id)
+        };
+        if let Some(id) = orphan {
+            return self.retry_orphan(id).await;
+        }
         {
             let st = self.lock();
             match st.instances.get(name) {
@@ -436,6 +448,32 @@ impl Registry {
         Ok(())
     }
 
+    /// Tries again to remove what a previous helper left (journal entry `id`).
+    async fn retry_orphan(&self, id: u64) -> Result<(), HelperError> {
+        let entry = self
+            .lock()
+            .journal
+            .entries()
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map(|(_, e)| e.clone());
+        let Some(entry) = entry else { return Ok(()) };
+        let errs = tokio::task::spawn_blocking(move || undo(&entry))
+            .await
+            .unwrap_or_default();
+        let mut st = self.lock();
+        if errs.is_empty() {
+            let _ = st.journal.remove(id);
+            return Ok(());
+        }
+        let why = errs
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ");
+        Err(internal(&mut st, "remove an orphan", &why))
+    }
+
     /// The caller's instances (root: all).
     pub fn list(&self, peer: &PeerCred) -> Vec<InstanceInfo> {
         let st = self.lock();
@@ -445,6 +483,20 @@ impl Registry {
             .filter(|(_, i)| peer.uid == 0 || i.owner == peer.uid)
             .map(|(n, i)| describe(n, i))
             .collect();
+        // What a previous helper left and could not be removed at start:
+        // shown, never hidden, so `warren status` tells and `warren down`
+        // can try again.
+        v.extend(orphans(&st).filter_map(|(_, name, owner)| {
+            let name = InstanceName::new(name).ok()?;
+            (peer.uid == 0 || owner == peer.uid).then(|| InstanceInfo {
+                name,
+                netns: String::new(),
+                tun: String::new(),
+                owner_uid: owner,
+                lease: ORPHAN_LEASE.into(),
+                addresses: Vec::new(),
+            })
+        }));
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }
@@ -724,60 +776,52 @@ fn describe(name: &InstanceName, i: &Instance) -> InstanceInfo {
     }
 }
 
+/// Journal entries (id, name, owner) with no live instance: what could not
+/// be removed at start.
+fn orphans(st: &State) -> impl Iterator<Item = (u64, &str, u32)> {
+    st.journal.entries().iter().filter_map(|(id, e)| {
+        let (name, owner) = match e {
+            JournalEntry::Instance { name, owner }
+            | JournalEntry::HostTunnel { name, owner, .. }
+            | JournalEntry::ServerTunnel { name, owner, .. } => (name.as_str(), *owner),
+        };
+        let live = st.instances.values().any(|i| i.journal_id == *id);
+        (!live).then_some((*id, name, owner))
+    })
+}
+
+/// Removes what one journal entry names.
+fn undo(e: &JournalEntry) -> Vec<netns::NetError> {
+    match e {
+        JournalEntry::Instance { name, .. } => match InstanceName::new(name) {
+            Ok(n) => netns::destroy(&n),
+            Err(_) => Vec::new(),
+        },
+        JournalEntry::HostTunnel { record, .. } => crate::hosttun::destroy(record),
+        JournalEntry::ServerTunnel { record, .. } => undo_server(record, true),
+    }
+}
+
 /// Removes everything the journal names (after a crash, or from
 /// `warren-helper cleanup`), keeping entries whose removal failed.
 pub fn reconcile(journal: &mut Journal<JournalEntry>) -> usize {
     let entries: Vec<(u64, JournalEntry)> = journal.entries().to_vec();
     let mut removed = 0;
     for (id, e) in entries {
-        match e {
-            JournalEntry::Instance { name, owner } => {
-                let Ok(n) = InstanceName::new(&name) else {
-                    let _ = journal.remove(id);
-                    continue;
-                };
-                let errs = netns::destroy(&n);
-                if errs.is_empty() {
-                    info!(instance = %n, owner, "removed an orphan left by a previous helper");
-                    let _ = journal.remove(id);
-                    removed += 1;
-                } else {
-                    for err in errs {
-                        error!(instance = %n, error = %err, "cannot remove orphan");
-                    }
-                }
-            }
-            JournalEntry::HostTunnel {
-                name,
-                owner,
-                record,
-            } => {
-                let errs = crate::hosttun::destroy(&record);
-                if errs.is_empty() {
-                    info!(tunnel = name, owner, "removed an orphaned host tunnel");
-                    let _ = journal.remove(id);
-                    removed += 1;
-                } else {
-                    for err in errs {
-                        error!(tunnel = name, error = %err, "cannot remove orphan");
-                    }
-                }
-            }
-            JournalEntry::ServerTunnel {
-                name,
-                owner,
-                record,
-            } => {
-                let errs = undo_server(&record, true);
-                if errs.is_empty() {
-                    info!(tunnel = name, owner, "removed an orphaned server tunnel");
-                    let _ = journal.remove(id);
-                    removed += 1;
-                } else {
-                    for err in errs {
-                        error!(tunnel = name, error = %err, "cannot remove orphan");
-                    }
-                }
+        let (JournalEntry::Instance { name, owner }
+        | JournalEntry::HostTunnel { name, owner, .. }
+        | JournalEntry::ServerTunnel { name, owner, .. }) = &e;
+        let errs = undo(&e);
+        if errs.is_empty() {
+            info!(
+                resource = name,
+                owner, "removed an orphan left by a previous helper"
+            );
+            let _ = journal.remove(id);
+            removed += 1;
+        } else {
+            for err in errs {
+                error!(resource = name, owner, error = %err, cause = ?std::error::Error::source(&err).map(|s| s.to_string()), "cannot remove orphan; kept in the journal and shown by `warren status`");
             }
         }
     }

@@ -216,6 +216,33 @@ fn helper_target(g: &Globals) -> Result<HelperTarget, ExitCode> {
     })
 }
 
+/// This user's resources that a previous helper left behind and the current
+/// one could not remove: `warren status` shows them, never hides them. Asks
+/// a running (or socket-activated) helper only; never autostarts one.
+fn helper_orphans(path: &std::path::Path) -> Vec<String> {
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return Vec::new();
+    };
+    let me = nix::unistd::getuid().as_raw();
+    rt.block_on(async {
+        let list = tokio::time::timeout(Duration::from_secs(5), async {
+            HelperClient::connect(path).await?.list_instances().await
+        })
+        .await;
+        match list {
+            Ok(Ok(l)) => l
+                .into_iter()
+                .filter(|i| i.owner_uid == me && i.lease == warren_ipc::instance::ORPHAN_LEASE)
+                .map(|i| i.name.to_string())
+                .collect(),
+            _ => Vec::new(),
+        }
+    })
+}
+
 /// Parses the command line and runs the command.
 pub fn main() -> ExitCode {
     if std::env::args_os().skip(1).any(|a| a == "down")
@@ -254,7 +281,12 @@ pub fn main() -> ExitCode {
         Command::DemoWeb { listen } => crate::demo::run_web(listen),
         Command::Proxy(args) => proxy_cli::run_proxy(args),
         Command::Config(args) => proxy_cli::run_config(args),
-        Command::Status(args) => proxy_cli::run_status(args),
+        Command::Status(args) => {
+            let orphans = target()
+                .map(|t| helper_orphans(&t.path))
+                .unwrap_or_default();
+            proxy_cli::run_status(args, &orphans)
+        }
         Command::Server(args) => match target() {
             Ok(t) => transport_cli::run_server(args, t),
             Err(c) => c,

@@ -466,18 +466,27 @@ pub struct StatusArgs {
     pub json: bool,
 }
 
-/// Runs `warren status`: the running `warren proxy` processes of this user
-/// and their counters.
-pub fn run_status(args: StatusArgs) -> ExitCode {
+/// Runs `warren status`: the running `warren proxy` processes and instances
+/// of this user and their counters, and `orphans`: the names of this user's
+/// resources that a crashed helper left and the next could not remove.
+pub fn run_status(args: StatusArgs, orphans: &[String]) -> ExitCode {
     let dir = super::status::runtime_dir(&crate::config::ProcessEnv);
     let snaps = super::status::query_all(&dir);
     if args.json {
         let (instances, proxies): (Vec<_>, Vec<_>) =
             snaps.into_iter().partition(|s| s.instance.is_some());
-        let v = serde_json::json!({ "proxies": proxies, "instances": instances });
+        let v =
+            serde_json::json!({ "proxies": proxies, "instances": instances, "orphans": orphans });
         println!("{v}");
     } else {
-        print!("{}", super::status::render(&snaps));
+        if !snaps.is_empty() || orphans.is_empty() {
+            print!("{}", super::status::render(&snaps));
+        }
+        for n in orphans {
+            println!(
+                "orphan {n}: left by a helper that crashed, and the helper could not remove it (see its log); `warren down {n}` retries"
+            );
+        }
     }
     exit::code(exit::OK)
 }
