@@ -22,6 +22,8 @@ WARREN_TEST_DEPS=(
   "tcpdump:tcpdump"
   "dig:dnsutils"
   "ss:iproute2"
+  "systemd-nspawn:systemd-container"
+  "mmdebstrap:mmdebstrap"
 )
 
 install_missing_deps() {
