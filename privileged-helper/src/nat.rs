@@ -4,7 +4,8 @@
 //! (`inet warren_NAME`), created and deleted whole, so no table warren did
 //! not create is ever flushed or edited.
 //!
-//! nftables is driven through its JSON interface (`nft -j -f -`); links,
+//! nftables is driven through its JSON interface (`nft -j -f -`, run by
+//! absolute path with an empty environment); links,
 //! addresses and the default route's interface through rtnetlink.
 
 use std::io::Write;
@@ -72,12 +73,29 @@ pub fn restore_forwarding(saved: &(String, String)) -> Vec<NetError> {
     errs
 }
 
+/// Where `nft` may be: a fixed list, never `PATH` (the helper's
+/// environment is not trusted; sudo may not even reset it).
+const NFT_PATHS: [&str; 3] = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"];
+
+/// `nft ARGS` by absolute path (root-owned, writable by root alone, in
+/// root-owned directories), with an empty environment.
+fn nft(args: &[&str]) -> std::io::Result<Command> {
+    let path = NFT_PATHS
+        .iter()
+        .find(|p| crate::config::check_root_controlled(std::path::Path::new(p)).is_ok())
+        .ok_or_else(|| std::io::Error::other(format!("no root-owned nft in {NFT_PATHS:?}")))?;
+    let mut c = Command::new(path);
+    c.args(args)
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    Ok(c)
+}
+
 /// Runs an nftables JSON batch.
 pub fn nft_apply(batch: &serde_json::Value) -> std::io::Result<()> {
-    let mut child = Command::new("nft")
-        .args(["-j", "-f", "-"])
+    let mut child = nft(&["-j", "-f", "-"])?
         .stdin(Stdio::piped())
-        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()?;
     if let Some(mut stdin) = child.stdin.take() {
@@ -91,6 +109,14 @@ pub fn nft_apply(batch: &serde_json::Value) -> std::io::Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Whether table `inet NAME` exists.
+fn table_exists(table: &str) -> std::io::Result<bool> {
+    Ok(nft(&["list", "table", "inet", table])?
+        .stderr(Stdio::null())
+        .status()?
+        .success())
 }
 
 /// An nftables object (chain or rule) in `table` of family inet, with the
@@ -148,14 +174,7 @@ fn nat_batch(table: &str, tun: &str, egress: &str, spec: &ServerTunnelSpec) -> s
 
 /// Deletes warren's table (and only it). Missing is fine.
 pub fn delete_table(table: &str) -> Result<(), NetError> {
-    let exists = Command::new("nft")
-        .args(["list", "table", "inet", table])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map_err(err("run nft"))?
-        .success();
-    if !exists {
+    if !table_exists(table).map_err(err("run nft"))? {
         return Ok(());
     }
     nft_apply(&json!({"nftables": [{"delete": {"table": {"family": "inet", "name": table}}}]}))
