@@ -198,8 +198,9 @@ impl Registry {
     }
 
     /// Runs kernel work on a blocking thread. The work undoes its own
-    /// partial effects on failure; then the journal entry is dropped and an
-    /// incident is reported.
+    /// partial effects on failure; then the journal entry is dropped and the
+    /// refusal the work made is answered (something about the request or
+    /// the host's state the caller can act on), or else an incident.
     async fn build<T: Send + 'static>(
         &self,
         what: String,
@@ -208,12 +209,19 @@ impl Registry {
     ) -> Result<T, HelperError> {
         let why = match tokio::task::spawn_blocking(work).await {
             Ok(Ok(x)) => return Ok(x),
-            Ok(Err(e)) => format!(
-                "{e}: {}",
-                std::error::Error::source(&e)
-                    .map(|s| s.to_string())
-                    .unwrap_or_default()
-            ),
+            Ok(Err(e)) => match refusal_of(&e) {
+                Some(refused) => {
+                    warn!(what, error = %refused, "refused");
+                    let _ = self.lock().journal.remove(journal_id);
+                    return Err(refused.clone());
+                }
+                None => format!(
+                    "{e}: {}",
+                    std::error::Error::source(&e)
+                        .map(|s| s.to_string())
+                        .unwrap_or_default()
+                ),
+            },
             Err(_) => "creation task failed".to_string(),
         };
         let mut st = self.lock();
@@ -329,10 +337,12 @@ impl Registry {
                     } else {
                         None
                     };
+                    // Its table is the last step and atomic: on failure
+                    // there is none of ours to delete (and a table of that
+                    // name that was there before is not ours).
                     match crate::nat::create(&spec2) {
                         Ok((tun, egress, _)) => Ok((tun, egress, saved)),
                         Err(e) => {
-                            let _ = crate::nat::delete_table(&crate::nat::table_name(&spec2));
                             if let Some(s) = &saved {
                                 let _ = crate::nat::restore_forwarding(s);
                             }
@@ -679,6 +689,11 @@ impl Registry {
             reg.send_event(creator, Event::InstanceGone { name });
         }))
     }
+}
+
+/// The refusal (see [`crate::nat::refusal`]) a failed step carries, if any.
+fn refusal_of(e: &netns::NetError) -> Option<&HelperError> {
+    e.source.get_ref()?.downcast_ref::<HelperError>()
 }
 
 /// Removes a server tunnel's table; the last one restores forwarding.

@@ -1,8 +1,8 @@
 //! Server tunnels: a TUN device in the helper's own network namespace,
 //! IPv4 and IPv6 forwarding, and masquerade NAT out of the default route's
 //! interface — all NAT and filtering in an nftables table of warren's own
-//! (`inet warren_NAME`), created and deleted whole, so no table warren did
-//! not create is ever flushed or edited.
+//! (`inet warren_s_NAME`), created and deleted whole, so no table warren did
+//! not create is ever flushed, replaced or edited.
 //!
 //! nftables is driven through its JSON interface (`nft -j -f -`, run by
 //! absolute path with an empty environment); links,
@@ -16,6 +16,7 @@ use std::process::{Command, Stdio};
 use futures::TryStreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use warren_ipc::HelperError;
 use warren_ipc::instance::ServerTunnelSpec;
 
 use crate::netns::NetError;
@@ -35,9 +36,15 @@ fn err(step: impl Into<String>) -> impl FnOnce(std::io::Error) -> NetError {
     move |source| NetError { step, source }
 }
 
-/// The nftables table of a server tunnel.
+/// The nftables table of a server tunnel (`warren_s_NAME`).
 pub fn table_name(spec: &ServerTunnelSpec) -> String {
-    format!("warren_{}", spec.name.as_str().replace('-', "_"))
+    spec.names().nft_table.unwrap_or_default()
+}
+
+/// A refusal the caller can act on (carried inside an `io::Error` through
+/// the kernel code, and answered as is instead of as an incident).
+pub fn refusal(e: HelperError) -> std::io::Error {
+    std::io::Error::other(e)
 }
 
 const V4_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
@@ -117,6 +124,20 @@ fn table_exists(table: &str) -> std::io::Result<bool> {
         .stderr(Stdio::null())
         .status()?
         .success())
+}
+
+/// Installs `batch`, whose first command adds warren's table `table`:
+/// refused (never replaced) if a table of that name exists already, as
+/// warren deletes only tables it recorded as its own.
+pub fn install_table(table: &str, batch: &serde_json::Value) -> Result<(), NetError> {
+    if table_exists(table).map_err(err("run nft"))? {
+        return Err(err("install nftables table")(refusal(
+            HelperError::Exists {
+                what: format!("nftables table inet {table}"),
+            },
+        )));
+    }
+    nft_apply(batch).map_err(err(format!("install nftables table {table}")))
 }
 
 /// An nftables object (chain or rule) in `table` of family inet, with the
@@ -248,8 +269,6 @@ pub fn create(spec: &ServerTunnelSpec) -> Result<(OwnedFd, String, String), NetE
         .map_err(err(format!("configure {ifname}")))?
         .1;
     let table = table_name(spec);
-    delete_table(&table)?;
-    nft_apply(&nat_batch(&table, &ifname, &egress, spec))
-        .map_err(err(format!("install nftables table {table}")))?;
+    install_table(&table, &nat_batch(&table, &ifname, &egress, spec))?;
     Ok((tun, egress, table))
 }

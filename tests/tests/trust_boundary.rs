@@ -6,7 +6,8 @@
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use warren::helper_client::HelperClient;
+use warren::helper_client::{ClientError, HelperClient};
+use warren_ipc::HelperError;
 use warren_ipc::instance::{HostTunnelSpec, InstanceName, ServerTunnelSpec};
 use warren_tests::{Proc, TestDir, TestNs, require_root, run_limited};
 
@@ -66,6 +67,15 @@ impl Lab {
     fn ruleset(&self) -> String {
         let out = run_limited(
             self.host.exec("nft").args(["list", "ruleset"]),
+            Duration::from_secs(10),
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Table `inet TABLE` as nft lists it ("" when it does not exist).
+    fn table(&self, table: &str) -> String {
+        let out = run_limited(
+            self.host.exec("nft").args(["list", "table", "inet", table]),
             Duration::from_secs(10),
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
@@ -154,4 +164,77 @@ fn finding_1_helper_never_runs_nft_found_through_path() {
         "the helper ran the nft found through PATH: {}",
         std::fs::read_to_string(&marker).unwrap_or_default()
     );
+}
+
+/// Finding 3: a server tunnel named `h-fN` and a host tunnel named `fN`
+/// (once both `warren_h_fN`) each keep a table of their own, and neither's
+/// creation or removal touches the other's; a table the helper did not
+/// create is never replaced or deleted: the request is refused instead.
+#[test]
+fn finding_3_server_h_foo_and_host_foo_keep_their_own_tables() {
+    if !require_root("finding_3_server_h_foo_and_host_foo_keep_their_own_tables") {
+        return;
+    }
+    let lab = Lab::new("t", true, &[]);
+    let (s, h, x) = (
+        format!("h-f{}", pid()),
+        format!("f{}", pid()),
+        format!("x{}", pid()),
+    );
+    let (server, host) = (server_spec(&s), host_spec(&h));
+    let server_table = server.names().nft_table.expect("server table");
+    let host_table = host.names().nft_table.expect("host table");
+    assert_ne!(server_table, host_table);
+    // Someone else's tables under the names a server tunnel `xN` gets (now
+    // and before the fix).
+    let foreign = server_spec(&x).names().nft_table.expect("table");
+    for t in [foreign.as_str(), &format!("warren_{x}")] {
+        let out = run_limited(
+            lab.host.exec("nft").args([
+                "add",
+                "table",
+                "inet",
+                t,
+                "{ comment \"not warren's\" ; }",
+            ]),
+            Duration::from_secs(10),
+        );
+        assert!(out.status.success(), "nft add table: {out:?}");
+    }
+    rt().block_on(async {
+        let mut c = HelperClient::connect(&lab.sock).await.expect("connect");
+        match c.create_server_tunnel(server_spec(&x)).await {
+            Err(ClientError::Helper(HelperError::Exists { what })) => {
+                assert!(what.contains(&foreign), "{what}")
+            }
+            other => panic!("a foreign table must be refused, got {other:?}"),
+        }
+        for t in [foreign.as_str(), &format!("warren_{x}")] {
+            assert!(lab.table(t).contains("not warren's"), "{t} left alone");
+        }
+        let (_, _tun) = c.create_server_tunnel(server).await.expect("server");
+        let (_, _tun2, _udp) = c.create_host_tunnel(host).await.expect("host");
+        assert!(
+            lab.table(&server_table).contains("masquerade"),
+            "server NAT intact after the host tunnel: {}",
+            lab.ruleset()
+        );
+        assert!(
+            lab.table(&host_table).contains("policy drop"),
+            "kill switch installed: {}",
+            lab.ruleset()
+        );
+        c.destroy_instance(&name(&h)).await.expect("destroy host");
+        assert!(
+            lab.table(&server_table).contains("masquerade"),
+            "server NAT intact after the host tunnel's removal: {}",
+            lab.ruleset()
+        );
+        assert_eq!(lab.table(&host_table), "", "kill switch removed");
+        c.destroy_instance(&name(&s)).await.expect("destroy server");
+    });
+    assert_eq!(lab.table(&server_table), "", "server table removed");
+    for t in [foreign.as_str(), &format!("warren_{x}")] {
+        assert!(lab.table(t).contains("not warren's"), "{t} left alone");
+    }
 }
