@@ -222,8 +222,12 @@ async fn default_egress(handle: &rtnetlink::Handle) -> std::io::Result<(u32, Str
             }
         }
     }
-    let oif =
-        oif.ok_or_else(|| std::io::Error::other("no IPv4 default route to masquerade out of"))?;
+    let oif = oif.ok_or_else(|| {
+        refusal(HelperError::HostState {
+            reason: "the host has no IPv4 default route to masquerade the tunnel's traffic out of"
+                .into(),
+        })
+    })?;
     let mut links = handle.link().get().match_index(oif).execute();
     let link = links
         .try_next()

@@ -238,3 +238,48 @@ fn finding_3_server_h_foo_and_host_foo_keep_their_own_tables() {
         assert!(lab.table(t).contains("not warren's"), "{t} left alone");
     }
 }
+
+/// Finding 10: a server tunnel on a host without a default route is
+/// refused with that reason (a typed error the CLI prints), not with an
+/// incident number in a log the member cannot read; nothing is left behind.
+#[test]
+fn finding_10_server_tunnel_without_default_route_says_why() {
+    if !require_root("finding_10_server_tunnel_without_default_route_says_why") {
+        return;
+    }
+    let lab = Lab::new("d", false, &[]);
+    let s = format!("d{}", pid());
+    let spec = server_spec(&s);
+    rt().block_on(async {
+        let mut c = HelperClient::connect(&lab.sock).await.expect("connect");
+        let e = c
+            .create_server_tunnel(spec.clone())
+            .await
+            .expect_err("no default route");
+        match &e {
+            ClientError::Helper(HelperError::HostState { reason }) => {
+                assert!(reason.contains("no IPv4 default route"), "{reason}")
+            }
+            other => panic!("expected the specific refusal, got {other:?}: {other}"),
+        }
+        let shown = e.to_string();
+        assert!(
+            shown.contains("no IPv4 default route") && !shown.contains("incident"),
+            "{shown}"
+        );
+        // The connection is still usable, and nothing was left behind.
+        assert!(c.list_instances().await.expect("list").is_empty());
+    });
+    let links = run_limited(
+        lab.host.exec("ip").args(["-o", "link", "show"]),
+        Duration::from_secs(10),
+    );
+    let links = String::from_utf8_lossy(&links.stdout).into_owned();
+    assert!(!links.contains(&spec.ifname()), "{links}");
+    assert_eq!(lab.ruleset().trim(), "");
+    let fwd = run_limited(
+        lab.host.exec("cat").arg("/proc/sys/net/ipv4/ip_forward"),
+        Duration::from_secs(10),
+    );
+    assert_eq!(String::from_utf8_lossy(&fwd.stdout).trim(), "0");
+}
