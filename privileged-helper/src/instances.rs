@@ -468,25 +468,26 @@ impl Registry {
         fds: Vec<OwnedFd>,
     ) -> Result<i32, HelperError> {
         if fds.len() != usize::from(spec.n_fds) {
+            let sent = fds.len();
+            crate::closer::close(fds).await;
             return Err(HelperError::InvalidArgument {
                 field: "n_fds".into(),
-                reason: format!("{} announced, {} sent", spec.n_fds, fds.len()),
+                reason: format!("{} announced, {sent} sent", spec.n_fds),
             });
         }
-        let ns = {
-            let st = self.lock();
-            match st.instances.get(&spec.instance) {
-                Some(Instance {
-                    kind: Kind::Instance { netns, .. },
-                    owner,
-                    ..
-                }) if *owner == peer.uid || peer.uid == 0 => netns.clone(),
-                _ => {
-                    return Err(HelperError::NotFound {
-                        what: format!("instance {}", spec.instance),
-                    });
-                }
-            }
+        let ns = match self.lock().instances.get(&spec.instance) {
+            Some(Instance {
+                kind: Kind::Instance { netns, .. },
+                owner,
+                ..
+            }) if *owner == peer.uid || peer.uid == 0 => Some(netns.clone()),
+            _ => None,
+        };
+        let Some(ns) = ns else {
+            crate::closer::close(fds).await;
+            return Err(HelperError::NotFound {
+                what: format!("instance {}", spec.instance),
+            });
         };
         let name = spec.instance.clone();
         let peer2 = peer.clone();

@@ -270,16 +270,54 @@ fn notify(n: &Notifier, msg: &str) {
     }
 }
 
+/// Serves one connection, then closes it. Unless the peer ended it cleanly
+/// (everything it sent was read), its socket may still hold descriptors in
+/// flight: the socket and every descriptor the peer passed that was not
+/// handed on go to the closer thread (see [`crate::closer`]).
 async fn handle(stream: UnixStream, shared: Arc<Shared>, stop: CancellationToken) {
-    let cred = match PeerCred::of(stream.as_fd()) {
+    let mut conn = FramedConn::new(stream);
+    // Held until the descriptors are handed over, so a closer backlog stays
+    // bounded by the connection caps.
+    let mut slot = None;
+    let clean = serve_conn(&mut conn, &shared, stop, &mut slot).await;
+    let mut fds = conn.take_fds();
+    if clean && fds.is_empty() {
+        return;
+    }
+    if let Ok(s) = conn.into_stream().into_std() {
+        // The peer sees the end now, whatever the closer's backlog.
+        let _ = s.shutdown(std::net::Shutdown::Both);
+        fds.push(s.into());
+    }
+    crate::closer::close(fds).await;
+    drop(slot);
+}
+
+/// Refuses a handshake (version 0: none in common).
+async fn refuse_handshake(conn: &mut FramedConn) {
+    let no = ServerHello {
+        chosen: 0,
+        helper_max: PROTOCOL_VERSION,
+    };
+    let _ = conn.write_raw(&no.encode()).await;
+}
+
+/// The connection's life; true when it ended by the peer closing it
+/// between frames.
+async fn serve_conn(
+    conn: &mut FramedConn,
+    shared: &Arc<Shared>,
+    stop: CancellationToken,
+    slot: &mut Option<Slot>,
+) -> bool {
+    let cred = match PeerCred::of(conn.stream().as_fd()) {
         Ok(c) => c,
         Err(e) => {
             warn!(error = %e, "cannot read peer credentials; closing");
-            return;
+            return false;
         }
     };
     let (uid, pid) = (cred.uid, cred.pid);
-    let mut conn = FramedConn::new(stream);
     let opts = &shared.opts;
     let version = match tokio::time::timeout(
         opts.handshake_timeout,
@@ -289,26 +327,24 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, stop: CancellationToken
     {
         Err(_) => {
             info!(uid, pid, "no handshake in time; closing");
-            return;
+            return false;
+        }
+        Ok(Err(e @ TransportError::UnexpectedFds)) => {
+            // Descriptors come only with a spawn request that declares them.
+            warn!(uid, pid, error = %e, "descriptors with the handshake; refusing");
+            refuse_handshake(conn).await;
+            return false;
         }
         Ok(Err(e)) => {
             info!(uid, pid, error = %e, "handshake failed; closing");
-            return;
+            return false;
         }
         Ok(Ok(bytes)) => match ClientHello::decode(&bytes).and_then(ClientHello::negotiate) {
             Ok(v) => v,
             Err(e) => {
                 warn!(uid, pid, error = %e, "refusing handshake");
-                let _ = conn
-                    .write_raw(
-                        &ServerHello {
-                            chosen: 0,
-                            helper_max: PROTOCOL_VERSION,
-                        }
-                        .encode(),
-                    )
-                    .await;
-                return;
+                refuse_handshake(conn).await;
+                return false;
             }
         },
     };
@@ -323,7 +359,7 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, stop: CancellationToken
         .await
         .is_err()
     {
-        return;
+        return false;
     }
     if !opts.authorizer.allows(&cred) {
         warn!(
@@ -334,21 +370,21 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, stop: CancellationToken
             "refused: peer is neither root nor a member of the authorized group"
         );
         refuse(
-            &mut conn,
+            conn,
             opts.frame_timeout,
             HelperError::NotAuthorized {
                 group: opts.authorizer.group_name().into(),
             },
         )
         .await;
-        return;
+        return false;
     }
-    let _slot = match shared.admit(uid) {
-        Ok(s) => s,
+    *slot = match shared.admit(uid) {
+        Ok(s) => Some(s),
         Err(e) => {
             warn!(uid, pid, error = %e, "refused: connection limit");
-            refuse(&mut conn, opts.frame_timeout, e).await;
-            return;
+            refuse(conn, opts.frame_timeout, e).await;
+            return false;
         }
     };
     debug!(uid, pid, version, "client connected");
@@ -357,6 +393,7 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, stop: CancellationToken
     if let Some(r) = &opts.registry {
         r.connect(conn_id, ev_tx);
     }
+    let mut clean = false;
     loop {
         let read = tokio::select! {
             _ = stop.cancelled() => {
@@ -372,8 +409,30 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, stop: CancellationToken
             r = conn.read_frame::<ClientFrame>(Some(opts.frame_timeout)) => r,
         };
         let (frame, fds) = match read {
+            Ok((frame, fds)) if !fds.is_empty() && !matches!(frame.request, Request::Spawn(_)) => {
+                warn!(
+                    uid,
+                    pid,
+                    op = frame.request.op_name(),
+                    "descriptors with a request that takes none; closing"
+                );
+                crate::closer::close(fds).await;
+                let refused = HelperError::InvalidArgument {
+                    field: "descriptors".into(),
+                    reason: "only a spawn request may carry descriptors".into(),
+                };
+                let reply = ServerFrame::Reply {
+                    id: frame.id,
+                    result: Err(refused),
+                };
+                let _ = conn.write_frame(&reply, &[]).await;
+                break;
+            }
             Ok(x) => x,
-            Err(TransportError::Closed) => break,
+            Err(TransportError::Closed) => {
+                clean = true;
+                break;
+            }
             Err(e) => {
                 warn!(uid, pid, error = %e, cause = ?std::error::Error::source(&e).map(|s| s.to_string()), "bad input from client; closing");
                 if let Some(err) = reply_for(&e) {
@@ -393,7 +452,7 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, stop: CancellationToken
         let op = frame.request.op_name();
         info!(uid, pid, op, id = frame.id, "request");
         let (result, reply_fds) =
-            dispatch(&shared, &cred, conn_id, version, frame.request, fds).await;
+            dispatch(shared, &cred, conn_id, version, frame.request, fds).await;
         if let Err(e) = &result {
             info!(uid, pid, op, error = %e, "request failed");
         }
@@ -420,13 +479,17 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, stop: CancellationToken
         r.disconnect(conn_id).await;
     }
     debug!(uid, pid, "client disconnected");
+    clean
 }
 
 /// Answers the client's first request (if it sends one in time) with
 /// `err`, then lets the connection close.
 async fn refuse(conn: &mut FramedConn, wait: Duration, err: HelperError) {
     let id = match tokio::time::timeout(wait, conn.read_frame::<ClientFrame>(Some(wait))).await {
-        Ok(Ok((frame, _))) => frame.id,
+        Ok(Ok((frame, fds))) => {
+            crate::closer::close(fds).await;
+            frame.id
+        }
         _ => 0,
     };
     let _ = conn
@@ -465,7 +528,10 @@ async fn dispatch(
     let registry = match (&request, &shared.opts.registry) {
         (Request::Hello { .. } | Request::Status, _) => None,
         (_, Some(r)) => Some(r),
-        (_, None) => return (Err(HelperError::Unsupported), vec![]),
+        (_, None) => {
+            crate::closer::close(fds).await;
+            return (Err(HelperError::Unsupported), vec![]);
+        }
     };
     match (request, registry) {
         (Request::CreateInstance(spec), Some(r)) => match r.create(spec, cred, conn_id).await {

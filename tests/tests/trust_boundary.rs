@@ -4,7 +4,8 @@
 //! throwaway namespace that plays the host, never the machine's own.
 
 use std::os::unix::fs::PermissionsExt;
-use std::time::Duration;
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::time::{Duration, Instant};
 
 use warren::helper_client::{ClientError, HelperClient};
 use warren_ipc::HelperError;
@@ -282,4 +283,143 @@ fn finding_10_server_tunnel_without_default_route_says_why() {
         Duration::from_secs(10),
     );
     assert_eq!(String::from_utf8_lossy(&fwd.stdout).trim(), "0");
+}
+
+/// A TCP socket whose last close blocks: `SO_LINGER` {on, 30 s} and unsent
+/// data, connected to a loopback listener that never reads (kept alive by
+/// the returned listener; dropping it resets the connection).
+fn lingering_socket() -> (std::net::TcpListener, std::os::fd::OwnedFd) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    use std::io::Write;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    setsockopt(&l, sockopt::RcvBuf, &4096).expect("rcvbuf");
+    let mut s = std::net::TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+    setsockopt(&s, sockopt::SndBuf, &4096).expect("sndbuf");
+    s.set_nonblocking(true).expect("nonblocking");
+    let chunk = [0x5au8; 65536];
+    let mut sent = 0usize;
+    loop {
+        match s.write(&chunk) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("fill: {e}"),
+        }
+    }
+    assert!(sent > 0);
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 30,
+    };
+    setsockopt(&s, sockopt::Linger, &linger).expect("linger");
+    (l, s.into())
+}
+
+/// Sends `bytes` with `fd` attached (SCM_RIGHTS), then closes our copy so
+/// the helper's becomes the last one.
+fn send_with_fd(sock: &StdUnixStream, bytes: &[u8], fd: std::os::fd::OwnedFd) {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    use std::os::fd::AsRawFd;
+    let raw = [fd.as_raw_fd()];
+    let iov = [std::io::IoSlice::new(bytes)];
+    let n = sendmsg::<()>(
+        sock.as_raw_fd(),
+        &iov,
+        &[ControlMessage::ScmRights(&raw)],
+        MsgFlags::empty(),
+        None,
+    )
+    .expect("sendmsg");
+    assert_eq!(n, bytes.len());
+    drop(fd);
+}
+
+/// Finding 2: a member passes lingering sockets with the handshake and with
+/// a Status frame; meanwhile another client's status requests (on its
+/// connection, and on new ones) are answered within a second each: the
+/// helper's event loop never closes a peer's descriptor itself. Both
+/// offending connections are refused.
+#[test]
+fn finding_2_lingering_descriptors_never_stall_the_helper() {
+    if !require_root("finding_2_lingering_descriptors_never_stall_the_helper") {
+        return;
+    }
+    use std::io::{Read, Write};
+    use warren_ipc::handshake::{ClientHello, HANDSHAKE_LEN, ServerHello};
+    use warren_ipc::{ClientFrame, Request, ServerFrame};
+    let h = warren_tests::Helper::start("trust-linger", &[]);
+    let deadline = Duration::from_secs(1);
+    rt().block_on(async {
+        let mut other = HelperClient::connect(&h.socket).await.expect("connect");
+        other.status().await.expect("status");
+
+        // With the handshake.
+        let (l1, fd1) = lingering_socket();
+        let a = StdUnixStream::connect(&h.socket).expect("connect");
+        a.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        send_with_fd(&a, &ClientHello::CURRENT.encode(), fd1);
+
+        // With a Status frame, after a clean handshake.
+        let (l2, fd2) = lingering_socket();
+        let mut b = StdUnixStream::connect(&h.socket).expect("connect");
+        b.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        b.write_all(&ClientHello::CURRENT.encode())
+            .expect("handshake");
+        let mut answer = [0u8; HANDSHAKE_LEN];
+        b.read_exact(&mut answer)
+            .expect("handshake answered (the helper must not stall)");
+        let mut frame = Vec::new();
+        warren_ipc::frame::encode_frame(
+            &ClientFrame {
+                id: 7,
+                request: Request::Status,
+            },
+            1,
+            &mut frame,
+        )
+        .expect("encode");
+        send_with_fd(&b, &frame, fd2);
+
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(3) {
+            let t = Instant::now();
+            tokio::time::timeout(deadline, other.status())
+                .await
+                .expect("status on an open connection answered within 1 s")
+                .expect("status");
+            let fresh = tokio::time::timeout(deadline, async {
+                let mut c = HelperClient::connect(&h.socket).await.expect("connect");
+                c.status().await.expect("status");
+            })
+            .await;
+            assert!(
+                fresh.is_ok(),
+                "status on a new connection answered within 1 s"
+            );
+            assert!(t.elapsed() < 2 * deadline);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+
+        // The handshake with descriptors was refused (version 0)...
+        let mut answer = Vec::new();
+        let _ = (&a).read_to_end(&mut answer);
+        let answer: [u8; HANDSHAKE_LEN] = answer.as_slice().try_into().expect("one answer");
+        assert_eq!(ServerHello::decode(&answer).expect("decodes").chosen, 0);
+        // ...and so was the Status frame, with a typed error.
+        let mut reply = Vec::new();
+        let _ = b.read_to_end(&mut reply);
+        let (frame, _, _) = warren_ipc::frame::decode_frame::<ServerFrame>(&reply)
+            .expect("decodes")
+            .expect("a whole reply");
+        match frame {
+            ServerFrame::Reply {
+                id: 7,
+                result: Err(HelperError::InvalidArgument { field, .. }),
+            } => assert_eq!(field, "descriptors"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        // Release the lingering closes (the listeners' resets end them).
+        drop((l1, l2));
+    });
 }
