@@ -318,13 +318,14 @@ impl Registry {
             },
         };
         // Forwarding is shared: the first server tunnel saves it (the values
-        // are journaled once known).
-        let (journal_id, first) = self.reserve(&name, peer, false, |st| {
-            let first = !st
-                .instances
-                .values()
-                .any(|i| matches!(i.kind, Kind::Server { .. }));
-            (entry(None), first)
+        // are journaled once known) and every later one records the same
+        // values, so whichever ends last restores them.
+        let (journal_id, inherited) = self.reserve(&name, peer, false, |st| {
+            let inherited = st.instances.values().find_map(|i| match &i.kind {
+                Kind::Server { record, .. } => Some(record.saved_forwarding.clone()),
+                _ => None,
+            });
+            (entry(inherited.clone().flatten()), inherited)
         })?;
         let spec2 = spec.clone();
         let (tun, egress, saved) = self
@@ -332,10 +333,10 @@ impl Registry {
                 format!("create server tunnel {name}"),
                 journal_id,
                 move || {
-                    let saved = if first {
-                        Some(crate::nat::enable_forwarding()?)
-                    } else {
-                        None
+                    let first = inherited.is_none();
+                    let saved = match inherited {
+                        Some(saved) => saved,
+                        None => Some(crate::nat::enable_forwarding()?),
                     };
                     // Its table is the last step and atomic: on failure
                     // there is none of ours to delete (and a table of that
@@ -343,7 +344,7 @@ impl Registry {
                     match crate::nat::create(&spec2) {
                         Ok((tun, egress, _)) => Ok((tun, egress, saved)),
                         Err(e) => {
-                            if let Some(s) = &saved {
+                            if let Some(s) = saved.as_ref().filter(|_| first) {
                                 let _ = crate::nat::restore_forwarding(s);
                             }
                             Err(e)

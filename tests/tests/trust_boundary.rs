@@ -73,6 +73,15 @@ impl Lab {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// The lab host's IPv4 forwarding switch.
+    fn forwarding(&self) -> String {
+        let out = run_limited(
+            self.host.exec("cat").arg("/proc/sys/net/ipv4/ip_forward"),
+            Duration::from_secs(10),
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
     /// Table `inet TABLE` as nft lists it ("" when it does not exist).
     fn table(&self, table: &str) -> String {
         let out = run_limited(
@@ -278,11 +287,35 @@ fn finding_10_server_tunnel_without_default_route_says_why() {
     let links = String::from_utf8_lossy(&links.stdout).into_owned();
     assert!(!links.contains(&spec.ifname()), "{links}");
     assert_eq!(lab.ruleset().trim(), "");
-    let fwd = run_limited(
-        lab.host.exec("cat").arg("/proc/sys/net/ipv4/ip_forward"),
-        Duration::from_secs(10),
-    );
-    assert_eq!(String::from_utf8_lossy(&fwd.stdout).trim(), "0");
+    assert_eq!(lab.forwarding(), "0");
+}
+
+/// Finding 8: forwarding is put back when the last server tunnel ends,
+/// also when the first one (which saved it) ends first.
+#[test]
+fn finding_8_forwarding_restored_when_the_first_of_two_server_tunnels_ends_first() {
+    if !require_root(
+        "finding_8_forwarding_restored_when_the_first_of_two_server_tunnels_ends_first",
+    ) {
+        return;
+    }
+    let lab = Lab::new("f", true, &[]);
+    let before = lab.forwarding();
+    assert_eq!(before, "0");
+    let (a, b) = (format!("fa{}", pid()), format!("fb{}", pid()));
+    rt().block_on(async {
+        let mut c = HelperClient::connect(&lab.sock).await.expect("connect");
+        let (_, _ta) = c.create_server_tunnel(server_spec(&a)).await.expect("a");
+        let spec_b =
+            ServerTunnelSpec::new(name(&b), 1420, vec!["198.19.62.1/24".parse().expect("p")])
+                .expect("spec");
+        let (_, _tb) = c.create_server_tunnel(spec_b).await.expect("b");
+        assert_eq!(lab.forwarding(), "1");
+        c.destroy_instance(&name(&a)).await.expect("destroy a");
+        assert_eq!(lab.forwarding(), "1", "b still forwards");
+        c.destroy_instance(&name(&b)).await.expect("destroy b");
+    });
+    assert_eq!(lab.forwarding(), before, "restored after the last one");
 }
 
 /// A TCP socket whose last close blocks: `SO_LINGER` {on, 30 s} and unsent
