@@ -11,10 +11,15 @@
 //!   before any of its body is read;
 //! * at most `max_connections` connections in all and
 //!   `max_connections_per_uid` per user, so one user's idle connections
-//!   cannot lock others out.
+//!   cannot lock others out;
+//! * before that, at most 128 connections in all and 32 per user that are
+//!   not yet authenticated (handshake, group and caps still to check), so
+//!   idle connects cannot exhaust the helper's descriptors;
+//! * a peer's descriptors are never closed on the event loop
+//!   ([`crate::closer`]).
 
 use std::collections::HashMap;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -96,9 +101,40 @@ struct Shared {
     started: Instant,
     per_uid: Mutex<HashMap<u32, u32>>,
     total: AtomicU32,
+    /// Not-yet-authenticated connections: in all, and per uid.
+    pre_auth: Mutex<(u32, HashMap<u32, u32>)>,
     next_conn: AtomicU64,
     incidents: AtomicU64,
     count_tx: watch::Sender<u32>,
+}
+
+/// Connections not yet authenticated (no handshake, or not yet checked
+/// against the group and the connection caps), per uid and in all: what
+/// keeps idle connects from exhausting the helper's descriptors.
+const PRE_AUTH_PER_UID: u32 = 32;
+const PRE_AUTH_TOTAL: u32 = 128;
+
+/// A not-yet-authenticated connection's place in those counts.
+struct PreAuth {
+    shared: Arc<Shared>,
+    uid: u32,
+}
+
+impl Drop for PreAuth {
+    fn drop(&mut self) {
+        let mut c = self
+            .shared
+            .pre_auth
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        c.0 -= 1;
+        if let Some(n) = c.1.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                c.1.remove(&self.uid);
+            }
+        }
+    }
 }
 
 /// A connection slot; releasing it updates the counters.
@@ -157,6 +193,21 @@ impl Shared {
         })
     }
 
+    /// Counts a new connection as not yet authenticated, if under the caps.
+    fn pre_admit(self: &Arc<Self>, uid: u32) -> Option<PreAuth> {
+        let mut c = self.pre_auth.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = c.1.get(&uid).copied().unwrap_or(0);
+        if c.0 >= PRE_AUTH_TOTAL || mine >= PRE_AUTH_PER_UID {
+            return None;
+        }
+        c.0 += 1;
+        c.1.insert(uid, mine + 1);
+        Some(PreAuth {
+            shared: self.clone(),
+            uid,
+        })
+    }
+
     fn incident(&self) -> u64 {
         self.incidents.fetch_add(1, Ordering::Relaxed) + 1
     }
@@ -179,6 +230,7 @@ pub async fn serve(
         started: Instant::now(),
         per_uid: Mutex::new(HashMap::new()),
         total: AtomicU32::new(0),
+        pre_auth: Mutex::new((0, HashMap::new())),
         next_conn: AtomicU64::new(1),
         incidents: AtomicU64::new(0),
         count_tx,
@@ -270,27 +322,48 @@ fn notify(n: &Notifier, msg: &str) {
     }
 }
 
-/// Serves one connection, then closes it. Unless the peer ended it cleanly
-/// (everything it sent was read), its socket may still hold descriptors in
-/// flight: the socket and every descriptor the peer passed that was not
-/// handed on go to the closer thread (see [`crate::closer`]).
+/// Serves one connection, then closes it (see [`dispose`]).
 async fn handle(stream: UnixStream, shared: Arc<Shared>, stop: CancellationToken) {
+    let cred = match PeerCred::of(stream.as_fd()) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(error = %e, "cannot read peer credentials; closing");
+            return dispose(stream, vec![]).await;
+        }
+    };
+    let Some(pre) = shared.pre_admit(cred.uid) else {
+        warn!(
+            uid = cred.uid,
+            pid = cred.pid,
+            "refused: too many connections not yet authenticated"
+        );
+        return dispose(stream, vec![]).await;
+    };
     let mut conn = FramedConn::new(stream);
     // Held until the descriptors are handed over, so a closer backlog stays
     // bounded by the connection caps.
     let mut slot = None;
-    let clean = serve_conn(&mut conn, &shared, stop, &mut slot).await;
-    let mut fds = conn.take_fds();
-    if clean && fds.is_empty() {
+    serve_conn(&mut conn, &shared, &cred, stop, &mut slot, pre).await;
+    let fds = conn.take_fds();
+    dispose(conn.into_stream(), fds).await;
+    drop(slot);
+}
+
+/// Closes a connection and the descriptors its peer passed that were not
+/// handed on. Shut down first, the peer can queue nothing more; if it left
+/// nothing unread (so no descriptor in flight) and passed none, the close
+/// cannot block and happens here, else on the closer thread.
+async fn dispose(stream: UnixStream, mut fds: Vec<std::os::fd::OwnedFd>) {
+    let Ok(s) = stream.into_std() else { return };
+    let _ = s.shutdown(std::net::Shutdown::Both);
+    let mut unread: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the valid pointer.
+    let rc = unsafe { libc::ioctl(s.as_raw_fd(), libc::FIONREAD, &mut unread) };
+    if fds.is_empty() && rc == 0 && unread == 0 {
         return;
     }
-    if let Ok(s) = conn.into_stream().into_std() {
-        // The peer sees the end now, whatever the closer's backlog.
-        let _ = s.shutdown(std::net::Shutdown::Both);
-        fds.push(s.into());
-    }
+    fds.push(s.into());
     crate::closer::close(fds).await;
-    drop(slot);
 }
 
 /// Refuses a handshake (version 0: none in common).
@@ -302,21 +375,16 @@ async fn refuse_handshake(conn: &mut FramedConn) {
     let _ = conn.write_raw(&no.encode()).await;
 }
 
-/// The connection's life; true when it ended by the peer closing it
-/// between frames.
+/// The connection's life. `pre` counts it as not yet authenticated until
+/// it holds a connection slot.
 async fn serve_conn(
     conn: &mut FramedConn,
     shared: &Arc<Shared>,
+    cred: &PeerCred,
     stop: CancellationToken,
     slot: &mut Option<Slot>,
-) -> bool {
-    let cred = match PeerCred::of(conn.stream().as_fd()) {
-        Ok(c) => c,
-        Err(e) => {
-            warn!(error = %e, "cannot read peer credentials; closing");
-            return false;
-        }
-    };
+    pre: PreAuth,
+) {
     let (uid, pid) = (cred.uid, cred.pid);
     let opts = &shared.opts;
     let version = match tokio::time::timeout(
@@ -327,24 +395,24 @@ async fn serve_conn(
     {
         Err(_) => {
             info!(uid, pid, "no handshake in time; closing");
-            return false;
+            return;
         }
         Ok(Err(e @ TransportError::UnexpectedFds)) => {
             // Descriptors come only with a spawn request that declares them.
             warn!(uid, pid, error = %e, "descriptors with the handshake; refusing");
             refuse_handshake(conn).await;
-            return false;
+            return;
         }
         Ok(Err(e)) => {
             info!(uid, pid, error = %e, "handshake failed; closing");
-            return false;
+            return;
         }
         Ok(Ok(bytes)) => match ClientHello::decode(&bytes).and_then(ClientHello::negotiate) {
             Ok(v) => v,
             Err(e) => {
                 warn!(uid, pid, error = %e, "refusing handshake");
                 refuse_handshake(conn).await;
-                return false;
+                return;
             }
         },
     };
@@ -359,9 +427,9 @@ async fn serve_conn(
         .await
         .is_err()
     {
-        return false;
+        return;
     }
-    if !opts.authorizer.allows(&cred) {
+    if !opts.authorizer.allows(cred) {
         warn!(
             uid,
             pid,
@@ -377,23 +445,23 @@ async fn serve_conn(
             },
         )
         .await;
-        return false;
+        return;
     }
     *slot = match shared.admit(uid) {
         Ok(s) => Some(s),
         Err(e) => {
             warn!(uid, pid, error = %e, "refused: connection limit");
             refuse(conn, opts.frame_timeout, e).await;
-            return false;
+            return;
         }
     };
+    drop(pre);
     debug!(uid, pid, version, "client connected");
     let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     let (ev_tx, mut ev_rx) = tokio::sync::mpsc::channel::<Event>(64);
     if let Some(r) = &opts.registry {
         r.connect(conn_id, ev_tx);
     }
-    let mut clean = false;
     loop {
         let read = tokio::select! {
             _ = stop.cancelled() => {
@@ -429,10 +497,7 @@ async fn serve_conn(
                 break;
             }
             Ok(x) => x,
-            Err(TransportError::Closed) => {
-                clean = true;
-                break;
-            }
+            Err(TransportError::Closed) => break,
             Err(e) => {
                 warn!(uid, pid, error = %e, cause = ?std::error::Error::source(&e).map(|s| s.to_string()), "bad input from client; closing");
                 if let Some(err) = reply_for(&e) {
@@ -452,7 +517,7 @@ async fn serve_conn(
         let op = frame.request.op_name();
         info!(uid, pid, op, id = frame.id, "request");
         let (result, reply_fds) =
-            dispatch(shared, &cred, conn_id, version, frame.request, fds).await;
+            dispatch(shared, cred, conn_id, version, frame.request, fds).await;
         if let Err(e) = &result {
             info!(uid, pid, op, error = %e, "request failed");
         }
@@ -479,7 +544,6 @@ async fn serve_conn(
         r.disconnect(conn_id).await;
     }
     debug!(uid, pid, "client disconnected");
-    clean
 }
 
 /// Answers the client's first request (if it sends one in time) with

@@ -5,6 +5,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream as StdUnixStream;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use warren::helper_client::{ClientError, HelperClient};
@@ -316,6 +317,92 @@ fn finding_8_forwarding_restored_when_the_first_of_two_server_tunnels_ends_first
         c.destroy_instance(&name(&b)).await.expect("destroy b");
     });
     assert_eq!(lab.forwarding(), before, "restored after the last one");
+}
+
+/// Finding 8: ~2,000 idle connects (never a handshake) from a member
+/// cannot exhaust the helper's descriptors (it runs with the usual soft
+/// limit of 1024): meanwhile another client connects and gets an answer.
+#[test]
+fn finding_8_idle_unauthenticated_connects_cannot_exhaust_the_helper() {
+    if !require_root("finding_8_idle_unauthenticated_connects_cannot_exhaust_the_helper") {
+        return;
+    }
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
+    let dir = TestDir::new("trust-preauth");
+    let sock = dir.join("helper.sock");
+    let log = dir.join("helper.log");
+    let child = Command::new("prlimit")
+        .arg("--nofile=1024:1024")
+        .arg("--")
+        .arg(warren_tests::bin("warren-helper"))
+        .args(["serve", "--socket"])
+        .arg(&sock)
+        .args(["--group", "60100", "--config", "/nonexistent/x.toml"])
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("helper");
+    let mut helper = Proc::new(child, Some(log));
+    assert!(
+        warren_tests::wait_for(Duration::from_secs(10), || StdUnixStream::connect(&sock)
+            .is_ok()),
+        "{}",
+        helper.log()
+    );
+    // A member's idle connects, from a thread that switched only its own
+    // credentials (the kernel records them at connect).
+    let target = sock.clone();
+    let idle = std::thread::spawn(move || {
+        let (uid, gid) = (warren_tests::ids::MEMBER, warren_tests::ids::GROUP);
+        // SAFETY: thread-local credential changes with valid arguments.
+        unsafe {
+            assert_eq!(
+                libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<u32>()),
+                0
+            );
+            assert_eq!(libc::syscall(libc::SYS_setresgid, gid, gid, gid), 0);
+            assert_eq!(libc::syscall(libc::SYS_setresuid, uid, uid, uid), 0);
+        }
+        let addr = UnixAddr::new(&target).expect("addr");
+        let mut held = Vec::new();
+        for _ in 0..2000 {
+            let s = socket(
+                AddressFamily::Unix,
+                SockType::Stream,
+                SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+                None,
+            )
+            .expect("socket");
+            if connect(std::os::fd::AsRawFd::as_raw_fd(&s), &addr).is_ok() {
+                held.push(s);
+            }
+        }
+        held
+    })
+    .join()
+    .expect("idle connects");
+    assert!(idle.len() > 1100, "only {} idle connects", idle.len());
+    rt().block_on(async {
+        let answered = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut c = HelperClient::connect(&sock).await.expect("connect");
+            c.status().await.expect("status")
+        })
+        .await;
+        assert!(
+            answered.is_ok(),
+            "no answer while idle connects are held; helper log:\n{}",
+            helper
+                .log()
+                .lines()
+                .rev()
+                .take(5)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    });
+    drop(idle);
+    assert!(helper.running(), "{}", helper.log());
+    helper.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(helper.wait_timeout(Duration::from_secs(10)).is_some());
 }
 
 /// A TCP socket whose last close blocks: `SO_LINGER` {on, 30 s} and unsent
