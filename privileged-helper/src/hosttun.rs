@@ -222,6 +222,8 @@ pub fn create(
     spec: &HostTunnelSpec,
     rec: &HostRecord,
 ) -> Result<(OwnedFd, OwnedFd, HostRecord), NetError> {
+    // Before anything the rollback would undo by name.
+    crate::nat::link_free(&rec.ifname)?;
     let mut rec = rec.clone();
     let res = create_inner(spec, &mut rec);
     if res.is_err() {

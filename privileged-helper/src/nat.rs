@@ -126,6 +126,18 @@ fn table_exists(table: &str) -> std::io::Result<bool> {
         .success())
 }
 
+/// Refuses (`Exists`) a link name that is taken: a link warren did not
+/// create (a persistent TUN would even be adopted) is never used, nor
+/// removed by a rollback.
+pub fn link_free(ifname: &str) -> Result<(), NetError> {
+    if nix::net::if_::if_nametoindex(ifname).is_ok() {
+        return Err(err("create the link")(refusal(HelperError::Exists {
+            what: format!("network interface {ifname}"),
+        })));
+    }
+    Ok(())
+}
+
 /// Installs `batch`, whose first command adds warren's table `table`:
 /// refused (never replaced) if a table of that name exists already, as
 /// warren deletes only tables it recorded as its own.
@@ -251,6 +263,7 @@ async fn default_egress(handle: &rtnetlink::Handle) -> std::io::Result<(u32, Str
 /// caller's (it is shared by all server tunnels).
 pub fn create(spec: &ServerTunnelSpec) -> Result<(OwnedFd, String, String), NetError> {
     let ifname = spec.ifname();
+    link_free(&ifname)?;
     let tun = warren_netconf::open_tun(&ifname, spec.offload)
         .map_err(err(format!("create TUN {ifname}")))?;
     let rt = tokio::runtime::Builder::new_current_thread()

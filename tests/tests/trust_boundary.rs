@@ -250,6 +250,42 @@ fn finding_3_server_h_foo_and_host_foo_keep_their_own_tables() {
     }
 }
 
+/// Finding 3 (the helper never uses or removes a kernel object it did not
+/// create): a server or host tunnel whose link name is taken by a link that
+/// is not warren's is refused, and that link stays.
+#[test]
+fn finding_3_tunnel_whose_link_name_is_taken_is_refused() {
+    if !require_root("finding_3_tunnel_whose_link_name_is_taken_is_refused") {
+        return;
+    }
+    let lab = Lab::new("l", true, &[]);
+    let (s, h) = (format!("ls{}", pid()), format!("lh{}", pid()));
+    let (server, host) = (server_spec(&s), host_spec(&h));
+    for ifname in [server.ifname(), host.ifname()] {
+        lab.host
+            .ip(&["tuntap", "add", "dev", &ifname, "mode", "tun"]);
+    }
+    rt().block_on(async {
+        let mut c = HelperClient::connect(&lab.sock).await.expect("connect");
+        match c.create_server_tunnel(server.clone()).await {
+            Err(ClientError::Helper(HelperError::Exists { what })) => {
+                assert!(what.contains(&server.ifname()), "{what}")
+            }
+            other => panic!("expected Exists, got {other:?}"),
+        }
+        match c.create_host_tunnel(host.clone()).await {
+            Err(ClientError::Helper(HelperError::Exists { what })) => {
+                assert!(what.contains(&host.ifname()), "{what}")
+            }
+            other => panic!("expected Exists, got {other:?}"),
+        }
+    });
+    for ifname in [server.ifname(), host.ifname()] {
+        lab.host.ip(&["link", "show", "dev", &ifname]);
+    }
+    assert_eq!(lab.ruleset().trim(), "");
+}
+
 /// Finding 10: a server tunnel on a host without a default route is
 /// refused with that reason (a typed error the CLI prints), not with an
 /// incident number in a log the member cannot read; nothing is left behind.
