@@ -39,9 +39,20 @@ fn sender() -> Option<&'static mpsc::Sender<Vec<OwnedFd>>> {
 
 /// Closes `fds` on the closer thread; waits (asynchronously) while its
 /// queue is full. Without a closer thread they go to a blocking-pool thread.
+/// A socket among them first gets the default linger back (the close then
+/// returns at once and the kernel finishes in the background), so a
+/// lingering socket does not hold the closer up either.
 pub async fn close(fds: Vec<OwnedFd>) {
     if fds.is_empty() {
         return;
+    }
+    let off = libc::linger {
+        l_onoff: 0,
+        l_linger: 0,
+    };
+    for fd in &fds {
+        // Not a socket: ENOTSOCK, nothing to do.
+        let _ = nix::sys::socket::setsockopt(fd, nix::sys::socket::sockopt::Linger, &off);
     }
     let Some(tx) = sender() else {
         tokio::task::spawn_blocking(move || drop(fds));

@@ -507,6 +507,12 @@ fn finding_2_lingering_descriptors_never_stall_the_helper() {
     rt().block_on(async {
         let mut other = HelperClient::connect(&h.socket).await.expect("connect");
         other.status().await.expect("status");
+        let helper_fds = || {
+            std::fs::read_dir(format!("/proc/{}/fd", h.proc.pid()))
+                .map(Iterator::count)
+                .unwrap_or(0)
+        };
+        let baseline = helper_fds();
 
         // With the handshake.
         let (l1, fd1) = lingering_socket();
@@ -575,7 +581,12 @@ fn finding_2_lingering_descriptors_never_stall_the_helper() {
             } => assert_eq!(field, "descriptors"),
             other => panic!("expected a refusal, got {other:?}"),
         }
-        // Release the lingering closes (the listeners' resets end them).
+        // The closer did not linger either: the helper let go of them.
+        assert!(
+            warren_tests::wait_for(Duration::from_secs(3), || helper_fds() <= baseline),
+            "helper still holds {} descriptors, {baseline} before",
+            helper_fds()
+        );
         drop((l1, l2));
     });
 }
