@@ -340,13 +340,13 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, stop: CancellationToken
         return dispose(stream, vec![]).await;
     };
     let mut conn = FramedConn::new(stream);
-    // Held until the descriptors are handed over, so a closer backlog stays
-    // bounded by the connection caps.
-    let mut slot = None;
-    serve_conn(&mut conn, &shared, &cred, stop, &mut slot, pre).await;
+    // Both held until the descriptors are handed over, so a closer backlog
+    // stays bounded by the connection caps.
+    let (mut pre, mut slot) = (Some(pre), None);
+    serve_conn(&mut conn, &shared, &cred, stop, &mut pre, &mut slot).await;
     let fds = conn.take_fds();
     dispose(conn.into_stream(), fds).await;
-    drop(slot);
+    drop((pre, slot));
 }
 
 /// Closes a connection and the descriptors its peer passed that were not
@@ -376,14 +376,14 @@ async fn refuse_handshake(conn: &mut FramedConn) {
 }
 
 /// The connection's life. `pre` counts it as not yet authenticated until
-/// it holds a connection slot.
+/// it gets its connection `slot`.
 async fn serve_conn(
     conn: &mut FramedConn,
     shared: &Arc<Shared>,
     cred: &PeerCred,
     stop: CancellationToken,
+    pre: &mut Option<PreAuth>,
     slot: &mut Option<Slot>,
-    pre: PreAuth,
 ) {
     let (uid, pid) = (cred.uid, cred.pid);
     let opts = &shared.opts;
@@ -455,7 +455,7 @@ async fn serve_conn(
             return;
         }
     };
-    drop(pre);
+    *pre = None;
     debug!(uid, pid, version, "client connected");
     let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     let (ev_tx, mut ev_rx) = tokio::sync::mpsc::channel::<Event>(64);
