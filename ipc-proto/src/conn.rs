@@ -4,8 +4,9 @@
 //! Descriptors are attached to the first byte of the frame that announces
 //! them. The receiver keeps a FIFO of descriptors as they arrive and hands a
 //! frame exactly the number its header announces; descriptors nobody
-//! announced are closed with the connection. Received descriptors carry
-//! `O_CLOEXEC` (`MSG_CMSG_CLOEXEC`).
+//! announced stay queued until [`FramedConn::take_fds`] (or are closed with
+//! the connection). Received descriptors carry `O_CLOEXEC`
+//! (`MSG_CMSG_CLOEXEC`).
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, IoSliceMut};
@@ -168,10 +169,24 @@ impl FramedConn {
                 got: self.fds.len(),
             });
         }
-        let fds: Vec<OwnedFd> = self.fds.drain(..header.n_fds).collect();
         let msg = decode_body(&self.rbuf[HEADER_LEN..total]);
         self.rbuf.drain(..total);
-        Ok((msg?, fds))
+        // On a decode error the descriptors stay queued (see `take_fds`).
+        let msg = msg?;
+        Ok((msg, self.fds.drain(..header.n_fds).collect()))
+    }
+
+    /// Takes every descriptor received but not handed out with a frame, so
+    /// the caller decides where they are closed (closing a peer's socket
+    /// can block, e.g. a TCP socket with `SO_LINGER` and unsent data).
+    pub fn take_fds(&mut self) -> Vec<OwnedFd> {
+        self.fds.drain(..).collect()
+    }
+
+    /// The stream, once done with framing. Descriptors still queued are
+    /// closed: call [`FramedConn::take_fds`] first to close them elsewhere.
+    pub fn into_stream(self) -> UnixStream {
+        self.stream
     }
 
     /// Writes one frame with `fds` attached to its first byte.
@@ -542,6 +557,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn fds_of_a_frame_that_does_not_decode_stay_queued() {
+        let (a, mut b) = pair();
+        let f = tempfile_with(b"x");
+        let raw = a.into_std_stream();
+        raw.set_nonblocking(false).expect("blocking");
+        let bytes = [0u8, 0, 0, 3, 1, 0, 0xff, 0xff, 0xff];
+        let fd = [f.as_raw_fd()];
+        let sent = nix::sys::socket::sendmsg::<()>(
+            raw.as_raw_fd(),
+            &[IoSlice::new(&bytes)],
+            &[ControlMessage::ScmRights(&fd)],
+            MsgFlags::empty(),
+            None,
+        )
+        .expect("sendmsg");
+        assert_eq!(sent, bytes.len());
+        assert!(matches!(
+            b.read_frame::<ClientFrame>(None).await,
+            Err(TransportError::Frame(_))
+        ));
+        assert_eq!(b.take_fds().len(), 1, "left for the caller to close");
+        drop(raw);
+    }
+
+    #[tokio::test]
     async fn stall_mid_frame_times_out() {
         let (a, mut b) = pair();
         let mut a = a.into_inner_stream();
@@ -603,7 +643,7 @@ mod tests {
             self.stream.into_std().expect("into_std")
         }
         fn into_inner_stream(self) -> UnixStream {
-            self.stream
+            self.into_stream()
         }
     }
 

@@ -66,9 +66,76 @@ impl InstanceName {
         &self.0
     }
 
-    /// The network namespace's name: `warren-NAME`.
+    /// The network namespace's name: `warren-NAME` (see [`KernelNames`]).
     pub fn netns(&self) -> String {
-        format!("warren-{}", self.0)
+        KernelNames::of(ResourceKind::Instance, self)
+            .netns
+            .unwrap_or_default()
+    }
+}
+
+/// The kinds of resource the helper creates. Names are unique across kinds
+/// (one registry), but each kind derives its kernel names with a prefix of
+/// its own, so two resources can never share a kernel object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ResourceKind {
+    /// A namespace instance.
+    Instance,
+    /// A server tunnel (in the helper's namespace).
+    Server,
+    /// A host tunnel (in the helper's namespace).
+    Host,
+}
+
+/// Every kernel or file name a resource gets, derived from its kind and
+/// name in this one place. `None`: the kind has no such object.
+///
+/// | kind | netns | link in the host namespace | nftables table (inet) | state file |
+/// | --- | --- | --- | --- | --- |
+/// | instance | `warren-NAME` | – (its TUN lives in its own namespace) | – | – (`/etc/netns/warren-NAME`) |
+/// | server | – | `wrsNAME` | `warren_s_NAME` | – |
+/// | host | – | `wrhNAME` | `warren_h_NAME` | `host-NAME.resolv.conf` |
+///
+/// (`-` becomes `_` in table names; names never contain `_`, so this stays
+/// injective.) Host tunnels' routing tables and fwmarks are slots (51820 +
+/// n), handed out by the helper's registry, not names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelNames {
+    /// Network namespace.
+    pub netns: Option<String>,
+    /// Link in the helper's (host's) namespace.
+    pub link: Option<String>,
+    /// nftables table (family inet).
+    pub nft_table: Option<String>,
+    /// File in the helper's state directory.
+    pub state_file: Option<String>,
+}
+
+impl KernelNames {
+    /// The names of resource `name` of kind `kind`.
+    pub fn of(kind: ResourceKind, name: &InstanceName) -> KernelNames {
+        let n = name.as_str();
+        let table = |k: &str| Some(format!("warren_{k}_{}", n.replace('-', "_")));
+        match kind {
+            ResourceKind::Instance => KernelNames {
+                netns: Some(format!("warren-{n}")),
+                link: None,
+                nft_table: None,
+                state_file: None,
+            },
+            ResourceKind::Server => KernelNames {
+                netns: None,
+                link: Some(format!("wrs{n}")),
+                nft_table: table("s"),
+                state_file: None,
+            },
+            ResourceKind::Host => KernelNames {
+                netns: None,
+                link: Some(format!("wrh{n}")),
+                nft_table: table("h"),
+                state_file: Some(format!("host-{n}.resolv.conf")),
+            },
+        }
     }
 }
 
@@ -357,9 +424,14 @@ impl ServerTunnelSpec {
         self
     }
 
-    /// The TUN device's name.
+    /// The TUN device's name (see [`KernelNames`]).
     pub fn ifname(&self) -> String {
-        format!("wrs{}", self.name.as_str())
+        self.names().link.unwrap_or_default()
+    }
+
+    /// Its kernel names.
+    pub fn names(&self) -> KernelNames {
+        KernelNames::of(ResourceKind::Server, &self.name)
     }
 }
 
@@ -454,9 +526,14 @@ impl HostTunnelSpec {
         Ok(self)
     }
 
-    /// The TUN device's name.
+    /// The TUN device's name (see [`KernelNames`]).
     pub fn ifname(&self) -> String {
-        format!("wrh{}", self.name.as_str())
+        self.names().link.unwrap_or_default()
+    }
+
+    /// Its kernel names.
+    pub fn names(&self) -> KernelNames {
+        KernelNames::of(ResourceKind::Host, &self.name)
     }
 }
 
@@ -698,5 +775,63 @@ mod tests {
         let mut bad = ok;
         bad.argv = vec![];
         assert!(bad.validate().is_err());
+    }
+
+    fn arb_kind_name() -> impl proptest::strategy::Strategy<Value = (ResourceKind, InstanceName)> {
+        use proptest::prelude::*;
+        (
+            prop_oneof![
+                Just(ResourceKind::Instance),
+                Just(ResourceKind::Server),
+                Just(ResourceKind::Host)
+            ],
+            "[a-z0-9][a-z0-9-]{0,14}",
+        )
+            .prop_map(|(k, n)| {
+                // Tunnels' names have at most 12 characters.
+                let n = if k == ResourceKind::Instance {
+                    n
+                } else {
+                    n.chars().take(12).collect()
+                };
+                (k, InstanceName::new(&n).expect("valid"))
+            })
+    }
+
+    proptest::proptest! {
+        /// Finding 3 (issue 14): no two resources, of the same kind or
+        /// not, ever share a kernel object; link names fit IFNAMSIZ.
+        #[test]
+        fn finding_3_kernel_names_are_injective_across_kinds(
+            a in arb_kind_name(),
+            b in arb_kind_name(),
+        ) {
+            let (na, nb) = (KernelNames::of(a.0, &a.1), KernelNames::of(b.0, &b.1));
+            for n in [&na, &nb] {
+                proptest::prop_assert!(n.link.as_ref().is_none_or(|l| l.len() <= 15));
+            }
+            if a != b {
+                for (x, y) in [
+                    (&na.netns, &nb.netns),
+                    (&na.link, &nb.link),
+                    (&na.nft_table, &nb.nft_table),
+                    (&na.state_file, &nb.state_file),
+                ] {
+                    if let (Some(x), Some(y)) = (x, y) {
+                        proptest::prop_assert_ne!(x, y);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn finding_3_host_and_server_tables_differ_for_h_prefixed_names() {
+        let server = KernelNames::of(
+            ResourceKind::Server,
+            &InstanceName::new("h-foo").expect("n"),
+        );
+        let host = KernelNames::of(ResourceKind::Host, &InstanceName::new("foo").expect("n"));
+        assert_ne!(server.nft_table, host.nft_table);
     }
 }

@@ -259,6 +259,14 @@ pub enum HelperError {
         /// Correlates with the helper's log line.
         incident: u64,
     },
+    /// The host's network state does not allow the request (protocol
+    /// version 3): e.g. no default route for a server tunnel to masquerade
+    /// out of.
+    #[error("refused by the host's network: {reason}")]
+    HostState {
+        /// What is missing or in the way.
+        reason: String,
+    },
 }
 
 #[cfg(test)]
@@ -289,6 +297,7 @@ mod tests {
             ".{0,16}".prop_map(|what| HelperError::Exists { what }),
             any::<u32>().prop_map(|limit| HelperError::TooManyResources { limit }),
             any::<u64>().prop_map(|incident| HelperError::Internal { incident }),
+            ".{0,32}".prop_map(|reason| HelperError::HostState { reason }),
         ]
     }
 

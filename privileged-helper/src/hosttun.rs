@@ -75,16 +75,14 @@ fn other(e: impl std::fmt::Display) -> std::io::Error {
 /// changed, so it can be journaled first).
 pub fn plan(spec: &HostTunnelSpec, slot: u32, state_dir: &Path) -> HostRecord {
     let has = |v6: bool| spec.routes.iter().any(|r| r.addr().is_ipv6() == v6);
+    let names = spec.names();
     HostRecord {
         ifname: spec.ifname(),
         table: TABLE_BASE + slot,
         families: (has(false), has(true)),
-        nft_table: spec
-            .kill_switch
-            .then(|| format!("warren_h_{}", spec.name.as_str().replace('-', "_"))),
-        dns: (!spec.dns.is_empty()).then(|| {
-            DnsBackup::File(state_dir.join(format!("resolv.conf.{}", spec.name.as_str())))
-        }),
+        nft_table: names.nft_table.filter(|_| spec.kill_switch),
+        dns: (!spec.dns.is_empty())
+            .then(|| DnsBackup::File(state_dir.join(names.state_file.unwrap_or_default()))),
     }
 }
 
@@ -297,6 +295,8 @@ pub fn create(
     spec: &HostTunnelSpec,
     rec: &HostRecord,
 ) -> Result<(OwnedFd, OwnedFd, HostRecord), NetError> {
+    // Before anything the rollback would undo by name.
+    crate::nat::link_free(&rec.ifname)?;
     let mut rec = rec.clone();
     let res = create_inner(spec, &mut rec);
     if res.is_err() {
@@ -335,10 +335,10 @@ fn create_inner(
         r
     })
     .map_err(err("set up routing"))?;
-    if let Some(table) = &rec.nft_table {
-        crate::nat::delete_table(table)?;
-        crate::nat::nft_apply(&kill_switch_batch(table, spec, rec.table))
-            .map_err(err(format!("install kill switch table {table}")))?;
+    // Recorded (for the rollback to delete) only once it is ours.
+    if let Some(table) = rec.nft_table.take() {
+        crate::nat::install_table(&table, &kill_switch_batch(&table, spec, rec.table))?;
+        rec.nft_table = Some(table);
     }
     if let Some(plan) = &rec.dns {
         // /etc is read-only in the unit's sandbox: the host's file is

@@ -201,8 +201,9 @@ impl Registry {
     }
 
     /// Runs kernel work on a blocking thread. The work undoes its own
-    /// partial effects on failure; then the journal entry is dropped and an
-    /// incident is reported.
+    /// partial effects on failure; then the journal entry is dropped and the
+    /// refusal the work made is answered (something about the request or
+    /// the host's state the caller can act on), or else an incident.
     async fn build<T: Send + 'static>(
         &self,
         what: String,
@@ -211,12 +212,19 @@ impl Registry {
     ) -> Result<T, HelperError> {
         let why = match tokio::task::spawn_blocking(work).await {
             Ok(Ok(x)) => return Ok(x),
-            Ok(Err(e)) => format!(
-                "{e}: {}",
-                std::error::Error::source(&e)
-                    .map(|s| s.to_string())
-                    .unwrap_or_default()
-            ),
+            Ok(Err(e)) => match refusal_of(&e) {
+                Some(refused) => {
+                    warn!(what, error = %refused, "refused");
+                    let _ = self.lock().journal.remove(journal_id);
+                    return Err(refused.clone());
+                }
+                None => format!(
+                    "{e}: {}",
+                    std::error::Error::source(&e)
+                        .map(|s| s.to_string())
+                        .unwrap_or_default()
+                ),
+            },
             Err(_) => "creation task failed".to_string(),
         };
         let mut st = self.lock();
@@ -313,13 +321,14 @@ impl Registry {
             },
         };
         // Forwarding is shared: the first server tunnel saves it (the values
-        // are journaled once known).
-        let (journal_id, first) = self.reserve(&name, peer, false, |st| {
-            let first = !st
-                .instances
-                .values()
-                .any(|i| matches!(i.kind, Kind::Server { .. }));
-            (entry(None), first)
+        // are journaled once known) and every later one records the same
+        // values, so whichever ends last restores them.
+        let (journal_id, inherited) = self.reserve(&name, peer, false, |st| {
+            let inherited = st.instances.values().find_map(|i| match &i.kind {
+                Kind::Server { record, .. } => Some(record.saved_forwarding.clone()),
+                _ => None,
+            });
+            (entry(inherited.clone().flatten()), inherited)
         })?;
         let spec2 = spec.clone();
         let (tun, egress, saved) = self
@@ -327,16 +336,18 @@ impl Registry {
                 format!("create server tunnel {name}"),
                 journal_id,
                 move || {
-                    let saved = if first {
-                        Some(crate::nat::enable_forwarding()?)
-                    } else {
-                        None
+                    let first = inherited.is_none();
+                    let saved = match inherited {
+                        Some(saved) => saved,
+                        None => Some(crate::nat::enable_forwarding()?),
                     };
+                    // Its table is the last step and atomic: on failure
+                    // there is none of ours to delete (and a table of that
+                    // name that was there before is not ours).
                     match crate::nat::create(&spec2) {
                         Ok((tun, egress, _)) => Ok((tun, egress, saved)),
                         Err(e) => {
-                            let _ = crate::nat::delete_table(&crate::nat::table_name(&spec2));
-                            if let Some(s) = &saved {
+                            if let Some(s) = saved.as_ref().filter(|_| first) {
                                 let _ = crate::nat::restore_forwarding(s);
                             }
                             Err(e)
@@ -510,25 +521,26 @@ impl Registry {
         fds: Vec<OwnedFd>,
     ) -> Result<i32, HelperError> {
         if fds.len() != usize::from(spec.n_fds) {
+            let sent = fds.len();
+            crate::closer::close(fds).await;
             return Err(HelperError::InvalidArgument {
                 field: "n_fds".into(),
-                reason: format!("{} announced, {} sent", spec.n_fds, fds.len()),
+                reason: format!("{} announced, {sent} sent", spec.n_fds),
             });
         }
-        let ns = {
-            let st = self.lock();
-            match st.instances.get(&spec.instance) {
-                Some(Instance {
-                    kind: Kind::Instance { netns, .. },
-                    owner,
-                    ..
-                }) if *owner == peer.uid || peer.uid == 0 => netns.clone(),
-                _ => {
-                    return Err(HelperError::NotFound {
-                        what: format!("instance {}", spec.instance),
-                    });
-                }
-            }
+        let ns = match self.lock().instances.get(&spec.instance) {
+            Some(Instance {
+                kind: Kind::Instance { netns, .. },
+                owner,
+                ..
+            }) if *owner == peer.uid || peer.uid == 0 => Some(netns.clone()),
+            _ => None,
+        };
+        let Some(ns) = ns else {
+            crate::closer::close(fds).await;
+            return Err(HelperError::NotFound {
+                what: format!("instance {}", spec.instance),
+            });
         };
         let name = spec.instance.clone();
         let peer2 = peer.clone();
@@ -731,6 +743,11 @@ impl Registry {
             reg.send_event(creator, Event::InstanceGone { name });
         }))
     }
+}
+
+/// The refusal (see [`crate::nat::refusal`]) a failed step carries, if any.
+fn refusal_of(e: &netns::NetError) -> Option<&HelperError> {
+    e.source.get_ref()?.downcast_ref::<HelperError>()
 }
 
 /// Removes a server tunnel's table; the last one restores forwarding.

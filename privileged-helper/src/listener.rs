@@ -6,9 +6,9 @@
 //! to `NOTIFY_SOCKET` (path or abstract `@name`).
 //!
 //! The systemd variables are read once at start, before any thread exists,
-//! and removed from the environment so nothing the helper spawns inherits
-//! them. They only say *where* to listen and report, never *who* is
-//! authorized or *what* to do.
+//! and then the whole environment is cleared, so nothing the helper does or
+//! spawns depends on it. They only say *where* to listen and report, never
+//! *who* is authorized or *what* to do.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -153,26 +153,15 @@ pub struct SystemdEnv {
 /// namespace in systemd's file descriptor store.
 pub const HOST_MNT_FDNAME: &str = "host-mnt";
 
-/// Reads and removes the systemd variables. Must run before any thread is
-/// started (it edits the environment).
+/// Reads the systemd variables, then empties the whole environment (see
+/// [`clear_env`]). Must run before any thread is started.
 pub fn take_systemd_env() -> Result<SystemdEnv, ListenError> {
     let fds: Vec<(RawFd, String)> = sd_notify::listen_fds_with_names()
         .map_err(|e| ListenError::Activation(e.to_string()))?
         .collect();
     let notify = std::env::var_os("NOTIFY_SOCKET").map(PathBuf::from);
     let watchdog = sd_notify::watchdog_enabled();
-    for var in [
-        "LISTEN_FDS",
-        "LISTEN_PID",
-        "LISTEN_FDNAMES",
-        "NOTIFY_SOCKET",
-        "WATCHDOG_USEC",
-        "WATCHDOG_PID",
-    ] {
-        // SAFETY: called from main before the runtime or any other thread
-        // exists, so nothing reads the environment concurrently.
-        unsafe { std::env::remove_var(var) };
-    }
+    clear_env();
     let (host_mnt, sockets): (Vec<_>, Vec<_>) = fds
         .into_iter()
         .partition(|(_, name)| name == HOST_MNT_FDNAME);
@@ -204,6 +193,16 @@ pub fn take_systemd_env() -> Result<SystemdEnv, ListenError> {
         watchdog,
         host_mnt,
     })
+}
+
+/// Empties the environment: the helper keeps nothing it did not set (a
+/// `PATH`, `LD_*` or locale from whoever started it must never steer what
+/// it runs). Call before any thread exists.
+pub fn clear_env() {
+    // SAFETY: called from main before the runtime or any other thread
+    // exists, so nothing reads the environment concurrently. (clearenv, not
+    // remove_var: that panics on names such as "=x" that execve allows.)
+    unsafe { libc::clearenv() };
 }
 
 fn adopt_listener(fd: RawFd) -> Result<UnixListener, ListenError> {

@@ -117,6 +117,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Cleanup { socket } => {
+            warren_helper::listener::clear_env();
             init_logging(0);
             match run_cleanup(&socket) {
                 Ok(()) => ExitCode::SUCCESS,

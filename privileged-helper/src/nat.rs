@@ -1,10 +1,11 @@
 //! Server tunnels: a TUN device in the helper's own network namespace,
 //! IPv4 and IPv6 forwarding, and masquerade NAT out of the default route's
 //! interface — all NAT and filtering in an nftables table of warren's own
-//! (`inet warren_NAME`), created and deleted whole, so no table warren did
-//! not create is ever flushed or edited.
+//! (`inet warren_s_NAME`), created and deleted whole, so no table warren did
+//! not create is ever flushed, replaced or edited.
 //!
-//! nftables is driven through its JSON interface (`nft -j -f -`); links,
+//! nftables is driven through its JSON interface (`nft -j -f -`, run by
+//! absolute path with an empty environment); links,
 //! addresses and the default route's interface through rtnetlink.
 
 use std::io::Write;
@@ -15,6 +16,7 @@ use std::process::{Command, Stdio};
 use futures::TryStreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use warren_ipc::HelperError;
 use warren_ipc::instance::ServerTunnelSpec;
 
 use crate::netns::NetError;
@@ -34,9 +36,15 @@ fn err(step: impl Into<String>) -> impl FnOnce(std::io::Error) -> NetError {
     move |source| NetError { step, source }
 }
 
-/// The nftables table of a server tunnel.
+/// The nftables table of a server tunnel (`warren_s_NAME`).
 pub fn table_name(spec: &ServerTunnelSpec) -> String {
-    format!("warren_{}", spec.name.as_str().replace('-', "_"))
+    spec.names().nft_table.unwrap_or_default()
+}
+
+/// A refusal the caller can act on (carried inside an `io::Error` through
+/// the kernel code, and answered as is instead of as an incident).
+pub fn refusal(e: HelperError) -> std::io::Error {
+    std::io::Error::other(e)
 }
 
 const V4_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
@@ -72,12 +80,29 @@ pub fn restore_forwarding(saved: &(String, String)) -> Vec<NetError> {
     errs
 }
 
+/// Where `nft` may be: a fixed list, never `PATH` (the helper's
+/// environment is not trusted; sudo may not even reset it).
+const NFT_PATHS: [&str; 3] = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"];
+
+/// `nft ARGS` by absolute path (root-owned, writable by root alone, in
+/// root-owned directories), with an empty environment.
+fn nft(args: &[&str]) -> std::io::Result<Command> {
+    let path = NFT_PATHS
+        .iter()
+        .find(|p| crate::config::check_root_controlled(std::path::Path::new(p)).is_ok())
+        .ok_or_else(|| std::io::Error::other(format!("no root-owned nft in {NFT_PATHS:?}")))?;
+    let mut c = Command::new(path);
+    c.args(args)
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    Ok(c)
+}
+
 /// Runs an nftables JSON batch.
 pub fn nft_apply(batch: &serde_json::Value) -> std::io::Result<()> {
-    let mut child = Command::new("nft")
-        .args(["-j", "-f", "-"])
+    let mut child = nft(&["-j", "-f", "-"])?
         .stdin(Stdio::piped())
-        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()?;
     if let Some(mut stdin) = child.stdin.take() {
@@ -91,6 +116,40 @@ pub fn nft_apply(batch: &serde_json::Value) -> std::io::Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Whether table `inet NAME` exists.
+fn table_exists(table: &str) -> std::io::Result<bool> {
+    Ok(nft(&["list", "table", "inet", table])?
+        .stderr(Stdio::null())
+        .status()?
+        .success())
+}
+
+/// Refuses (`Exists`) a link name that is taken: a link warren did not
+/// create (a persistent TUN would even be adopted) is never used, nor
+/// removed by a rollback.
+pub fn link_free(ifname: &str) -> Result<(), NetError> {
+    if nix::net::if_::if_nametoindex(ifname).is_ok() {
+        return Err(err("create the link")(refusal(HelperError::Exists {
+            what: format!("network interface {ifname}"),
+        })));
+    }
+    Ok(())
+}
+
+/// Installs `batch`, whose first command adds warren's table `table`:
+/// refused (never replaced) if a table of that name exists already, as
+/// warren deletes only tables it recorded as its own.
+pub fn install_table(table: &str, batch: &serde_json::Value) -> Result<(), NetError> {
+    if table_exists(table).map_err(err("run nft"))? {
+        return Err(err("install nftables table")(refusal(
+            HelperError::Exists {
+                what: format!("nftables table inet {table}"),
+            },
+        )));
+    }
+    nft_apply(batch).map_err(err(format!("install nftables table {table}")))
 }
 
 /// An nftables object (chain or rule) in `table` of family inet, with the
@@ -148,14 +207,7 @@ fn nat_batch(table: &str, tun: &str, egress: &str, spec: &ServerTunnelSpec) -> s
 
 /// Deletes warren's table (and only it). Missing is fine.
 pub fn delete_table(table: &str) -> Result<(), NetError> {
-    let exists = Command::new("nft")
-        .args(["list", "table", "inet", table])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map_err(err("run nft"))?
-        .success();
-    if !exists {
+    if !table_exists(table).map_err(err("run nft"))? {
         return Ok(());
     }
     nft_apply(&json!({"nftables": [{"delete": {"table": {"family": "inet", "name": table}}}]}))
@@ -182,8 +234,12 @@ async fn default_egress(handle: &rtnetlink::Handle) -> std::io::Result<(u32, Str
             }
         }
     }
-    let oif =
-        oif.ok_or_else(|| std::io::Error::other("no IPv4 default route to masquerade out of"))?;
+    let oif = oif.ok_or_else(|| {
+        refusal(HelperError::HostState {
+            reason: "the host has no IPv4 default route to masquerade the tunnel's traffic out of"
+                .into(),
+        })
+    })?;
     let mut links = handle.link().get().match_index(oif).execute();
     let link = links
         .try_next()
@@ -207,6 +263,7 @@ async fn default_egress(handle: &rtnetlink::Handle) -> std::io::Result<(u32, Str
 /// caller's (it is shared by all server tunnels).
 pub fn create(spec: &ServerTunnelSpec) -> Result<(OwnedFd, String, String), NetError> {
     let ifname = spec.ifname();
+    link_free(&ifname)?;
     let tun = warren_netconf::open_tun(&ifname, spec.offload)
         .map_err(err(format!("create TUN {ifname}")))?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -229,8 +286,6 @@ pub fn create(spec: &ServerTunnelSpec) -> Result<(OwnedFd, String, String), NetE
         .map_err(err(format!("configure {ifname}")))?
         .1;
     let table = table_name(spec);
-    delete_table(&table)?;
-    nft_apply(&nat_batch(&table, &ifname, &egress, spec))
-        .map_err(err(format!("install nftables table {table}")))?;
+    install_table(&table, &nat_batch(&table, &ifname, &egress, spec))?;
     Ok((tun, egress, table))
 }

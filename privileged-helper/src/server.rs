@@ -11,10 +11,15 @@
 //!   before any of its body is read;
 //! * at most `max_connections` connections in all and
 //!   `max_connections_per_uid` per user, so one user's idle connections
-//!   cannot lock others out.
+//!   cannot lock others out;
+//! * before that, at most 128 connections in all and 32 per user that are
+//!   not yet authenticated (handshake, group and caps still to check), so
+//!   idle connects cannot exhaust the helper's descriptors;
+//! * a peer's descriptors are never closed on the event loop
+//!   ([`crate::closer`]).
 
 use std::collections::HashMap;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -96,9 +101,40 @@ struct Shared {
     started: Instant,
     per_uid: Mutex<HashMap<u32, u32>>,
     total: AtomicU32,
+    /// Not-yet-authenticated connections: in all, and per uid.
+    pre_auth: Mutex<(u32, HashMap<u32, u32>)>,
     next_conn: AtomicU64,
     incidents: AtomicU64,
     count_tx: watch::Sender<u32>,
+}
+
+/// Connections not yet authenticated (no handshake, or not yet checked
+/// against the group and the connection caps), per uid and in all: what
+/// keeps idle connects from exhausting the helper's descriptors.
+const PRE_AUTH_PER_UID: u32 = 32;
+const PRE_AUTH_TOTAL: u32 = 128;
+
+/// A not-yet-authenticated connection's place in those counts.
+struct PreAuth {
+    shared: Arc<Shared>,
+    uid: u32,
+}
+
+impl Drop for PreAuth {
+    fn drop(&mut self) {
+        let mut c = self
+            .shared
+            .pre_auth
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        c.0 -= 1;
+        if let Some(n) = c.1.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                c.1.remove(&self.uid);
+            }
+        }
+    }
 }
 
 /// A connection slot; releasing it updates the counters.
@@ -157,6 +193,21 @@ impl Shared {
         })
     }
 
+    /// Counts a new connection as not yet authenticated, if under the caps.
+    fn pre_admit(self: &Arc<Self>, uid: u32) -> Option<PreAuth> {
+        let mut c = self.pre_auth.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = c.1.get(&uid).copied().unwrap_or(0);
+        if c.0 >= PRE_AUTH_TOTAL || mine >= PRE_AUTH_PER_UID {
+            return None;
+        }
+        c.0 += 1;
+        c.1.insert(uid, mine + 1);
+        Some(PreAuth {
+            shared: self.clone(),
+            uid,
+        })
+    }
+
     fn incident(&self) -> u64 {
         self.incidents.fetch_add(1, Ordering::Relaxed) + 1
     }
@@ -179,6 +230,7 @@ pub async fn serve(
         started: Instant::now(),
         per_uid: Mutex::new(HashMap::new()),
         total: AtomicU32::new(0),
+        pre_auth: Mutex::new((0, HashMap::new())),
         next_conn: AtomicU64::new(1),
         incidents: AtomicU64::new(0),
         count_tx,
@@ -270,16 +322,70 @@ fn notify(n: &Notifier, msg: &str) {
     }
 }
 
+/// Serves one connection, then closes it (see [`dispose`]).
 async fn handle(stream: UnixStream, shared: Arc<Shared>, stop: CancellationToken) {
     let cred = match PeerCred::of(stream.as_fd()) {
         Ok(c) => c,
         Err(e) => {
             warn!(error = %e, "cannot read peer credentials; closing");
-            return;
+            return dispose(stream, vec![]).await;
         }
     };
-    let (uid, pid) = (cred.uid, cred.pid);
+    let Some(pre) = shared.pre_admit(cred.uid) else {
+        warn!(
+            uid = cred.uid,
+            pid = cred.pid,
+            "refused: too many connections not yet authenticated"
+        );
+        return dispose(stream, vec![]).await;
+    };
     let mut conn = FramedConn::new(stream);
+    // Both held until the descriptors are handed over, so a closer backlog
+    // stays bounded by the connection caps.
+    let (mut pre, mut slot) = (Some(pre), None);
+    serve_conn(&mut conn, &shared, &cred, stop, &mut pre, &mut slot).await;
+    let fds = conn.take_fds();
+    dispose(conn.into_stream(), fds).await;
+    drop((pre, slot));
+}
+
+/// Closes a connection and the descriptors its peer passed that were not
+/// handed on. Shut down first, the peer can queue nothing more; if it left
+/// nothing unread (so no descriptor in flight) and passed none, the close
+/// cannot block and happens here, else on the closer thread.
+async fn dispose(stream: UnixStream, mut fds: Vec<std::os::fd::OwnedFd>) {
+    let Ok(s) = stream.into_std() else { return };
+    let _ = s.shutdown(std::net::Shutdown::Both);
+    let mut unread: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the valid pointer.
+    let rc = unsafe { libc::ioctl(s.as_raw_fd(), libc::FIONREAD, &mut unread) };
+    if fds.is_empty() && rc == 0 && unread == 0 {
+        return;
+    }
+    fds.push(s.into());
+    crate::closer::close(fds).await;
+}
+
+/// Refuses a handshake (version 0: none in common).
+async fn refuse_handshake(conn: &mut FramedConn) {
+    let no = ServerHello {
+        chosen: 0,
+        helper_max: PROTOCOL_VERSION,
+    };
+    let _ = conn.write_raw(&no.encode()).await;
+}
+
+/// The connection's life. `pre` counts it as not yet authenticated until
+/// it gets its connection `slot`.
+async fn serve_conn(
+    conn: &mut FramedConn,
+    shared: &Arc<Shared>,
+    cred: &PeerCred,
+    stop: CancellationToken,
+    pre: &mut Option<PreAuth>,
+    slot: &mut Option<Slot>,
+) {
+    let (uid, pid) = (cred.uid, cred.pid);
     let opts = &shared.opts;
     let version = match tokio::time::timeout(
         opts.handshake_timeout,
@@ -291,6 +397,12 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, stop: CancellationToken
             info!(uid, pid, "no handshake in time; closing");
             return;
         }
+        Ok(Err(e @ TransportError::UnexpectedFds)) => {
+            // Descriptors come only with a spawn request that declares them.
+            warn!(uid, pid, error = %e, "descriptors with the handshake; refusing");
+            refuse_handshake(conn).await;
+            return;
+        }
         Ok(Err(e)) => {
             info!(uid, pid, error = %e, "handshake failed; closing");
             return;
@@ -299,15 +411,7 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, stop: CancellationToken
             Ok(v) => v,
             Err(e) => {
                 warn!(uid, pid, error = %e, "refusing handshake");
-                let _ = conn
-                    .write_raw(
-                        &ServerHello {
-                            chosen: 0,
-                            helper_max: PROTOCOL_VERSION,
-                        }
-                        .encode(),
-                    )
-                    .await;
+                refuse_handshake(conn).await;
                 return;
             }
         },
@@ -325,7 +429,7 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, stop: CancellationToken
     {
         return;
     }
-    if !opts.authorizer.allows(&cred) {
+    if !opts.authorizer.allows(cred) {
         warn!(
             uid,
             pid,
@@ -334,7 +438,7 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, stop: CancellationToken
             "refused: peer is neither root nor a member of the authorized group"
         );
         refuse(
-            &mut conn,
+            conn,
             opts.frame_timeout,
             HelperError::NotAuthorized {
                 group: opts.authorizer.group_name().into(),
@@ -343,14 +447,15 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, stop: CancellationToken
         .await;
         return;
     }
-    let _slot = match shared.admit(uid) {
-        Ok(s) => s,
+    *slot = match shared.admit(uid) {
+        Ok(s) => Some(s),
         Err(e) => {
             warn!(uid, pid, error = %e, "refused: connection limit");
-            refuse(&mut conn, opts.frame_timeout, e).await;
+            refuse(conn, opts.frame_timeout, e).await;
             return;
         }
     };
+    *pre = None;
     debug!(uid, pid, version, "client connected");
     let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     let (ev_tx, mut ev_rx) = tokio::sync::mpsc::channel::<Event>(64);
@@ -372,6 +477,25 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, stop: CancellationToken
             r = conn.read_frame::<ClientFrame>(Some(opts.frame_timeout)) => r,
         };
         let (frame, fds) = match read {
+            Ok((frame, fds)) if !fds.is_empty() && !matches!(frame.request, Request::Spawn(_)) => {
+                warn!(
+                    uid,
+                    pid,
+                    op = frame.request.op_name(),
+                    "descriptors with a request that takes none; closing"
+                );
+                crate::closer::close(fds).await;
+                let refused = HelperError::InvalidArgument {
+                    field: "descriptors".into(),
+                    reason: "only a spawn request may carry descriptors".into(),
+                };
+                let reply = ServerFrame::Reply {
+                    id: frame.id,
+                    result: Err(refused),
+                };
+                let _ = conn.write_frame(&reply, &[]).await;
+                break;
+            }
             Ok(x) => x,
             Err(TransportError::Closed) => break,
             Err(e) => {
@@ -393,7 +517,7 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, stop: CancellationToken
         let op = frame.request.op_name();
         info!(uid, pid, op, id = frame.id, "request");
         let (result, reply_fds) =
-            dispatch(&shared, &cred, conn_id, version, frame.request, fds).await;
+            dispatch(shared, cred, conn_id, version, frame.request, fds).await;
         if let Err(e) = &result {
             info!(uid, pid, op, error = %e, "request failed");
         }
@@ -426,7 +550,10 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, stop: CancellationToken
 /// `err`, then lets the connection close.
 async fn refuse(conn: &mut FramedConn, wait: Duration, err: HelperError) {
     let id = match tokio::time::timeout(wait, conn.read_frame::<ClientFrame>(Some(wait))).await {
-        Ok(Ok((frame, _))) => frame.id,
+        Ok(Ok((frame, fds))) => {
+            crate::closer::close(fds).await;
+            frame.id
+        }
         _ => 0,
     };
     let _ = conn
@@ -465,7 +592,10 @@ async fn dispatch(
     let registry = match (&request, &shared.opts.registry) {
         (Request::Hello { .. } | Request::Status, _) => None,
         (_, Some(r)) => Some(r),
-        (_, None) => return (Err(HelperError::Unsupported), vec![]),
+        (_, None) => {
+            crate::closer::close(fds).await;
+            return (Err(HelperError::Unsupported), vec![]);
+        }
     };
     match (request, registry) {
         (Request::CreateInstance(spec), Some(r)) => match r.create(spec, cred, conn_id).await {

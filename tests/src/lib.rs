@@ -362,6 +362,17 @@ pub fn start_lab_helper(
     sock: &std::path::Path,
     log: &std::path::Path,
 ) -> Proc {
+    start_lab_helper_env(host, resolv, sock, log, &[])
+}
+
+/// [`start_lab_helper`] with `env` added to the helper's environment.
+pub fn start_lab_helper_env(
+    host: &TestNs,
+    resolv: &std::path::Path,
+    sock: &std::path::Path,
+    log: &std::path::Path,
+    env: &[(&str, &str)],
+) -> Proc {
     let script = format!(
         "mount --bind {resolv} /etc/resolv.conf && exec ip netns exec {ns} {helper} serve --socket {sock} --group 60100 --config /nonexistent/x.toml",
         resolv = resolv.display(),
@@ -379,6 +390,7 @@ pub fn start_lab_helper(
             "-c",
             &script,
         ])
+        .envs(env.iter().copied())
         .stderr(std::fs::File::create(log).expect("log"))
         .spawn()
         .expect("helper in the lab host");

@@ -745,7 +745,7 @@ fn server_tunnel_nats_tunnel_clients_to_the_internet_namespace() {
         helper.log()
     );
     let n = name("srv");
-    let table = format!("warren_{}", n.as_str());
+    let table = format!("warren_s_{}", n.as_str());
     let nft_has_table = || {
         let out = run_limited(
             srv.exec("nft").args(["list", "tables"]),

@@ -184,6 +184,45 @@ echo DONE
     assert!(stdout.contains("DONE"), "{stdout}\n{stderr}");
 }
 
+/// Issue 14, finding 1: even where the main sudoers file sets no
+/// `secure_path`, the autostarted helper starts with the shipped line's
+/// PATH, never the caller's (and clears even that at once).
+#[test]
+fn finding_1_autostarted_helper_gets_secure_path_not_the_callers() {
+    if !require_root("finding_1_autostarted_helper_gets_secure_path_not_the_callers") {
+        return;
+    }
+    let etc = FakeEtc::new("sudo-path");
+    let main = etc.dir.join("etc/sudoers");
+    let text = std::fs::read_to_string(&main).expect("sudoers");
+    let without: String = text
+        .lines()
+        .filter(|l| !l.contains("secure_path"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&main, without).expect("sudoers");
+    let script = format!(
+        r#"
+mkdir -p -m 0777 /run/scratch/hostile
+{u} PATH=/run/scratch/hostile:/usr/bin:/bin {w} helper start --json > /run/scratch/a.json 2>/run/scratch/a.err
+cat /run/scratch/a.err
+HELPER_PID=$(sed -n 's/.*"pid":\([0-9]*\).*/\1/p' /run/scratch/a.json)
+echo "HELPER-$(tr '\0' '\n' < /proc/$HELPER_PID/environ | grep '^PATH=')"
+{wait}
+"#,
+        u = as_user(MEMBER),
+        w = warren(),
+        wait = WAIT_IDLE_EXIT
+    );
+    let out = etc.run(&script);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("HELPER-PATH=/usr/sbin:/usr/bin:/sbin:/bin\n"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn sudoers_allows_only_the_exact_command_line() {
     if !require_root("sudoers_allows_only_the_exact_command_line") {

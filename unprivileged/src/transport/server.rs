@@ -208,15 +208,16 @@ fn unspecified() -> Target {
     Target::Addr(SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
+/// Loopback, unspecified or link-local (cloud metadata at 169.254.169.254),
+/// also written as an IPv4-mapped IPv6 address (`::ffff:169.254.169.254`
+/// reaches the same host).
 fn is_local(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(a) => a.is_loopback() || a.is_unspecified() || a.is_link_local(),
-        IpAddr::V6(a) => {
-            a.is_loopback()
-                || a.is_unspecified()
-                || a.is_unicast_link_local()
-                || a.to_ipv4_mapped().is_some_and(|m| m.is_loopback())
-        }
+        IpAddr::V6(a) => match a.to_ipv4_mapped() {
+            Some(m) => is_local(IpAddr::V4(m)),
+            None => a.is_loopback() || a.is_unspecified() || a.is_unicast_link_local(),
+        },
     }
 }
 
@@ -388,4 +389,31 @@ async fn serve_mux<S: Duplex + 'static>(io: S, peer: SocketAddr, s: Arc<ServerSe
     }
     streams.close();
     streams.wait().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_local;
+
+    /// Issue 14, finding 8: the exit's local-address filter must catch
+    /// IPv4-mapped IPv6 spellings of local addresses too.
+    #[test]
+    fn finding_8_local_filter_catches_ipv4_mapped_ipv6() {
+        for local in [
+            "127.0.0.1",
+            "0.0.0.0",
+            "169.254.169.254",
+            "::1",
+            "::",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "::ffff:0.0.0.0",
+        ] {
+            assert!(is_local(local.parse().expect("ip")), "{local}");
+        }
+        for remote in ["198.18.0.1", "::ffff:198.18.0.1", "fd00::1", "2001:db8::1"] {
+            assert!(!is_local(remote.parse().expect("ip")), "{remote}");
+        }
+    }
 }

@@ -1,0 +1,592 @@
+//! Regression tests for issue 14 ("Trust boundary"), one per finding, named
+//! after it. Root e2e tests (CI runs them as root; they fail, never skip,
+//! there otherwise). Everything that touches routing or nftables runs in a
+//! throwaway namespace that plays the host, never the machine's own.
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use warren::helper_client::{ClientError, HelperClient};
+use warren_ipc::HelperError;
+use warren_ipc::instance::{HostTunnelSpec, InstanceName, ServerTunnelSpec};
+use warren_tests::{Proc, TestDir, TestNs, require_root, run_limited};
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn pid() -> u32 {
+    std::process::id() % 100_000
+}
+
+/// A namespace playing the host (optionally with a veth to a neighbour and
+/// a default route through it), and a helper serving inside it with a
+/// private /etc/resolv.conf.
+struct Lab {
+    host: TestNs,
+    _other: Option<TestNs>,
+    sock: std::path::PathBuf,
+    helper: Proc,
+    _dir: TestDir,
+}
+
+impl Lab {
+    fn new(tag: &str, default_route: bool, env: &[(&str, &str)]) -> Lab {
+        let host = TestNs::new(&format!("wrtb{tag}{}h", pid()));
+        let other = default_route.then(|| {
+            let other = TestNs::new(&format!("wrtb{tag}{}o", pid()));
+            host.veth(
+                &format!("tb{tag}{}h", pid()),
+                "198.18.54.1/24",
+                &other,
+                &format!("tb{tag}{}o", pid()),
+                "198.18.54.2/24",
+            );
+            host.ip(&["route", "add", "default", "via", "198.18.54.2"]);
+            other
+        });
+        let dir = TestDir::new(&format!("trust-{tag}"));
+        let resolv = dir.join("resolv.conf");
+        std::fs::write(&resolv, "nameserver 198.18.54.53\n").expect("resolv");
+        let sock = dir.join("helper.sock");
+        let helper =
+            warren_tests::start_lab_helper_env(&host, &resolv, &sock, &dir.join("helper.log"), env);
+        Lab {
+            host,
+            _other: other,
+            sock,
+            helper,
+            _dir: dir,
+        }
+    }
+
+    /// The lab host's nftables ruleset.
+    fn ruleset(&self) -> String {
+        let out = run_limited(
+            self.host.exec("nft").args(["list", "ruleset"]),
+            Duration::from_secs(10),
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The lab host's IPv4 forwarding switch.
+    fn forwarding(&self) -> String {
+        let out = run_limited(
+            self.host.exec("cat").arg("/proc/sys/net/ipv4/ip_forward"),
+            Duration::from_secs(10),
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Table `inet TABLE` as nft lists it ("" when it does not exist).
+    fn table(&self, table: &str) -> String {
+        let out = run_limited(
+            self.host.exec("nft").args(["list", "table", "inet", table]),
+            Duration::from_secs(10),
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- helper log ----\n{}", self.helper.log());
+        }
+        self.helper.signal(nix::sys::signal::Signal::SIGTERM);
+        let _ = self.helper.wait_timeout(Duration::from_secs(10));
+    }
+}
+
+fn name(s: &str) -> InstanceName {
+    InstanceName::new(s).expect("name")
+}
+
+fn server_spec(n: &str) -> ServerTunnelSpec {
+    ServerTunnelSpec::new(name(n), 1420, vec!["198.19.61.1/24".parse().expect("p")]).expect("spec")
+}
+
+fn host_spec(n: &str) -> HostTunnelSpec {
+    HostTunnelSpec::new(
+        name(n),
+        1420,
+        vec!["198.19.72.2/32".parse().expect("p")],
+        vec!["0.0.0.0/0".parse().expect("p")],
+        vec![],
+        true,
+    )
+    .expect("spec")
+}
+
+/// Finding 1: a helper started with a hostile `PATH` (a marker-writing
+/// `nft` first) creates and destroys a server tunnel and a host tunnel with
+/// kill switch, and never runs that `nft`.
+#[test]
+fn finding_1_helper_never_runs_nft_found_through_path() {
+    if !require_root("finding_1_helper_never_runs_nft_found_through_path") {
+        return;
+    }
+    let hostile = TestDir::new("trust-path");
+    let marker = hostile.join("ran");
+    let fake = hostile.join("nft");
+    // Does what the real one does, so only the marker tells them apart.
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\necho \"$@\" >>{}\nexec /usr/sbin/nft \"$@\"\n",
+            marker.display()
+        ),
+    )
+    .expect("fake nft");
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let path = format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", hostile.path().display());
+    let lab = Lab::new("p", true, &[("PATH", &path)]);
+    let (s, h) = (format!("ps{}", pid()), format!("ph{}", pid()));
+    rt().block_on(async {
+        let mut c = HelperClient::connect(&lab.sock).await.expect("connect");
+        let (_, _tun) = c
+            .create_server_tunnel(server_spec(&s))
+            .await
+            .expect("server tunnel");
+        let (_, _tun2, _udp) = c
+            .create_host_tunnel(host_spec(&h))
+            .await
+            .expect("host tunnel with kill switch");
+        let rules = lab.ruleset();
+        assert!(
+            rules.contains("masquerade"),
+            "server NAT installed: {rules}"
+        );
+        assert!(
+            rules.contains("policy drop"),
+            "kill switch installed: {rules}"
+        );
+        c.destroy_instance(&name(&h)).await.expect("destroy host");
+        c.destroy_instance(&name(&s)).await.expect("destroy server");
+    });
+    assert_eq!(lab.ruleset().trim(), "", "every table removed");
+    assert!(
+        !marker.exists(),
+        "the helper ran the nft found through PATH: {}",
+        std::fs::read_to_string(&marker).unwrap_or_default()
+    );
+}
+
+/// Finding 3: a server tunnel named `h-fN` and a host tunnel named `fN`
+/// (once both `warren_h_fN`) each keep a table of their own, and neither's
+/// creation or removal touches the other's; a table the helper did not
+/// create is never replaced or deleted: the request is refused instead.
+#[test]
+fn finding_3_server_h_foo_and_host_foo_keep_their_own_tables() {
+    if !require_root("finding_3_server_h_foo_and_host_foo_keep_their_own_tables") {
+        return;
+    }
+    let lab = Lab::new("t", true, &[]);
+    let (s, h, x) = (
+        format!("h-f{}", pid()),
+        format!("f{}", pid()),
+        format!("x{}", pid()),
+    );
+    let (server, host) = (server_spec(&s), host_spec(&h));
+    let server_table = server.names().nft_table.expect("server table");
+    let host_table = host.names().nft_table.expect("host table");
+    assert_ne!(server_table, host_table);
+    // Someone else's tables under the names a server tunnel `xN` gets (now
+    // and before the fix).
+    let foreign = server_spec(&x).names().nft_table.expect("table");
+    for t in [foreign.as_str(), &format!("warren_{x}")] {
+        let out = run_limited(
+            lab.host.exec("nft").args([
+                "add",
+                "table",
+                "inet",
+                t,
+                "{ comment \"not warren's\" ; }",
+            ]),
+            Duration::from_secs(10),
+        );
+        assert!(out.status.success(), "nft add table: {out:?}");
+    }
+    rt().block_on(async {
+        let mut c = HelperClient::connect(&lab.sock).await.expect("connect");
+        match c.create_server_tunnel(server_spec(&x)).await {
+            Err(ClientError::Helper(HelperError::Exists { what })) => {
+                assert!(what.contains(&foreign), "{what}")
+            }
+            other => panic!("a foreign table must be refused, got {other:?}"),
+        }
+        for t in [foreign.as_str(), &format!("warren_{x}")] {
+            assert!(lab.table(t).contains("not warren's"), "{t} left alone");
+        }
+        let (_, _tun) = c.create_server_tunnel(server).await.expect("server");
+        let (_, _tun2, _udp) = c.create_host_tunnel(host).await.expect("host");
+        assert!(
+            lab.table(&server_table).contains("masquerade"),
+            "server NAT intact after the host tunnel: {}",
+            lab.ruleset()
+        );
+        assert!(
+            lab.table(&host_table).contains("policy drop"),
+            "kill switch installed: {}",
+            lab.ruleset()
+        );
+        c.destroy_instance(&name(&h)).await.expect("destroy host");
+        assert!(
+            lab.table(&server_table).contains("masquerade"),
+            "server NAT intact after the host tunnel's removal: {}",
+            lab.ruleset()
+        );
+        assert_eq!(lab.table(&host_table), "", "kill switch removed");
+        c.destroy_instance(&name(&s)).await.expect("destroy server");
+    });
+    assert_eq!(lab.table(&server_table), "", "server table removed");
+    for t in [foreign.as_str(), &format!("warren_{x}")] {
+        assert!(lab.table(t).contains("not warren's"), "{t} left alone");
+    }
+}
+
+/// Finding 3 (the helper never uses or removes a kernel object it did not
+/// create): a server or host tunnel whose link name is taken by a link that
+/// is not warren's is refused, and that link stays.
+#[test]
+fn finding_3_tunnel_whose_link_name_is_taken_is_refused() {
+    if !require_root("finding_3_tunnel_whose_link_name_is_taken_is_refused") {
+        return;
+    }
+    let lab = Lab::new("l", true, &[]);
+    let (s, h) = (format!("ls{}", pid()), format!("lh{}", pid()));
+    let (server, host) = (server_spec(&s), host_spec(&h));
+    for ifname in [server.ifname(), host.ifname()] {
+        lab.host
+            .ip(&["tuntap", "add", "dev", &ifname, "mode", "tun"]);
+    }
+    rt().block_on(async {
+        let mut c = HelperClient::connect(&lab.sock).await.expect("connect");
+        match c.create_server_tunnel(server.clone()).await {
+            Err(ClientError::Helper(HelperError::Exists { what })) => {
+                assert!(what.contains(&server.ifname()), "{what}")
+            }
+            other => panic!("expected Exists, got {other:?}"),
+        }
+        match c.create_host_tunnel(host.clone()).await {
+            Err(ClientError::Helper(HelperError::Exists { what })) => {
+                assert!(what.contains(&host.ifname()), "{what}")
+            }
+            other => panic!("expected Exists, got {other:?}"),
+        }
+    });
+    for ifname in [server.ifname(), host.ifname()] {
+        lab.host.ip(&["link", "show", "dev", &ifname]);
+    }
+    assert_eq!(lab.ruleset().trim(), "");
+}
+
+/// Finding 10: a server tunnel on a host without a default route is
+/// refused with that reason (a typed error the CLI prints), not with an
+/// incident number in a log the member cannot read; nothing is left behind.
+#[test]
+fn finding_10_server_tunnel_without_default_route_says_why() {
+    if !require_root("finding_10_server_tunnel_without_default_route_says_why") {
+        return;
+    }
+    let lab = Lab::new("d", false, &[]);
+    let s = format!("d{}", pid());
+    let spec = server_spec(&s);
+    rt().block_on(async {
+        let mut c = HelperClient::connect(&lab.sock).await.expect("connect");
+        let e = c
+            .create_server_tunnel(spec.clone())
+            .await
+            .expect_err("no default route");
+        match &e {
+            ClientError::Helper(HelperError::HostState { reason }) => {
+                assert!(reason.contains("no IPv4 default route"), "{reason}")
+            }
+            other => panic!("expected the specific refusal, got {other:?}: {other}"),
+        }
+        let shown = e.to_string();
+        assert!(
+            shown.contains("no IPv4 default route") && !shown.contains("incident"),
+            "{shown}"
+        );
+        // The connection is still usable, and nothing was left behind.
+        assert!(c.list_instances().await.expect("list").is_empty());
+    });
+    let links = run_limited(
+        lab.host.exec("ip").args(["-o", "link", "show"]),
+        Duration::from_secs(10),
+    );
+    let links = String::from_utf8_lossy(&links.stdout).into_owned();
+    assert!(!links.contains(&spec.ifname()), "{links}");
+    assert_eq!(lab.ruleset().trim(), "");
+    assert_eq!(lab.forwarding(), "0");
+}
+
+/// Finding 8: forwarding is put back when the last server tunnel ends,
+/// also when the first one (which saved it) ends first.
+#[test]
+fn finding_8_forwarding_restored_when_the_first_of_two_server_tunnels_ends_first() {
+    if !require_root(
+        "finding_8_forwarding_restored_when_the_first_of_two_server_tunnels_ends_first",
+    ) {
+        return;
+    }
+    let lab = Lab::new("f", true, &[]);
+    let before = lab.forwarding();
+    assert_eq!(before, "0");
+    let (a, b) = (format!("fa{}", pid()), format!("fb{}", pid()));
+    rt().block_on(async {
+        let mut c = HelperClient::connect(&lab.sock).await.expect("connect");
+        let (_, _ta) = c.create_server_tunnel(server_spec(&a)).await.expect("a");
+        let spec_b =
+            ServerTunnelSpec::new(name(&b), 1420, vec!["198.19.62.1/24".parse().expect("p")])
+                .expect("spec");
+        let (_, _tb) = c.create_server_tunnel(spec_b).await.expect("b");
+        assert_eq!(lab.forwarding(), "1");
+        c.destroy_instance(&name(&a)).await.expect("destroy a");
+        assert_eq!(lab.forwarding(), "1", "b still forwards");
+        c.destroy_instance(&name(&b)).await.expect("destroy b");
+    });
+    assert_eq!(lab.forwarding(), before, "restored after the last one");
+}
+
+/// Finding 8: ~2,000 idle connects (never a handshake) from a member
+/// cannot exhaust the helper's descriptors (it runs with the usual soft
+/// limit of 1024): meanwhile another client connects and gets an answer.
+#[test]
+fn finding_8_idle_unauthenticated_connects_cannot_exhaust_the_helper() {
+    if !require_root("finding_8_idle_unauthenticated_connects_cannot_exhaust_the_helper") {
+        return;
+    }
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
+    let dir = TestDir::new("trust-preauth");
+    let sock = dir.join("helper.sock");
+    let log = dir.join("helper.log");
+    let child = Command::new("prlimit")
+        .arg("--nofile=1024:1024")
+        .arg("--")
+        .arg(warren_tests::bin("warren-helper"))
+        .args(["serve", "--socket"])
+        .arg(&sock)
+        .args(["--group", "60100", "--config", "/nonexistent/x.toml"])
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("helper");
+    let mut helper = Proc::new(child, Some(log));
+    assert!(
+        warren_tests::wait_for(Duration::from_secs(10), || StdUnixStream::connect(&sock)
+            .is_ok()),
+        "{}",
+        helper.log()
+    );
+    // A member's idle connects, from a thread that switched only its own
+    // credentials (the kernel records them at connect).
+    let target = sock.clone();
+    let idle = std::thread::spawn(move || {
+        let (uid, gid) = (warren_tests::ids::MEMBER, warren_tests::ids::GROUP);
+        // SAFETY: thread-local credential changes with valid arguments.
+        unsafe {
+            assert_eq!(
+                libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<u32>()),
+                0
+            );
+            assert_eq!(libc::syscall(libc::SYS_setresgid, gid, gid, gid), 0);
+            assert_eq!(libc::syscall(libc::SYS_setresuid, uid, uid, uid), 0);
+        }
+        let addr = UnixAddr::new(&target).expect("addr");
+        let mut held = Vec::new();
+        for _ in 0..2000 {
+            let s = socket(
+                AddressFamily::Unix,
+                SockType::Stream,
+                SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+                None,
+            )
+            .expect("socket");
+            if connect(std::os::fd::AsRawFd::as_raw_fd(&s), &addr).is_ok() {
+                held.push(s);
+            }
+        }
+        held
+    })
+    .join()
+    .expect("idle connects");
+    assert!(idle.len() > 1100, "only {} idle connects", idle.len());
+    rt().block_on(async {
+        let answered = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut c = HelperClient::connect(&sock).await.expect("connect");
+            c.status().await.expect("status")
+        })
+        .await;
+        assert!(
+            answered.is_ok(),
+            "no answer while idle connects are held; helper log:\n{}",
+            helper
+                .log()
+                .lines()
+                .rev()
+                .take(5)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    });
+    drop(idle);
+    assert!(helper.running(), "{}", helper.log());
+    helper.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(helper.wait_timeout(Duration::from_secs(10)).is_some());
+}
+
+/// A TCP socket whose last close blocks: `SO_LINGER` {on, 30 s} and unsent
+/// data, connected to a loopback listener that never reads (kept alive by
+/// the returned listener; dropping it resets the connection).
+fn lingering_socket() -> (std::net::TcpListener, std::os::fd::OwnedFd) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    use std::io::Write;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    setsockopt(&l, sockopt::RcvBuf, &4096).expect("rcvbuf");
+    let mut s = std::net::TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+    setsockopt(&s, sockopt::SndBuf, &4096).expect("sndbuf");
+    s.set_nonblocking(true).expect("nonblocking");
+    let chunk = [0x5au8; 65536];
+    let mut sent = 0usize;
+    loop {
+        match s.write(&chunk) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("fill: {e}"),
+        }
+    }
+    assert!(sent > 0);
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 30,
+    };
+    setsockopt(&s, sockopt::Linger, &linger).expect("linger");
+    (l, s.into())
+}
+
+/// Sends `bytes` with `fd` attached (SCM_RIGHTS), then closes our copy so
+/// the helper's becomes the last one.
+fn send_with_fd(sock: &StdUnixStream, bytes: &[u8], fd: std::os::fd::OwnedFd) {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    use std::os::fd::AsRawFd;
+    let raw = [fd.as_raw_fd()];
+    let iov = [std::io::IoSlice::new(bytes)];
+    let n = sendmsg::<()>(
+        sock.as_raw_fd(),
+        &iov,
+        &[ControlMessage::ScmRights(&raw)],
+        MsgFlags::empty(),
+        None,
+    )
+    .expect("sendmsg");
+    assert_eq!(n, bytes.len());
+    drop(fd);
+}
+
+/// Finding 2: a member passes lingering sockets with the handshake and with
+/// a Status frame; meanwhile another client's status requests (on its
+/// connection, and on new ones) are answered within a second each: the
+/// helper's event loop never closes a peer's descriptor itself. Both
+/// offending connections are refused.
+#[test]
+fn finding_2_lingering_descriptors_never_stall_the_helper() {
+    if !require_root("finding_2_lingering_descriptors_never_stall_the_helper") {
+        return;
+    }
+    use std::io::{Read, Write};
+    use warren_ipc::handshake::{ClientHello, HANDSHAKE_LEN, ServerHello};
+    use warren_ipc::{ClientFrame, Request, ServerFrame};
+    let h = warren_tests::Helper::start("trust-linger", &[]);
+    let deadline = Duration::from_secs(1);
+    rt().block_on(async {
+        let mut other = HelperClient::connect(&h.socket).await.expect("connect");
+        other.status().await.expect("status");
+        let helper_fds = || {
+            std::fs::read_dir(format!("/proc/{}/fd", h.proc.pid()))
+                .map(Iterator::count)
+                .unwrap_or(0)
+        };
+        let baseline = helper_fds();
+
+        // With the handshake.
+        let (l1, fd1) = lingering_socket();
+        let a = StdUnixStream::connect(&h.socket).expect("connect");
+        a.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        send_with_fd(&a, &ClientHello::CURRENT.encode(), fd1);
+
+        // With a Status frame, after a clean handshake.
+        let (l2, fd2) = lingering_socket();
+        let mut b = StdUnixStream::connect(&h.socket).expect("connect");
+        b.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        b.write_all(&ClientHello::CURRENT.encode())
+            .expect("handshake");
+        let mut answer = [0u8; HANDSHAKE_LEN];
+        b.read_exact(&mut answer)
+            .expect("handshake answered (the helper must not stall)");
+        let mut frame = Vec::new();
+        warren_ipc::frame::encode_frame(
+            &ClientFrame {
+                id: 7,
+                request: Request::Status,
+            },
+            1,
+            &mut frame,
+        )
+        .expect("encode");
+        send_with_fd(&b, &frame, fd2);
+
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(3) {
+            let t = Instant::now();
+            tokio::time::timeout(deadline, other.status())
+                .await
+                .expect("status on an open connection answered within 1 s")
+                .expect("status");
+            let fresh = tokio::time::timeout(deadline, async {
+                let mut c = HelperClient::connect(&h.socket).await.expect("connect");
+                c.status().await.expect("status");
+            })
+            .await;
+            assert!(
+                fresh.is_ok(),
+                "status on a new connection answered within 1 s"
+            );
+            assert!(t.elapsed() < 2 * deadline);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+
+        // The handshake with descriptors was refused (version 0)...
+        let mut answer = Vec::new();
+        let _ = (&a).read_to_end(&mut answer);
+        let answer: [u8; HANDSHAKE_LEN] = answer.as_slice().try_into().expect("one answer");
+        assert_eq!(ServerHello::decode(&answer).expect("decodes").chosen, 0);
+        // ...and so was the Status frame, with a typed error.
+        let mut reply = Vec::new();
+        let _ = b.read_to_end(&mut reply);
+        let (frame, _, _) = warren_ipc::frame::decode_frame::<ServerFrame>(&reply)
+            .expect("decodes")
+            .expect("a whole reply");
+        match frame {
+            ServerFrame::Reply {
+                id: 7,
+                result: Err(HelperError::InvalidArgument { field, .. }),
+            } => assert_eq!(field, "descriptors"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        // The closer did not linger either: the helper let go of them.
+        assert!(
+            warren_tests::wait_for(Duration::from_secs(3), || helper_fds() <= baseline),
+            "helper still holds {} descriptors, {baseline} before",
+            helper_fds()
+        );
+        drop((l1, l2));
+    });
+}
