@@ -149,9 +149,8 @@ fn marked_udp(mark: u32) -> std::io::Result<OwnedFd> {
 /// Where systemd-resolved answers varlink and D-Bus clients (it exists only
 /// while resolved runs).
 const RESOLVED_SOCKET: &str = "/run/systemd/resolve/io.systemd.Resolve";
-/// resolved's command-line client; run by absolute path, never found
-/// through PATH, with an empty environment.
-const RESOLVECTL: &str = "/usr/bin/resolvectl";
+/// resolved's command-line client (a [`crate::nat::trusted_command`]).
+const RESOLVECTL: [&str; 2] = ["/usr/bin/resolvectl", "/bin/resolvectl"];
 
 /// Whether systemd-resolved is in charge of the host's DNS: it runs, and
 /// /etc/resolv.conf points to it (a link into /run/systemd/resolve, or its
@@ -173,16 +172,7 @@ fn resolved_in_charge() -> bool {
 /// Runs `resolvectl ARGS` (resolved's `SetLinkDNS`/`SetLinkDomains` on
 /// D-Bus), with an empty environment; its failure output becomes the error.
 fn resolvectl(args: &[&str]) -> std::io::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(RESOLVECTL)?;
-    if m.uid() != 0 || m.mode() & 0o022 != 0 {
-        return Err(other(format!("{RESOLVECTL} is not root's alone")));
-    }
-    let out = std::process::Command::new(RESOLVECTL)
-        .args(args)
-        .env_clear()
-        .stdin(std::process::Stdio::null())
-        .output()?;
+    let out = crate::nat::trusted_command(&RESOLVECTL, args)?.output()?;
     if out.status.success() {
         return Ok(());
     }

@@ -84,19 +84,25 @@ pub fn restore_forwarding(saved: &(String, String)) -> Vec<NetError> {
 /// environment is not trusted; sudo may not even reset it).
 const NFT_PATHS: [&str; 3] = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"];
 
-/// `nft ARGS` by absolute path (root-owned, writable by root alone, in
-/// root-owned directories), with an empty environment.
-fn nft(args: &[&str]) -> std::io::Result<Command> {
-    let path = NFT_PATHS
+/// A program the helper runs, by the first absolute path of `paths` that is
+/// root-owned, writable by root alone and in root-owned directories (never
+/// found through `PATH`), with an empty environment and no input.
+pub fn trusted_command(paths: &[&str], args: &[&str]) -> std::io::Result<Command> {
+    let path = paths
         .iter()
         .find(|p| crate::config::check_root_controlled(std::path::Path::new(p)).is_ok())
-        .ok_or_else(|| std::io::Error::other(format!("no root-owned nft in {NFT_PATHS:?}")))?;
+        .ok_or_else(|| std::io::Error::other(format!("no root-owned program in {paths:?}")))?;
     let mut c = Command::new(path);
     c.args(args)
         .env_clear()
         .stdin(Stdio::null())
         .stdout(Stdio::null());
     Ok(c)
+}
+
+/// `nft ARGS`, as a [`trusted_command`].
+fn nft(args: &[&str]) -> std::io::Result<Command> {
+    trusted_command(&NFT_PATHS, args)
 }
 
 /// Runs an nftables JSON batch.
