@@ -108,6 +108,9 @@ struct State {
     journal: Journal<JournalEntry>,
     state_dir: PathBuf,
     incidents: u64,
+    /// Journal ids of what could not be removed (by a previous helper's
+    /// reconcile, or a failed removal here): shown as orphans.
+    orphans: std::collections::HashSet<u64>,
 }
 
 /// The helper's instances.
@@ -142,6 +145,7 @@ impl Registry {
                 instances: HashMap::new(),
                 procs: HashMap::new(),
                 events: HashMap::new(),
+                orphans: journal.entries().iter().map(|(id, _)| *id).collect(),
                 journal,
                 state_dir,
                 incidents: 0,
@@ -475,6 +479,7 @@ impl Registry {
         let mut st = self.lock();
         if errs.is_empty() {
             let _ = st.journal.remove(id);
+            st.orphans.remove(&id);
             return Ok(());
         }
         let why = errs
@@ -735,8 +740,9 @@ impl Registry {
                 info!(instance = %name, reason = why, "instance removed");
             } else {
                 for e in &errs {
-                    error!(instance = %name, error = %e, cause = ?std::error::Error::source(e).map(|s| s.to_string()), "removal step failed; left in the journal for the next start");
+                    error!(instance = %name, error = %e, cause = ?std::error::Error::source(e).map(|s| s.to_string()), "removal step failed; kept in the journal and shown as an orphan");
                 }
+                st.orphans.insert(inst.journal_id);
             }
             let creator = inst.creator;
             drop(st);
@@ -793,8 +799,7 @@ fn describe(name: &InstanceName, i: &Instance) -> InstanceInfo {
     }
 }
 
-/// Journal entries (id, name, owner) with no live instance: what could not
-/// be removed at start.
+/// Journal entries (id, name, owner) of what could not be removed.
 fn orphans(st: &State) -> impl Iterator<Item = (u64, &str, u32)> {
     st.journal.entries().iter().filter_map(|(id, e)| {
         let (name, owner) = match e {
@@ -802,8 +807,7 @@ fn orphans(st: &State) -> impl Iterator<Item = (u64, &str, u32)> {
             | JournalEntry::HostTunnel { name, owner, .. }
             | JournalEntry::ServerTunnel { name, owner, .. } => (name.as_str(), *owner),
         };
-        let live = st.instances.values().any(|i| i.journal_id == *id);
-        (!live).then_some((*id, name, owner))
+        st.orphans.contains(id).then_some((*id, name, owner))
     })
 }
 
