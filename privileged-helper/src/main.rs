@@ -91,6 +91,13 @@ struct ServeArgs {
     /// (tests shorten it).
     #[arg(long, value_name = "MS", default_value_t = 5000, hide = true)]
     frame_timeout_ms: u64,
+    /// Treat the helper's own mount namespace as the host's: publish named
+    /// namespaces and change /etc/resolv.conf in it. For a helper started
+    /// inside a namespace that plays the host (as `ip netns exec` makes one);
+    /// by default the host's is the one systemd passes (the unit's
+    /// `ExecStartPre=+`), else that of the process that started the helper.
+    #[arg(long)]
+    own_mount_ns: bool,
     /// Log more (repeat for even more).
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -352,7 +359,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     // autostart must not truncate the running helper's log).
     let Some(_lock) = take_lock(&args.socket)? else {
         bail!(
-            "another helper is already running for {} (it holds helper.lock)",
+            "another helper is already listening on {} (it holds helper.lock)",
             args.socket.display()
         );
     };
@@ -374,7 +381,10 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     // Before dropping privileges (another process's /proc/PID/ns needs
     // them), and before the journal is reconciled: removing orphans happens
     // in the host's mount namespace.
-    if warren_helper::netns::detect_host_mount_ns(systemd.host_mnt.map(std::fs::File::from))? {
+    if args.own_mount_ns {
+        info!("--own-mount-ns: this mount namespace is the host's");
+    } else if warren_helper::netns::detect_host_mount_ns(systemd.host_mnt.map(std::fs::File::from))?
+    {
         info!("running in a private mount namespace: named namespaces are published to the host's");
     }
     let registry = warren_helper::instances::Registry::open(journal_path(&args.socket)?)?;

@@ -355,7 +355,9 @@ impl Drop for TestNs {
 }
 
 /// Starts the helper inside the lab host, with the lab's resolv.conf bound
-/// over /etc/resolv.conf in a private mount namespace.
+/// over /etc/resolv.conf in a private mount namespace, which the helper
+/// takes for the host's (`--own-mount-ns`): the machine's own
+/// /etc/resolv.conf is never touched.
 pub fn start_lab_helper(
     host: &TestNs,
     resolv: &std::path::Path,
@@ -374,7 +376,7 @@ pub fn start_lab_helper_env(
     env: &[(&str, &str)],
 ) -> Proc {
     let script = format!(
-        "mount --bind {resolv} /etc/resolv.conf && exec ip netns exec {ns} {helper} serve --socket {sock} --group 60100 --config /nonexistent/x.toml",
+        "mount --bind {resolv} /etc/resolv.conf && exec ip netns exec {ns} {helper} serve --own-mount-ns --socket {sock} --group 60100 --config /nonexistent/x.toml",
         resolv = resolv.display(),
         ns = host.name,
         helper = bin("warren-helper").display(),
