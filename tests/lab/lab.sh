@@ -157,3 +157,69 @@ lab_stop() {
   rm -f "$LAB_LOG"
   LAB_PID=
 }
+
+# The package of an earlier commit (the last one users could have installed:
+# tests/lab/previous-commit), built once and cached by commit, with a version
+# that sorts before the current one. Prints its path.
+lab_previous_deb() {
+  local commit dir src tgt
+  commit=$(cat tests/lab/previous-commit)
+  dir=$LAB_CACHE/deb-$commit
+  if [[ -f $dir/ready ]]; then echo "$dir/warren_previous.deb"; return; fi
+  git cat-file -e "$commit^{commit}" 2>/dev/null || lab_die "previous commit $commit not in this clone"
+  rm -rf "$dir"; mkdir -p "$dir/src"
+  src=$dir/src tgt=$dir/target
+  git archive "$commit" | tar -x -C "$src"
+  echo "lab: building the previous package ($commit) once; cached in $dir" >&2
+  (
+    cd "$src" && export CARGO_TARGET_DIR=$tgt &&
+    cargo build --quiet --release --locked --bins &&
+    mkdir -p target/generated/man target/generated/completions &&
+    "$tgt/release/warren" generate-man target/generated/man &&
+    "$tgt/release/warren-helper" generate-man target/generated/man &&
+    for s in bash zsh fish; do "$tgt/release/warren" completions $s >"target/generated/completions/c.$s"; done &&
+    mv target/generated/completions/c.bash target/generated/completions/warren.bash &&
+    mv target/generated/completions/c.zsh target/generated/completions/_warren &&
+    mv target/generated/completions/c.fish target/generated/completions/warren.fish &&
+    cargo deb --quiet -p warren --no-build --locked --deb-version "0.1.0~previous" \
+      -o "$dir/warren_previous.deb"
+  ) >&2 || { rm -rf "$dir"; lab_die "cannot build the previous package"; }
+  rm -rf "$src" "$tgt"; touch "$dir/ready"
+  echo "$dir/warren_previous.deb"
+}
+
+# Inside the container: a WireGuard exit (wireguard-go) in namespace
+# wrlabexit behind veth wrlab0 (198.18.0.1/24 here, .2 there), a web server
+# (198.18.100.1:8080 through the tunnel, 198.18.0.1:8081 on the uplink), a
+# resolver answering web.lab.test with 198.18.100.1 through the tunnel and an
+# uplink resolver at 198.18.0.53 answering 198.18.0.99; and the test user's
+# wg-quick file /home/$LAB_USER/exit.conf for it.
+lab_tunnel_exit() {
+  local conf=/home/$LAB_USER/exit.conf
+  lab_run sh -s <<'EOF'
+set -e
+ip netns add wrlabexit
+ip link add wrlab0 type veth peer name wrlab1 netns wrlabexit
+ip addr add 198.18.0.1/24 dev wrlab0 && ip link set wrlab0 up
+ip -n wrlabexit addr add 198.18.0.2/24 dev wrlab1
+# The uplink's resolver (on the exit's veth side, outside the tunnel): it
+# answers differently, so a leak shows in the answer as well as on the wire.
+ip -n wrlabexit addr add 198.18.0.53/24 dev wrlab1
+ip -n wrlabexit link set wrlab1 up && ip -n wrlabexit link set lo up
+umask 077; mkdir -p /root/wg
+wg genkey >/root/wg/exit.key && wg pubkey </root/wg/exit.key >/root/wg/exit.pub
+wg genkey >/root/wg/user.key && wg pubkey </root/wg/user.key >/root/wg/user.pub
+WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 ip netns exec wrlabexit wireguard-go wg0 2>/dev/null
+ip netns exec wrlabexit wg set wg0 private-key /root/wg/exit.key listen-port 51820 \
+  peer "$(cat /root/wg/user.pub)" allowed-ips 198.18.100.2/32
+ip -n wrlabexit addr add 198.18.100.1/24 dev wg0 && ip -n wrlabexit link set wg0 up
+mkdir -p /srv/www && echo "hello from the exit" >/srv/www/index.html
+ip netns exec wrlabexit busybox httpd -p 198.18.100.1:8080 -h /srv/www
+busybox httpd -p 198.18.0.1:8081 -h /srv/www
+ip netns exec wrlabexit dnsmasq --no-resolv --no-hosts --listen-address=198.18.100.1 \
+  --bind-interfaces --address=/web.lab.test/198.18.100.1 --pid-file=/run/wrlab-dnsmasq.pid
+ip netns exec wrlabexit dnsmasq --no-resolv --no-hosts --listen-address=198.18.0.53 \
+  --bind-interfaces --address=/web.lab.test/198.18.0.99 --pid-file=/run/wrlab-dnsmasq-up.pid
+EOF
+  lab_run sh -c "printf '[Interface]\nPrivateKey = %s\nAddress = 198.18.100.2/32\nDNS = 198.18.100.1\n\n[Peer]\nPublicKey = %s\nEndpoint = 198.18.0.2:51820\nAllowedIPs = 0.0.0.0/0\nPersistentKeepalive = 25\n' \"\$(cat /root/wg/user.key)\" \"\$(cat /root/wg/exit.pub)\" >$conf && chown $LAB_USER $conf && chmod 600 $conf"
+}
