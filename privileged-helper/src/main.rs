@@ -276,6 +276,14 @@ fn take_lock(socket: &std::path::Path) -> anyhow::Result<Option<nix::fcntl::Floc
     }
 }
 
+/// (device, inode) of what is at `path`, not following a symlink.
+fn inode(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
 /// The journal lives beside the socket.
 fn journal_path(socket: &std::path::Path) -> anyhow::Result<PathBuf> {
     let dir = socket.parent().context("socket path has no directory")?;
@@ -368,10 +376,10 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let (std_listener, own_socket) = match systemd.listener {
         Some(l) => (l, None),
-        None => (
-            bind_own(&args.socket, authorizer.gid())?,
-            Some(args.socket.clone()),
-        ),
+        None => {
+            let l = bind_own(&args.socket, authorizer.gid())?;
+            (l, Some((args.socket.clone(), inode(&args.socket))))
+        }
     };
     warren_helper::listener::ensure_socket_dir(
         args.socket
@@ -426,8 +434,12 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         });
         anyhow::Ok(serve(listener, opts, token).await)
     })?;
-    if let Some(path) = own_socket {
-        // Still ours: no successor can bind it while this helper holds the lock.
+    // Only the socket this helper bound: whatever has been put at the path
+    // since (by an administrator; no helper can while we hold the lock) stays.
+    if let Some((path, bound)) = own_socket
+        && bound.is_some()
+        && inode(&path) == bound
+    {
         let _ = std::fs::remove_file(&path);
     }
     info!(reason = ?reason, "stopped");
