@@ -261,6 +261,10 @@ pub struct InstanceSpec {
 pub const ORPHAN_LEASE: &str =
     "orphan: removal failed (see the helper's log; `warren down NAME` retries)";
 
+/// The `lease` of an [`InstanceInfo`] that is a host tunnel's kill switch
+/// left blocking after its tunnel ended without `warren down`.
+pub const KILL_SWITCH_LEASE: &str = "kill switch: its tunnel ended; all traffic stays blocked until `warren down NAME` (or the tunnel is up again)";
+
 /// Most search domains (glibc reads at most 6).
 pub const MAX_SEARCH: usize = 6;
 

@@ -251,20 +251,43 @@ fn restore_dns(b: &DnsBackup) -> std::io::Result<()> {
     }
 }
 
-fn kill_switch_batch(table: &str, spec: &HostTunnelSpec, mark: u32) -> serde_json::Value {
+/// The kill switch: warren's table dropping everything the host sends or
+/// forwards except through the tunnel (and loopback), and the tunnel's own
+/// encrypted UDP (the helper's marked socket). With `replace`, the same
+/// batch first deletes the table a previous tunnel of this name left
+/// blocking: nftables applies a batch atomically, so there is no moment
+/// without a block.
+fn kill_switch_batch(
+    table: &str,
+    spec: &HostTunnelSpec,
+    mark: u32,
+    replace: bool,
+) -> serde_json::Value {
     let ifname = spec.ifname();
     let t = |extra| crate::nat::in_table(table, extra);
-    let mut cmds = vec![
+    let mut cmds = Vec::new();
+    if replace {
+        cmds.push(json!({"delete": {"table": {"family": "inet", "name": table}}}));
+    }
+    cmds.extend([
         json!({"add": {"table": {"family": "inet", "name": table}}}),
         json!({"add": {"chain": t(json!({"name": "output", "type": "filter", "hook": "output", "prio": 0, "policy": "drop"}))}}),
         json!({"add": {"rule": t(json!({"chain": "output", "expr": [
             {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "lo"}}, {"accept": null}]}))}}),
         json!({"add": {"rule": t(json!({"chain": "output", "expr": [
             {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": ifname}}, {"accept": null}]}))}}),
+        // Only UDP: the marked socket is the tunnel's UDP socket.
         json!({"add": {"rule": t(json!({"chain": "output", "expr": [
+            {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "udp"}},
             {"match": {"op": "==", "left": {"meta": {"key": "mark"}}, "right": mark}}, {"accept": null}]}))}}),
+        // Forwarded traffic (containers, VMs) leaves only through the tunnel.
+        json!({"add": {"chain": t(json!({"name": "forward", "type": "filter", "hook": "forward", "prio": 0, "policy": "drop"}))}}),
+        json!({"add": {"rule": t(json!({"chain": "forward", "expr": [
+            {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": ifname}}, {"accept": null}]}))}}),
+        json!({"add": {"rule": t(json!({"chain": "forward", "expr": [
+            {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": ifname}}, {"accept": null}]}))}}),
         json!({"add": {"chain": t(json!({"name": "input", "type": "filter", "hook": "input", "prio": 0, "policy": "accept"}))}}),
-    ];
+    ]);
     // CVE-2019-14899: nothing addressed to the tunnel's inner addresses may
     // arrive through another interface.
     for a in &spec.addresses {
@@ -281,16 +304,21 @@ fn kill_switch_batch(table: &str, spec: &HostTunnelSpec, mark: u32) -> serde_jso
 /// Creates the host tunnel in the calling thread's namespaces as planned in
 /// `rec`. Returns the TUN, the marked UDP socket and the final record. On
 /// failure everything done so far is undone.
+///
+/// `adopt`: a kill switch of this name (left by a tunnel whose process died)
+/// blocks the host; the new tunnel's replaces it atomically, and a failure
+/// leaves a block in place, never none.
 pub fn create(
     spec: &HostTunnelSpec,
     rec: &HostRecord,
+    adopt: bool,
 ) -> Result<(OwnedFd, OwnedFd, HostRecord), NetError> {
     // Before anything the rollback would undo by name.
     crate::nat::link_free(&rec.ifname)?;
     let mut rec = rec.clone();
-    let res = create_inner(spec, &mut rec);
+    let res = create_inner(spec, &mut rec, adopt);
     if res.is_err() {
-        let _ = destroy(&rec);
+        let _ = end(&rec, adopt);
     }
     res.map(|(tun, udp)| (tun, udp, rec))
 }
@@ -298,6 +326,7 @@ pub fn create(
 fn create_inner(
     spec: &HostTunnelSpec,
     rec: &mut HostRecord,
+    adopt: bool,
 ) -> Result<(OwnedFd, OwnedFd), NetError> {
     let tun = crate::netns::open_tun_named(&rec.ifname)
         .map_err(err(format!("create TUN {}", rec.ifname)))?;
@@ -327,7 +356,12 @@ fn create_inner(
     .map_err(err("set up routing"))?;
     // Recorded (for the rollback to delete) only once it is ours.
     if let Some(table) = rec.nft_table.take() {
-        crate::nat::install_table(&table, &kill_switch_batch(&table, spec, rec.table))?;
+        if adopt {
+            crate::nat::nft_apply(&kill_switch_batch(&table, spec, rec.table, true))
+                .map_err(err(format!("replace the kill switch {table}")))?;
+        } else {
+            crate::nat::install_table(&table, &kill_switch_batch(&table, spec, rec.table, false))?;
+        }
         rec.nft_table = Some(table);
     }
     if let Some(plan) = &rec.dns {
@@ -340,9 +374,11 @@ fn create_inner(
     Ok((tun, udp))
 }
 
-/// Undoes a host tunnel: link, routes, rules, kill switch, DNS. Keeps going
-/// after errors and returns them all. Idempotent.
-pub fn destroy(rec: &HostRecord) -> Vec<NetError> {
+/// Undoes a host tunnel: link, routes, rules, DNS, and its kill switch
+/// unless `keep_block` (a tunnel that ended without `warren down` keeps
+/// blocking the host: with the link gone, the table drops everything but
+/// loopback). Keeps going after errors and returns them all. Idempotent.
+pub fn end(rec: &HostRecord, keep_block: bool) -> Vec<NetError> {
     let mut errs = Vec::new();
     match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -378,6 +414,7 @@ pub fn destroy(rec: &HostRecord) -> Vec<NetError> {
         Err(e) => errs.push(err("start a runtime")(e)),
     }
     if let Some(t) = &rec.nft_table
+        && !keep_block
         && let Err(e) = crate::nat::delete_table(t)
     {
         errs.push(e);

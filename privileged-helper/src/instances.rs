@@ -20,8 +20,8 @@ use tracing::{error, info, warn};
 use warren_ipc::Event;
 use warren_ipc::HelperError;
 use warren_ipc::instance::{
-    HostTunnelInfo, HostTunnelSpec, InstanceInfo, InstanceName, InstanceSpec, ORPHAN_LEASE,
-    ServerTunnelInfo, ServerTunnelSpec, SpawnSpec,
+    HostTunnelInfo, HostTunnelSpec, InstanceInfo, InstanceName, InstanceSpec, KILL_SWITCH_LEASE,
+    ORPHAN_LEASE, ServerTunnelInfo, ServerTunnelSpec, SpawnSpec,
 };
 
 use crate::auth::PeerCred;
@@ -59,6 +59,30 @@ pub enum JournalEntry {
         /// What to undo.
         record: crate::nat::ServerRecord,
     },
+    /// The kill switch of a host tunnel that ended without `warren down`
+    /// (its process died, or the helper stopped): it keeps blocking the
+    /// host until its owner says `warren down NAME`, or brings the tunnel
+    /// up again (which takes it over).
+    KillSwitch {
+        /// The tunnel's name.
+        name: String,
+        /// Its owner.
+        owner: u32,
+        /// warren's nftables table.
+        table: String,
+    },
+}
+
+impl JournalEntry {
+    /// (name, owner).
+    fn who(&self) -> (&str, u32) {
+        match self {
+            JournalEntry::Instance { name, owner }
+            | JournalEntry::HostTunnel { name, owner, .. }
+            | JournalEntry::ServerTunnel { name, owner, .. }
+            | JournalEntry::KillSwitch { name, owner, .. } => (name, *owner),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,7 +169,12 @@ impl Registry {
                 instances: HashMap::new(),
                 procs: HashMap::new(),
                 events: HashMap::new(),
-                orphans: journal.entries().iter().map(|(id, _)| *id).collect(),
+                orphans: journal
+                    .entries()
+                    .iter()
+                    .filter(|(_, e)| !matches!(e, JournalEntry::KillSwitch { .. }))
+                    .map(|(id, _)| *id)
+                    .collect(),
                 journal,
                 state_dir,
                 incidents: 0,
@@ -178,11 +207,46 @@ impl Registry {
         in_kernel: bool,
         make: impl FnOnce(&State) -> (JournalEntry, T),
     ) -> Result<(u64, T), HelperError> {
+        self.reserve_adopting(name, peer, in_kernel, false, make)
+            .map(|(id, x, _)| (id, x))
+    }
+
+    /// [`Self::reserve`]; with `adopt_kill_switch`, a kill switch of the
+    /// caller's left under `name` does not count as taking the name, and
+    /// its journal id is returned: the new host tunnel takes it over.
+    fn reserve_adopting<T>(
+        &self,
+        name: &InstanceName,
+        peer: &PeerCred,
+        in_kernel: bool,
+        adopt_kill_switch: bool,
+        make: impl FnOnce(&State) -> (JournalEntry, T),
+    ) -> Result<(u64, T, Option<u64>), HelperError> {
         let mut st = self.lock();
-        if st.instances.contains_key(name)
-            || orphans(&st).any(|(_, n, _)| n == name.as_str())
-            || (in_kernel && netns::exists(name))
-        {
+        let mut adopted = None;
+        for (id, e) in leftovers(&st).filter(|(_, e)| e.who().0 == name.as_str()) {
+            match e {
+                JournalEntry::KillSwitch { owner, .. }
+                    if adopt_kill_switch && *owner == peer.uid =>
+                {
+                    adopted = Some(id);
+                }
+                JournalEntry::KillSwitch { .. } => {
+                    return Err(HelperError::Exists {
+                        what: format!(
+                            "kill switch {name}, blocking the host's traffic since its tunnel ended \
+                             (`warren down {name}` releases it; `warren up --host {name} --kill-switch` takes it over)"
+                        ),
+                    });
+                }
+                _ => {
+                    return Err(HelperError::Exists {
+                        what: format!("resource {name}"),
+                    });
+                }
+            }
+        }
+        if st.instances.contains_key(name) || (in_kernel && netns::exists(name)) {
             return Err(HelperError::Exists {
                 what: format!("resource {name}"),
             });
@@ -199,7 +263,7 @@ impl Registry {
         }
         let (entry, extra) = make(&st);
         match st.journal.add(entry) {
-            Ok(id) => Ok((id, extra)),
+            Ok(id) => Ok((id, extra, adopted)),
             Err(e) => Err(internal(&mut st, "journal", &e)),
         }
     }
@@ -392,7 +456,7 @@ impl Registry {
             owner: peer.uid,
             record,
         };
-        let (journal_id, plan) = self.reserve(&name, peer, false, |st| {
+        let reserved = self.reserve_adopting(&name, peer, false, spec.kill_switch, |st| {
             let used: Vec<u32> = st
                 .instances
                 .values()
@@ -406,16 +470,22 @@ impl Registry {
                 .unwrap_or(63);
             let plan = crate::hosttun::plan(&spec, slot, &st.state_dir);
             (entry(plan.clone()), plan)
-        })?;
+        });
+        let (journal_id, plan, adopted) = reserved?;
         let spec2 = spec.clone();
-        // hosttun::create undoes its own partial work on failure.
+        // hosttun::create undoes its own partial work on failure (and keeps
+        // a block in place when it took one over).
         let (tun, udp, record) = self
             .build(
                 format!("create host tunnel {name}"),
                 journal_id,
-                move || crate::hosttun::create(&spec2, &plan),
+                move || crate::hosttun::create(&spec2, &plan, adopted.is_some()),
             )
             .await?;
+        if let Some(id) = adopted {
+            let _ = self.lock().journal.remove(id);
+            info!(tunnel = %name, "took over the kill switch left by its previous tunnel");
+        }
         let info = HostTunnelInfo {
             name: name.clone(),
             ifname: record.ifname.clone(),
@@ -434,9 +504,12 @@ impl Registry {
     pub async fn destroy(&self, name: &InstanceName, peer: &PeerCred) -> Result<(), HelperError> {
         let orphan = {
             let st = self.lock();
-            orphans(&st)
-                .find(|(_, n, owner)| *n == name.as_str() && (*owner == peer.uid || peer.uid == 0))
-                .map(|(id, ..)| id)
+            leftovers(&st)
+                .find(|(_, e)| {
+                    let (n, owner) = e.who();
+                    n == name.as_str() && (owner == peer.uid || peer.uid == 0)
+                })
+                .map(|(id, _)| id)
         };
         if let Some(id) = orphan {
             return self.retry_orphan(id).await;
@@ -459,7 +532,7 @@ impl Registry {
                 Some(_) => {}
             }
         }
-        let _ = self.remove(name, "destroyed on request").await;
+        let _ = self.remove(name, "destroyed on request", true).await;
         Ok(())
     }
 
@@ -473,7 +546,7 @@ impl Registry {
             .find(|(i, _)| *i == id)
             .map(|(_, e)| e.clone());
         let Some(entry) = entry else { return Ok(()) };
-        let errs = tokio::task::spawn_blocking(move || undo(&entry))
+        let errs = tokio::task::spawn_blocking(move || undo(&entry, false))
             .await
             .unwrap_or_default();
         let mut st = self.lock();
@@ -499,17 +572,21 @@ impl Registry {
             .filter(|(_, i)| peer.uid == 0 || i.owner == peer.uid)
             .map(|(n, i)| describe(n, i))
             .collect();
-        // What a previous helper left and could not be removed at start:
-        // shown, never hidden, so `warren status` tells and `warren down`
-        // can try again.
-        v.extend(orphans(&st).filter_map(|(_, name, owner)| {
+        // What could not be removed, and kill switches left blocking: shown,
+        // never hidden, so `warren status` tells and `warren down` removes.
+        v.extend(leftovers(&st).filter_map(|(_, e)| {
+            let (name, owner) = e.who();
             let name = InstanceName::new(name).ok()?;
+            let lease = match e {
+                JournalEntry::KillSwitch { .. } => KILL_SWITCH_LEASE,
+                _ => ORPHAN_LEASE,
+            };
             (peer.uid == 0 || owner == peer.uid).then(|| InstanceInfo {
                 name,
                 netns: String::new(),
                 tun: String::new(),
                 owner_uid: owner,
-                lease: ORPHAN_LEASE.into(),
+                lease: lease.into(),
                 addresses: Vec::new(),
             })
         }));
@@ -635,7 +712,7 @@ impl Registry {
             self.send_event(conn, Event::Exited { pid, status });
         }
         if leased {
-            let _ = self.remove(&instance, "its worker ended").await;
+            let _ = self.remove(&instance, "its worker ended", false).await;
         }
     }
 
@@ -660,7 +737,7 @@ impl Registry {
                 .collect()
         };
         for name in leased {
-            let _ = self.remove(&name, "its client disconnected").await;
+            let _ = self.remove(&name, "its client disconnected", false).await;
         }
     }
 
@@ -669,7 +746,7 @@ impl Registry {
         let names: Vec<InstanceName> = self.lock().instances.keys().cloned().collect();
         for n in names {
             // Shutdown waits for the journal too, so it is left clean.
-            if let Some(books) = self.remove(&n, "helper stopping").await {
+            if let Some(books) = self.remove(&n, "helper stopping", false).await {
                 let _ = books.await;
             }
         }
@@ -677,7 +754,15 @@ impl Registry {
 
     /// Ends the programs in `name`, removes its kernel objects, forgets it.
     /// Returns the task finishing the bookkeeping (journal, events).
-    async fn remove(&self, name: &InstanceName, why: &str) -> Option<tokio::task::JoinHandle<()>> {
+    ///
+    /// A host tunnel's kill switch stays unless `explicit` (`warren down`):
+    /// its journal entry becomes a [`JournalEntry::KillSwitch`].
+    async fn remove(
+        &self,
+        name: &InstanceName,
+        why: &str,
+        explicit: bool,
+    ) -> Option<tokio::task::JoinHandle<()>> {
         let (inst, procs) = {
             let mut st = self.lock();
             let inst = st.instances.remove(name)?;
@@ -718,9 +803,14 @@ impl Registry {
                 .instances
                 .values()
                 .any(|i| matches!(i.kind, Kind::Server { .. }));
+        let held = host
+            .as_ref()
+            .and_then(|r| r.nft_table.clone())
+            .filter(|_| !explicit);
+        let keep_block = held.is_some();
         let errs = tokio::task::spawn_blocking(move || match (server, host) {
             (Some(rec), _) => undo_server(&rec, last_server),
-            (_, Some(rec)) => crate::hosttun::destroy(&rec),
+            (_, Some(rec)) => crate::hosttun::end(&rec, keep_block),
             _ => netns::destroy(&n),
         })
         .await
@@ -733,7 +823,19 @@ impl Registry {
         let (reg, name, why) = (self.clone(), name.clone(), why.to_string());
         Some(tokio::spawn(async move {
             let mut st = reg.lock();
-            if errs.is_empty() {
+            if errs.is_empty()
+                && let Some(table) = held
+            {
+                let entry = JournalEntry::KillSwitch {
+                    name: name.to_string(),
+                    owner: inst.owner,
+                    table,
+                };
+                if let Err(e) = st.journal.update(inst.journal_id, entry) {
+                    warn!(error = %e, "cannot update the journal");
+                }
+                warn!(tunnel = %name, reason = why, "host tunnel ended; its kill switch keeps blocking until `warren down`");
+            } else if errs.is_empty() {
                 if let Err(e) = st.journal.remove(inst.journal_id) {
                     warn!(error = %e, "cannot update the journal");
                 }
@@ -799,52 +901,82 @@ fn describe(name: &InstanceName, i: &Instance) -> InstanceInfo {
     }
 }
 
-/// Journal entries (id, name, owner) of what could not be removed.
-fn orphans(st: &State) -> impl Iterator<Item = (u64, &str, u32)> {
+/// Journal entries with no live resource: what could not be removed
+/// (orphans) and kill switches left blocking. Their owners see them
+/// (`warren status`) and `warren down NAME` removes them.
+fn leftovers(st: &State) -> impl Iterator<Item = (u64, &JournalEntry)> {
     st.journal.entries().iter().filter_map(|(id, e)| {
-        let (name, owner) = match e {
-            JournalEntry::Instance { name, owner }
-            | JournalEntry::HostTunnel { name, owner, .. }
-            | JournalEntry::ServerTunnel { name, owner, .. } => (name.as_str(), *owner),
-        };
-        st.orphans.contains(id).then_some((*id, name, owner))
+        (st.orphans.contains(id) || matches!(e, JournalEntry::KillSwitch { .. }))
+            .then_some((*id, e))
     })
 }
 
-/// Removes what one journal entry names.
-fn undo(e: &JournalEntry) -> Vec<netns::NetError> {
+/// Removes what one journal entry names; a host tunnel's kill switch stays
+/// when `keep_block`.
+fn undo(e: &JournalEntry, keep_block: bool) -> Vec<netns::NetError> {
     match e {
         JournalEntry::Instance { name, .. } => match InstanceName::new(name) {
             Ok(n) => netns::destroy(&n),
             Err(_) => Vec::new(),
         },
-        JournalEntry::HostTunnel { record, .. } => crate::hosttun::destroy(record),
+        JournalEntry::HostTunnel { record, .. } => crate::hosttun::end(record, keep_block),
         JournalEntry::ServerTunnel { record, .. } => undo_server(record, true),
+        JournalEntry::KillSwitch { table, .. } if !keep_block => {
+            crate::nat::delete_table(table).err().into_iter().collect()
+        }
+        JournalEntry::KillSwitch { .. } => Vec::new(),
     }
 }
 
 /// Removes everything the journal names (after a crash, or from
-/// `warren-helper cleanup`), keeping entries whose removal failed.
+/// `warren-helper cleanup`), keeping entries whose removal failed, and the
+/// kill switches of host tunnels (they block until `warren down`).
 pub fn reconcile(journal: &mut Journal<JournalEntry>) -> usize {
     let entries: Vec<(u64, JournalEntry)> = journal.entries().to_vec();
     let mut removed = 0;
     for (id, e) in entries {
-        let (JournalEntry::Instance { name, owner }
-        | JournalEntry::HostTunnel { name, owner, .. }
-        | JournalEntry::ServerTunnel { name, owner, .. }) = &e;
-        let errs = undo(&e);
-        if errs.is_empty() {
+        let (name, owner) = e.who();
+        let errs = undo(&e, true);
+        let held = match &e {
+            JournalEntry::KillSwitch { .. } => continue,
+            JournalEntry::HostTunnel { record, .. } => record.nft_table.clone(),
+            _ => None,
+        };
+        if !errs.is_empty() {
+            for err in errs {
+                error!(resource = name, owner, error = %err, cause = ?std::error::Error::source(&err).map(|s| s.to_string()), "cannot remove orphan; kept in the journal and shown by `warren status`");
+            }
+        } else if let Some(table) = held {
+            warn!(
+                tunnel = name,
+                owner,
+                "removed a host tunnel a previous helper left; its kill switch keeps blocking until `warren down`"
+            );
+            let entry = JournalEntry::KillSwitch {
+                name: name.to_string(),
+                owner,
+                table,
+            };
+            let _ = journal.update(id, entry);
+            removed += 1;
+        } else {
             info!(
                 resource = name,
                 owner, "removed an orphan left by a previous helper"
             );
             let _ = journal.remove(id);
             removed += 1;
-        } else {
-            for err in errs {
-                error!(resource = name, owner, error = %err, cause = ?std::error::Error::source(&err).map(|s| s.to_string()), "cannot remove orphan; kept in the journal and shown by `warren status`");
-            }
         }
     }
     removed
+}
+
+/// Journal entries that reconcile could not remove (kill switches, which
+/// stay on purpose, not counted).
+pub fn unremoved(journal: &Journal<JournalEntry>) -> usize {
+    journal
+        .entries()
+        .iter()
+        .filter(|(_, e)| !matches!(e, JournalEntry::KillSwitch { .. }))
+        .count()
 }

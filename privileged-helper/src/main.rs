@@ -310,7 +310,7 @@ fn run_cleanup(socket: &std::path::Path) -> anyhow::Result<()> {
         tracing::warn!(error = %e, "journal set aside");
     }
     let removed = warren_helper::instances::reconcile(&mut journal);
-    let left = journal.entries().len();
+    let left = warren_helper::instances::unremoved(&journal);
     info!(removed, left, "cleanup done");
     if left > 0 {
         bail!("{left} orphaned resource(s) could not be removed; see the log");

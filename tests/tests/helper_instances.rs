@@ -883,6 +883,34 @@ impl HostLab {
         .success()
     }
 
+    /// Sends UDP from the lab host out of its uplink to the other namespace
+    /// and reports whether a listener there received it.
+    fn udp_out_arrives(&self) -> bool {
+        let mut listener = self
+            .other
+            .exec("python3")
+            .args(["-c", "import socket\ns=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.bind(('0.0.0.0', 9998))\nprint('READY', flush=True)\ns.settimeout(3)\ntry:\n  s.recvfrom(64)\n  print('GOT')\nexcept OSError:\n  print('NONE')\n"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("listener");
+        let mut out = listener.stdout.take().expect("stdout");
+        let mut ready = [0u8; 6];
+        let _ = out.read_exact(&mut ready);
+        for _ in 0..5 {
+            let _ = run_limited(
+                self.host
+                    .exec("bash")
+                    .args(["-c", "echo x >/dev/udp/198.18.52.2/9998"]),
+                Duration::from_secs(5),
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let mut rest = String::new();
+        let _ = out.read_to_string(&mut rest);
+        let _ = listener.wait();
+        rest.contains("GOT")
+    }
+
     /// Sends UDP from the other namespace to the tunnel's inner address and
     /// reports whether a listener in the lab host received it.
     fn udp_to_inner_address_arrives(&self) -> bool {
@@ -1042,6 +1070,83 @@ fn cve_2019_14899_kill_switch_drops_tunnel_address_traffic_from_other_interfaces
     });
 }
 
+/// Finding 6 of issue 14: the kill switch failed open. A host tunnel whose
+/// process dies, and then the helper (kill -9, restart), must leave the host
+/// blocked (a packet to an outside address is dropped, not sent in the
+/// clear) until `warren down`; bringing the tunnel up again takes the block
+/// over; `warren down` then restores the host exactly.
+#[test]
+fn finding_6_kill_switch_holds_after_its_tunnel_and_the_helper_die_until_down() {
+    if !require_root("finding_6_kill_switch_holds_after_its_tunnel_and_the_helper_die_until_down") {
+        return;
+    }
+    let mut lab = HostLab::new("k");
+    let before = lab.snapshot();
+    let n = name("hk");
+    assert!(
+        lab.udp_out_arrives(),
+        "control: the uplink works without a tunnel"
+    );
+    let ifname = host_spec(&n, true).ifname();
+    let link_gone = |lab: &HostLab| {
+        !run_limited(
+            lab.host.exec("ip").args(["link", "show", &ifname]),
+            Duration::from_secs(5),
+        )
+        .status
+        .success()
+    };
+    rt().block_on(async {
+        let mut c = HelperClient::connect(&lab.sock).await.expect("connect");
+        let _t = c
+            .create_host_tunnel(host_spec(&n, true))
+            .await
+            .expect("tunnel with kill switch");
+        // The tunnel's process dies: its connection (the lease) closes.
+    });
+    assert!(
+        wait_for(Duration::from_secs(10), || link_gone(&lab)),
+        "the tunnel ended"
+    );
+    assert!(
+        !lab.udp_out_arrives(),
+        "blocked after the tunnel's process died"
+    );
+    lab.helper.signal(nix::sys::signal::Signal::SIGKILL);
+    assert!(lab.helper.wait_timeout(Duration::from_secs(10)).is_some());
+    assert!(!lab.udp_out_arrives(), "blocked while the helper is dead");
+    let _ = std::fs::remove_file(&lab.sock);
+    lab.helper = warren_tests::start_lab_helper(
+        &lab.host,
+        &lab.resolv,
+        &lab.sock,
+        &lab._dir.join("helper2.log"),
+    );
+    assert!(
+        !lab.udp_out_arrives(),
+        "still blocked after the helper restarted"
+    );
+    rt().block_on(async {
+        let mut c = HelperClient::connect(&lab.sock).await.expect("connect");
+        let list = c.list_instances().await.expect("list");
+        assert!(
+            list.iter()
+                .any(|i| i.name == n && i.lease == warren_ipc::instance::KILL_SWITCH_LEASE),
+            "the held kill switch is shown: {list:?}"
+        );
+        // Up again: the new tunnel takes the block over.
+        let _t = c
+            .create_host_tunnel(host_spec(&n, true))
+            .await
+            .expect("the tunnel again");
+        let list = c.list_instances().await.expect("list");
+        assert_eq!(list.iter().filter(|i| i.name == n).count(), 1, "{list:?}");
+        c.destroy_instance(&n).await.expect("down");
+    });
+    assert!(lab.udp_out_arrives(), "down releases the block");
+    assert_eq!(lab.snapshot(), before, "down restores the host exactly");
+}
+
 #[test]
 fn kill_9_of_the_helper_with_a_host_tunnel_then_restart_restores_the_host() {
     if !require_root("kill_9_of_the_helper_with_a_host_tunnel_then_restart_restores_the_host") {
@@ -1053,7 +1158,7 @@ fn kill_9_of_the_helper_with_a_host_tunnel_then_restart_restores_the_host() {
     rt().block_on(async {
         let mut c = HelperClient::connect(&lab.sock).await.expect("connect");
         let _t = c
-            .create_host_tunnel(host_spec(&n, true))
+            .create_host_tunnel(host_spec(&n, false))
             .await
             .expect("tunnel");
         lab.helper.signal(nix::sys::signal::Signal::SIGKILL);
@@ -1075,6 +1180,6 @@ fn kill_9_of_the_helper_with_a_host_tunnel_then_restart_restores_the_host() {
     assert_eq!(
         lab.snapshot(),
         before,
-        "rules, routes, kill switch and DNS restored at start"
+        "rules, routes and DNS restored at start (a kill switch stays: see finding_6_...)"
     );
 }

@@ -216,31 +216,33 @@ fn helper_target(g: &Globals) -> Result<HelperTarget, ExitCode> {
     })
 }
 
-/// This user's resources that a previous helper left behind and the current
-/// one could not remove: `warren status` shows them, never hides them. Asks
-/// a running (or socket-activated) helper only; never autostarts one.
-fn helper_orphans(path: &std::path::Path) -> Vec<String> {
+/// This user's resources that the helper holds without a live owner: what a
+/// crashed helper left and could not be removed, and kill switches left
+/// blocking. `warren status` shows them, never hides them. Asks a running
+/// (or socket-activated) helper only; never autostarts one.
+fn helper_leftovers(path: &std::path::Path) -> proxy_cli::Leftovers {
+    let mut left = proxy_cli::Leftovers::default();
     let Ok(rt) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     else {
-        return Vec::new();
+        return left;
     };
     let me = nix::unistd::getuid().as_raw();
-    rt.block_on(async {
-        let list = tokio::time::timeout(Duration::from_secs(5), async {
-            HelperClient::connect(path).await?.list_instances().await
-        })
-        .await;
-        match list {
-            Ok(Ok(l)) => l
-                .into_iter()
-                .filter(|i| i.owner_uid == me && i.lease == warren_ipc::instance::ORPHAN_LEASE)
-                .map(|i| i.name.to_string())
-                .collect(),
-            _ => Vec::new(),
+    let list = rt.block_on(tokio::time::timeout(Duration::from_secs(5), async {
+        HelperClient::connect(path).await?.list_instances().await
+    }));
+    for i in list.ok().and_then(Result::ok).unwrap_or_default() {
+        if i.owner_uid != me {
+            continue;
         }
-    })
+        if i.lease == warren_ipc::instance::ORPHAN_LEASE {
+            left.orphans.push(i.name.to_string());
+        } else if i.lease == warren_ipc::instance::KILL_SWITCH_LEASE {
+            left.kill_switches.push(i.name.to_string());
+        }
+    }
+    left
 }
 
 /// Parses the command line and runs the command.
@@ -282,10 +284,10 @@ pub fn main() -> ExitCode {
         Command::Proxy(args) => proxy_cli::run_proxy(args),
         Command::Config(args) => proxy_cli::run_config(args),
         Command::Status(args) => {
-            let orphans = target()
-                .map(|t| helper_orphans(&t.path))
+            let left = target()
+                .map(|t| helper_leftovers(&t.path))
                 .unwrap_or_default();
-            proxy_cli::run_status(args, &orphans)
+            proxy_cli::run_status(args, &left)
         }
         Command::Server(args) => match target() {
             Ok(t) => transport_cli::run_server(args, t),

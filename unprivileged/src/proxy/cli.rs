@@ -466,25 +466,43 @@ pub struct StatusArgs {
     pub json: bool,
 }
 
+/// What the helper holds for this user without a live owner.
+#[derive(Debug, Default)]
+pub struct Leftovers {
+    /// Left by a crashed helper; the next could not remove them.
+    pub orphans: Vec<String>,
+    /// Kill switches of host tunnels that ended without `warren down`.
+    pub kill_switches: Vec<String>,
+}
+
 /// Runs `warren status`: the running `warren proxy` processes and instances
-/// of this user and their counters, and `orphans`: the names of this user's
-/// resources that a crashed helper left and the next could not remove.
-pub fn run_status(args: StatusArgs, orphans: &[String]) -> ExitCode {
+/// of this user and their counters, and what the helper holds for this user
+/// without a live owner (`left`).
+pub fn run_status(args: StatusArgs, left: &Leftovers) -> ExitCode {
     let dir = super::status::runtime_dir(&crate::config::ProcessEnv);
     let snaps = super::status::query_all(&dir);
     if args.json {
         let (instances, proxies): (Vec<_>, Vec<_>) =
             snaps.into_iter().partition(|s| s.instance.is_some());
-        let v =
-            serde_json::json!({ "proxies": proxies, "instances": instances, "orphans": orphans });
+        let v = serde_json::json!({
+            "proxies": proxies,
+            "instances": instances,
+            "orphans": left.orphans,
+            "kill_switches": left.kill_switches,
+        });
         println!("{v}");
     } else {
-        if !snaps.is_empty() || orphans.is_empty() {
+        if !snaps.is_empty() || (left.orphans.is_empty() && left.kill_switches.is_empty()) {
             print!("{}", super::status::render(&snaps));
         }
-        for n in orphans {
+        for n in &left.orphans {
             println!(
                 "orphan {n}: left by a helper that crashed, and the helper could not remove it (see its log); `warren down {n}` retries"
+            );
+        }
+        for n in &left.kill_switches {
+            println!(
+                "kill switch {n}: its tunnel ended, all traffic stays blocked; `warren down {n}` releases it, `warren up --host {n} --kill-switch` takes it over"
             );
         }
     }
