@@ -217,10 +217,16 @@ lab_run kill -TERM "$hpid"; within 50 bash -c "! lab_run kill -0 $hpid 2>/dev/nu
 lab_run sed -i 's/^Defaults[[:space:]]*secure_path/#&/' /etc/sudoers
 lab_run sed -i '/secure_path/d' /etc/sudoers.d/warren
 lab_run sh -c "mkdir -p /home/$LAB_USER/evil && printf '#!/bin/sh\ntouch /tmp/evil-ran\n' >/home/$LAB_USER/evil/nft && chmod 755 /home/$LAB_USER/evil/nft && chown -R $LAB_USER /home/$LAB_USER/evil"
-lab_user env PATH="/home/$LAB_USER/evil:/usr/bin:/bin" warren helper start >/dev/null 2>&1
+# The hostile PATH reaches sudo's environment; the helper must not use it
+# when it runs nft (the kill switch) or anything else.
+lab_user env PATH="/home/$LAB_USER/evil:/usr/bin:/bin" warren up evilpath --host --kill-switch \
+  --wg "$conf" >/dev/null 2>&1
+check "sudoers without secure_path: the kill switch is up (nft ran)" \
+  bash -c "lab_run nft list tables | grep -q warren"
+lab_user warren down evilpath >/dev/null 2>&1
+check "sudoers without secure_path: a hostile PATH never runs as root (no fake nft ran)" \
+  bash -c "! lab_run test -e /tmp/evil-ran"
 hpid=$(lab_user warren helper status --json | sed -n 's/.*"pid":\([0-9]*\).*/\1/p')
-check "sudoers without secure_path: a hostile PATH does not reach the helper's environment" \
-  bash -c "[[ -n '$hpid' ]] && ! lab_run cat /proc/$hpid/environ | tr '\0' '\n' | grep -q evil"
 [[ -n $hpid ]] && lab_run kill -TERM "$hpid"
 within 50 bash -c "! lab_run test -S /run/warren/helper.sock"
 # A sudo that wants a password, and no terminal.

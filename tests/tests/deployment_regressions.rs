@@ -299,9 +299,21 @@ fn bug4_orphans_that_cannot_be_removed_are_listed_and_down_retries() {
         let listed = list
             .iter()
             .any(|i| i.name == n && i.lease.starts_with("orphan"));
+        let status = run_limited(
+            Command::new(bin("warren"))
+                .arg("--helper-socket")
+                .arg(&h.socket)
+                .args(["--no-autostart", "status"]),
+            Duration::from_secs(20),
+        );
         let retry_blocked = c.destroy_instance(&n).await.is_err();
         unmount();
         assert!(listed, "the orphan is listed: {list:?}\n{}", second.log());
+        let text = String::from_utf8_lossy(&status.stdout);
+        assert!(
+            status.status.success() && text.contains(&format!("orphan {n}:")),
+            "warren status shows it: {status:?}"
+        );
         assert!(
             retry_blocked,
             "removal cannot succeed while the mount is there"

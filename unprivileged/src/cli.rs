@@ -229,9 +229,12 @@ fn helper_leftovers(path: &std::path::Path) -> proxy_cli::Leftovers {
         return left;
     };
     let me = nix::unistd::getuid().as_raw();
-    let list = rt.block_on(tokio::time::timeout(Duration::from_secs(5), async {
-        HelperClient::connect(path).await?.list_instances().await
-    }));
+    let list = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            HelperClient::connect(path).await?.list_instances().await
+        })
+        .await
+    });
     for i in list.ok().and_then(Result::ok).unwrap_or_default() {
         if i.owner_uid != me {
             continue;
