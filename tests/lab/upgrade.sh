@@ -26,6 +26,8 @@ check "the previous package installs" \
   lab_run env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq /root/warren-previous.deb
 lab_run useradd --create-home --shell /bin/bash "$LAB_USER"
 lab_run usermod -aG warren "$LAB_USER"
+lab_run loginctl enable-linger "$LAB_USER"
+within 100 lab_run test -d "/run/user/$(lab_run id -u "$LAB_USER")" || bad "the user's manager (linger) did not start"
 # The previous release's unit cannot create instances (issue #21 bug 1): the
 # instance comes from a sudo-autostarted helper, as its users had to do.
 lab_run systemctl disable --now warren-helper.socket >/dev/null 2>&1
@@ -41,9 +43,11 @@ check "the upgrade stopped the previous helper" bash -c "! lab_run pgrep -x warr
 check "its instance ended cleanly: no namespace, /etc/netns entry or worker left" \
   bash -c "! lab_run ip netns list 2>/dev/null | grep -q warren- && ! lab_run test -e /etc/netns/warren-prev && ! lab_run pgrep -f warren-worker >/dev/null"
 check "the new release serves the next request (instance up again)" \
-  lab_user warren up prev --wg "$conf"
+  lab_user warren up prev --wg "$conf" --json
 st=$(lab_user warren helper status 2>&1)
-check "the helper now is the new release" grep -q "protocol 3" <<<"$st"
+proto=$(lab_user warren helper status --json | sed -n 's/.*"protocol":\([0-9]*\).*/\1/p')
+check "the helper now is the new release (protocol $proto)" \
+  bash -c "[[ -n '$proto' && '$proto' -gt 2 ]]"
 msg=$(lab_user /root/warren-previous helper status 2>&1)
 echo "    previous client: $msg"
 check "a client of the previous release gets a clear error" \
