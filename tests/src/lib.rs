@@ -375,12 +375,58 @@ pub fn start_lab_helper_env(
     log: &std::path::Path,
     env: &[(&str, &str)],
 ) -> Proc {
+    start_lab_helper_with(
+        host,
+        resolv,
+        sock,
+        log,
+        &LabHelperOptions {
+            env,
+            ..LabHelperOptions::default()
+        },
+    )
+}
+
+/// What else a lab helper gets (see [`start_lab_helper_with`]).
+#[derive(Debug, Default)]
+pub struct LabHelperOptions<'a> {
+    /// Added to the helper's environment.
+    pub env: &'a [(&'a str, &'a str)],
+    /// The helper's `--config` (root-owned, as the helper demands); none:
+    /// no config file.
+    pub config: Option<&'a std::path::Path>,
+    /// Shell commands run inside the lab host (its network namespace and
+    /// its private mount namespace) just before the helper starts: mounts
+    /// that shape what the helper takes for the host's file system.
+    pub setup: &'a str,
+}
+
+/// [`start_lab_helper`] with [`LabHelperOptions`].
+pub fn start_lab_helper_with(
+    host: &TestNs,
+    resolv: &std::path::Path,
+    sock: &std::path::Path,
+    log: &std::path::Path,
+    opts: &LabHelperOptions<'_>,
+) -> Proc {
+    let setup = if opts.setup.is_empty() {
+        String::new()
+    } else {
+        let script = log.with_extension("setup.sh");
+        std::fs::write(&script, format!("set -e\n{}\nexec \"$@\"\n", opts.setup))
+            .expect("lab setup script");
+        format!("sh {} ", script.display())
+    };
     let script = format!(
-        "mount --bind {resolv} /etc/resolv.conf && exec ip netns exec {ns} {helper} serve --own-mount-ns --socket {sock} --group 60100 --config /nonexistent/x.toml",
+        "mount --bind {resolv} /etc/resolv.conf && exec ip netns exec {ns} {setup}{helper} serve --own-mount-ns --socket {sock} --group 60100 --config {config}",
         resolv = resolv.display(),
         ns = host.name,
         helper = bin("warren-helper").display(),
-        sock = sock.display()
+        sock = sock.display(),
+        config = opts
+            .config
+            .unwrap_or(std::path::Path::new("/nonexistent/x.toml"))
+            .display(),
     );
     let child = Command::new("unshare")
         .args([
@@ -392,7 +438,7 @@ pub fn start_lab_helper_env(
             "-c",
             &script,
         ])
-        .envs(env.iter().copied())
+        .envs(opts.env.iter().copied())
         .stderr(std::fs::File::create(log).expect("log"))
         .spawn()
         .expect("helper in the lab host");
