@@ -284,6 +284,7 @@ impl Registry {
                 let made = (|| {
                     let ns = netns::create_netns(&spec2.name)?;
                     netns::write_resolv_conf(&spec2.name, &spec2.dns, &spec2.search)?;
+                    netns::write_nsswitch_conf(&spec2.name)?;
                     let tun = netns::create_tun_and_configure(&ns, &spec2)?;
                     Ok((ns, tun))
                 })();
@@ -550,12 +551,10 @@ impl Registry {
         let name = spec.instance.clone();
         let peer2 = peer.clone();
         let spawned = tokio::task::spawn_blocking(move || {
-            let resolv = spec
-                .private_resolv
-                .then(|| netns::paths(&spec.instance).1.join("resolv.conf"));
+            let etc = spec.private_resolv.then(|| netns::paths(&spec.instance).1);
             runas::spawn(
                 &ns,
-                resolv.as_deref(),
+                etc.as_deref(),
                 &peer2,
                 &spec.argv,
                 &spec.env,

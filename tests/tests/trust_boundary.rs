@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use warren::helper_client::{ClientError, HelperClient};
 use warren_ipc::HelperError;
-use warren_ipc::instance::{HostTunnelSpec, InstanceName, ServerTunnelSpec};
+use warren_ipc::instance::{
+    HostTunnelSpec, InstanceName, InstanceSpec, ServerTunnelSpec, SpawnSpec,
+};
 use warren_tests::{Proc, TestDir, TestNs, require_root, run_limited};
 
 fn rt() -> tokio::runtime::Runtime {
@@ -589,4 +591,247 @@ fn finding_2_lingering_descriptors_never_stall_the_helper() {
         );
         drop((l1, l2));
     });
+}
+
+/// Connects as another user: a thread switches only its own credentials
+/// (the kernel records them at connect), connects, and ends.
+async fn connect_as(sock: &std::path::Path, uid: u32, gid: u32, groups: &[u32]) -> HelperClient {
+    let sock = sock.to_path_buf();
+    let groups = groups.to_vec();
+    let stream = std::thread::spawn(move || {
+        // SAFETY: thread-local credential changes with valid arguments; the
+        // thread exits right after connecting.
+        unsafe {
+            assert_eq!(
+                libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()),
+                0
+            );
+            assert_eq!(libc::syscall(libc::SYS_setresgid, gid, gid, gid), 0);
+            assert_eq!(libc::syscall(libc::SYS_setresuid, uid, uid, uid), 0);
+        }
+        StdUnixStream::connect(&sock).expect("connect as user")
+    })
+    .join()
+    .expect("thread");
+    stream.set_nonblocking(true).expect("nonblocking");
+    let stream = tokio::net::UnixStream::from_std(stream).expect("tokio stream");
+    HelperClient::from_stream(stream).await.expect("handshake")
+}
+
+/// Spawns `argv` in instance `n` with a pipe as stdout and stderr and a
+/// private resolv.conf; returns what it wrote once it has ended.
+async fn run_private(c: &mut HelperClient, n: &InstanceName, argv: &[&str]) -> String {
+    use std::io::Read;
+    use std::os::fd::AsFd;
+    let (r, w) = nix::unistd::pipe().expect("pipe");
+    let null = std::fs::File::open("/dev/null").expect("null");
+    let spec = SpawnSpec {
+        instance: n.clone(),
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env: vec!["PATH=/usr/bin:/bin:/usr/sbin:/sbin".into()],
+        cwd: "/".into(),
+        n_fds: 3,
+        private_resolv: true,
+        bind_lease: false,
+        controlling_tty: false,
+    };
+    let pid = c
+        .spawn(spec, &[null.as_fd(), w.as_fd(), w.as_fd()])
+        .await
+        .expect("spawn");
+    drop(w);
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::fs::File::from(r).read_to_string(&mut s);
+        s
+    });
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), c.next_event())
+            .await
+            .expect("exit event")
+            .expect("event")
+        {
+            warren_ipc::Event::Exited { pid: p, .. } if p == pid => break,
+            _ => continue,
+        }
+    }
+    reader.join().expect("reader")
+}
+
+/// A listener standing in for a host daemon's socket; counts connections
+/// from the member (the lab's helper itself, root, may look up its group
+/// through nscd: that is not the program's lookup).
+struct FakeDaemon {
+    path: std::path::PathBuf,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl FakeDaemon {
+    fn new(path: std::path::PathBuf, stop: &std::sync::Arc<std::sync::atomic::AtomicBool>) -> Self {
+        use std::sync::atomic::Ordering;
+        let l = std::os::unix::net::UnixListener::bind(&path).expect("bind fake daemon");
+        // Anyone may connect, as to the real daemons' sockets.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        l.set_nonblocking(true).expect("nonblocking");
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (count, stop) = (accepted.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                match l.accept() {
+                    Ok((s, _)) => {
+                        use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+                        let uid = getsockopt(&s, PeerCredentials).map(|c| c.uid());
+                        if uid != Ok(0) {
+                            count.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        FakeDaemon { path, accepted }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Finding 7: a program run in an instance with the instance's resolv.conf
+/// resolves names by files and the instance's DNS only. The lab host's
+/// view (a private tmpfs over /run: the machine's own daemons are never
+/// touched) has systemd-resolved's, nscd's and avahi's sockets, played by
+/// listeners, and an nsswitch.conf naming resolve and mdns; while
+/// `getent hosts` runs (and a probe connects to each socket path by hand)
+/// in the program, no listener gets a connection, and the program's
+/// /etc/nsswitch.conf says `hosts: files dns` (the rest as the host's).
+#[test]
+fn finding_7_exec_programs_never_reach_host_name_service_sockets() {
+    if !require_root("finding_7_exec_programs_never_reach_host_name_service_sockets") {
+        return;
+    }
+    let dir = TestDir::new("trust-nss");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sockets = [
+        ("/run/systemd/resolve/io.systemd.Resolve", "resolve.sock"),
+        ("/run/nscd/socket", "nscd.sock"),
+        ("/run/avahi-daemon/socket", "avahi.sock"),
+    ];
+    let daemons: Vec<(&str, FakeDaemon)> = sockets
+        .iter()
+        .map(|(real, file)| (*real, FakeDaemon::new(dir.join(file), &stop)))
+        .collect();
+    let nsswitch = dir.join("nsswitch.conf");
+    std::fs::write(
+        &nsswitch,
+        "# warren-lab-nsswitch\npasswd: files\ngroup: files\nhosts: files resolve [!UNAVAIL=return] mdns4_minimal [NOTFOUND=return] dns\n",
+    )
+    .expect("lab nsswitch.conf");
+    let mut setup = format!(
+        "mount --bind {} /etc/nsswitch.conf\nmount -t tmpfs -o mode=0755 warren-lab-run /run\n",
+        nsswitch.display()
+    );
+    for (real, d) in &daemons {
+        let parent = std::path::Path::new(real).parent().expect("dir");
+        setup.push_str(&format!(
+            "mkdir -p {parent}\ntouch {real}\nmount --bind {sock} {real}\n",
+            parent = parent.display(),
+            sock = d.path.display()
+        ));
+    }
+    let host = TestNs::new(&format!("wrtbn{}h", pid()));
+    let resolv = dir.join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 198.18.54.53\n").expect("resolv");
+    let sock = dir.join("helper.sock");
+    let mut helper = warren_tests::start_lab_helper_with(
+        &host,
+        &resolv,
+        &sock,
+        &dir.join("helper.log"),
+        &warren_tests::LabHelperOptions {
+            setup: &setup,
+            ..Default::default()
+        },
+    );
+    // The example is copied where the member may run it.
+    let probe = dir.join("unix_probe");
+    std::fs::copy(warren_tests::bin("examples/unix_probe"), &probe).expect("copy probe");
+    let n = name(&format!("nss{}", pid()));
+    let script = format!(
+        "echo ==nsswitch; cat /etc/nsswitch.conf; echo ==resolv; cat /etc/resolv.conf; \
+         echo ==stub; cat /run/systemd/resolve/stub-resolv.conf; \
+         echo ==getent; timeout 20 getent hosts warren-leak-probe.example; echo ==probe; \
+         {probe} /run/systemd/resolve/io.systemd.Resolve /run/nscd/socket /var/run/nscd/socket \
+         /run/avahi-daemon/socket /var/run/avahi-daemon/socket",
+        probe = probe.display()
+    );
+    let out = rt().block_on(async {
+        let (uid, gid) = (warren_tests::ids::MEMBER, warren_tests::ids::GROUP);
+        let mut c = connect_as(&sock, uid, gid, &[]).await;
+        // No DNS servers: the instance's resolver fails at once (no leak
+        // either way), so only the host's sockets could answer.
+        let spec = InstanceSpec::new(
+            n.clone(),
+            1420,
+            vec!["198.19.78.2/32".parse().expect("p")],
+            vec!["0.0.0.0/0".parse().expect("p")],
+            vec![],
+        )
+        .expect("spec");
+        let (_info, _tun) = c.create_instance(spec).await.expect("create");
+        let out = run_private(&mut c, &n, &["sh", "-c", &script]).await;
+        c.destroy_instance(&n).await.expect("destroy");
+        out
+    });
+    // Connections already made are counted by now (the listeners poll).
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let reached: Vec<String> = daemons
+        .iter()
+        .filter(|(_, d)| d.accepted() > 0)
+        .map(|(real, d)| format!("{real} ({} connections)", d.accepted()))
+        .collect();
+    helper.signal(nix::sys::signal::Signal::SIGTERM);
+    let _ = helper.wait_timeout(Duration::from_secs(10));
+    assert!(
+        reached.is_empty(),
+        "host name-service sockets reached: {reached:?}; program output:\n{out}"
+    );
+    let nss = out
+        .split("==nsswitch\n")
+        .nth(1)
+        .and_then(|s| s.split("==resolv").next())
+        .unwrap_or_default();
+    let hosts: Vec<&str> = nss
+        .lines()
+        .filter(|l| l.trim_start().starts_with("hosts:"))
+        .collect();
+    assert_eq!(
+        hosts
+            .iter()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .collect::<Vec<_>>(),
+        vec![vec!["hosts:", "files", "dns"]],
+        "program output:\n{out}"
+    );
+    assert!(
+        nss.contains("# warren-lab-nsswitch") && nss.contains("passwd: files"),
+        "the rest is the host's: {out}"
+    );
+    assert!(
+        !out.contains(" connected"),
+        "a host socket was reachable: {out}"
+    );
+    assert!(out.contains("==probe"), "the probe ran: {out}");
+    // What a systemd-resolved host's /etc/resolv.conf links to is the
+    // instance's too.
+    let stub = out
+        .split("==stub\n")
+        .nth(1)
+        .and_then(|s| s.split("==getent").next())
+        .unwrap_or_default();
+    assert!(
+        stub.contains("written by warren-helper for this instance"),
+        "{out}"
+    );
 }
