@@ -210,7 +210,9 @@ fn child_setup(p: &Prepared) -> io::Result<()> {
         check(libc::setresgid(p.gid, p.gid, p.gid))?;
         check(libc::setresuid(p.uid, p.uid, p.uid))?;
         if p.uid != 0 && (libc::setuid(0) == 0 || libc::setgid(0) == 0 && p.gid != 0) {
-            return Err(io::Error::other("privileges could be regained"));
+            // An errno, not a message: allocating between fork and exec
+            // can deadlock on a lock another thread held at the fork.
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
         }
         check(libc::prctl(
             libc::PR_CAP_AMBIENT,
