@@ -20,8 +20,8 @@ use tracing::{error, info, warn};
 use warren_ipc::Event;
 use warren_ipc::HelperError;
 use warren_ipc::instance::{
-    HostTunnelInfo, HostTunnelSpec, InstanceInfo, InstanceName, InstanceSpec, ORPHAN_LEASE,
-    ServerTunnelInfo, ServerTunnelSpec, SpawnSpec,
+    HostTunnelInfo, HostTunnelSpec, InstanceInfo, InstanceName, InstanceSpec, IpPrefix,
+    ORPHAN_LEASE, ServerTunnelInfo, ServerTunnelSpec, SpawnSpec,
 };
 
 use crate::auth::PeerCred;
@@ -315,6 +315,7 @@ impl Registry {
         peer: &PeerCred,
         conn: u64,
     ) -> Result<(ServerTunnelInfo, OwnedFd), HelperError> {
+        check_pools(&spec.addresses, &crate::config::server_tunnel_pools())?;
         let name = spec.name.clone();
         let table = crate::nat::table_name(&spec);
         let entry = |saved_forwarding| JournalEntry::ServerTunnel {
@@ -328,12 +329,22 @@ impl Registry {
         // Forwarding is shared: the first server tunnel saves it (the values
         // are journaled once known) and every later one records the same
         // values, so whichever ends last restores them.
-        let (journal_id, inherited) = self.reserve(&name, peer, false, |st| {
+        // Host tunnels' links: their routes (0.0.0.0/1 and the like) do not
+        // keep a server tunnel out; other server tunnels' subnets do.
+        let (journal_id, (inherited, host_links)) = self.reserve(&name, peer, false, |st| {
             let inherited = st.instances.values().find_map(|i| match &i.kind {
                 Kind::Server { record, .. } => Some(record.saved_forwarding.clone()),
                 _ => None,
             });
-            (entry(inherited.clone().flatten()), inherited)
+            let host_links: Vec<String> = st
+                .instances
+                .values()
+                .filter_map(|i| match &i.kind {
+                    Kind::Host { spec, .. } => Some(spec.ifname()),
+                    _ => None,
+                })
+                .collect();
+            (entry(inherited.clone().flatten()), (inherited, host_links))
         })?;
         let spec2 = spec.clone();
         let (tun, egress, saved) = self
@@ -349,7 +360,7 @@ impl Registry {
                     // Its table is the last step and atomic: on failure
                     // there is none of ours to delete (and a table of that
                     // name that was there before is not ours).
-                    match crate::nat::create(&spec2) {
+                    match crate::nat::create(&spec2, &host_links) {
                         Ok((tun, egress, _)) => Ok((tun, egress, saved)),
                         Err(e) => {
                             if let Some(s) = saved.as_ref().filter(|_| first) {
@@ -748,6 +759,43 @@ impl Registry {
             reg.send_event(creator, Event::InstanceGone { name });
         }))
     }
+}
+
+/// Refuses a server tunnel whose subnet is not inside one of `pools` (the
+/// root-owned config's `server_tunnel_pools`; issue 14, finding 4): its
+/// addresses and subnet route are added in the host's namespace, so
+/// elsewhere they could take over traffic meant for someone else (all the
+/// host's traffic to `1.1.1.1` with `1.1.1.2/24`). The answer names the
+/// pools of the address's family.
+fn check_pools(addresses: &[IpPrefix], pools: &[IpPrefix]) -> Result<(), HelperError> {
+    for a in addresses {
+        if pools.iter().any(|p| p.contains(a)) {
+            continue;
+        }
+        let same: Vec<String> = pools
+            .iter()
+            .filter(|p| p.addr().is_ipv4() == a.addr().is_ipv4())
+            .map(ToString::to_string)
+            .collect();
+        let family = if a.addr().is_ipv4() { 4 } else { 6 };
+        let reason = if same.is_empty() {
+            format!(
+                "{a}: this helper has no IPv{family} server-tunnel pool (root sets server_tunnel_pools in the helper's config)"
+            )
+        } else {
+            format!(
+                "{a} ({}) is not inside the server-tunnel pool{} {} (root sets server_tunnel_pools in the helper's config)",
+                a.network(),
+                if same.len() == 1 { "" } else { "s" },
+                same.join(", ")
+            )
+        };
+        return Err(HelperError::InvalidArgument {
+            field: "addresses".into(),
+            reason,
+        });
+    }
+    Ok(())
 }
 
 /// The refusal (see [`crate::nat::refusal`]) a failed step carries, if any.

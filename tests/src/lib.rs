@@ -452,3 +452,18 @@ pub fn start_lab_helper_with(
     );
     helper
 }
+
+/// The test pools for server tunnels (issue 14, finding 4: their subnets
+/// must lie in the helper config's pools; the defaults are 100.64.0.0/10
+/// and fd00::/8, the tests' addresses come from 198.18.0.0/15).
+pub const TEST_SERVER_TUNNEL_POOLS: &str =
+    "server_tunnel_pools = [\"198.18.0.0/15\", \"fd00::/8\"]\n";
+
+/// Writes a helper config into `dir` (root-owned, mode 0644, as the helper
+/// demands) and returns its path.
+pub fn write_helper_config(dir: &TestDir, text: &str) -> PathBuf {
+    let path = dir.join("helper.toml");
+    std::fs::write(&path, text).expect("helper config");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    path
+}

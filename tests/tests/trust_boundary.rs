@@ -56,8 +56,19 @@ impl Lab {
         let resolv = dir.join("resolv.conf");
         std::fs::write(&resolv, "nameserver 198.18.54.53\n").expect("resolv");
         let sock = dir.join("helper.sock");
-        let helper =
-            warren_tests::start_lab_helper_env(&host, &resolv, &sock, &dir.join("helper.log"), env);
+        let config =
+            warren_tests::write_helper_config(&dir, warren_tests::TEST_SERVER_TUNNEL_POOLS);
+        let helper = warren_tests::start_lab_helper_with(
+            &host,
+            &resolv,
+            &sock,
+            &dir.join("helper.log"),
+            &warren_tests::LabHelperOptions {
+                env,
+                config: Some(&config),
+                ..Default::default()
+            },
+        );
         Lab {
             host,
             _other: other,
@@ -834,4 +845,163 @@ fn finding_7_exec_programs_never_reach_host_name_service_sockets() {
         stub.contains("written by warren-helper for this instance"),
         "{out}"
     );
+}
+
+fn server_with(n: &str, addresses: &[&str]) -> ServerTunnelSpec {
+    ServerTunnelSpec::new(
+        name(n),
+        1420,
+        addresses
+            .iter()
+            .map(|a| a.parse().expect("prefix"))
+            .collect(),
+    )
+    .expect("spec")
+}
+
+impl Lab {
+    /// The lab host's `ip -o addr` and `ip -o link` listings.
+    fn links_and_addresses(&self) -> String {
+        let mut s = String::new();
+        for what in ["link", "addr"] {
+            let out = run_limited(
+                self.host.exec("ip").args(["-o", what, "show"]),
+                Duration::from_secs(10),
+            );
+            s.push_str(&String::from_utf8_lossy(&out.stdout));
+        }
+        s
+    }
+}
+
+/// Finding 4: a server tunnel's subnet must lie in the root-owned config's
+/// pools (here 198.18.0.0/15 and fd00::/8): `1.1.1.2/24` (all the host's
+/// traffic to 1.1.1.1 into the member's TUN), a prefix wider than the pool
+/// and an IPv6 subnet outside fd00::/8 are refused with the pool named,
+/// and leave nothing behind; a subnet inside the pools works.
+#[test]
+fn finding_4_server_tunnel_outside_the_pools_is_refused_naming_the_pool() {
+    if !require_root("finding_4_server_tunnel_outside_the_pools_is_refused_naming_the_pool") {
+        return;
+    }
+    let lab = Lab::new("q", true, &[]);
+    let s = format!("q{}", pid());
+    rt().block_on(async {
+        let (uid, gid) = (warren_tests::ids::MEMBER, warren_tests::ids::GROUP);
+        let mut c = connect_as(&lab.sock, uid, gid, &[]).await;
+        for (addr, pool) in [
+            ("1.1.1.2/24", "198.18.0.0/15"),
+            ("198.18.0.1/14", "198.18.0.0/15"),
+            ("2001:db8::1/64", "fd00::/8"),
+        ] {
+            match c.create_server_tunnel(server_with(&s, &[addr])).await {
+                Err(ClientError::Helper(HelperError::InvalidArgument { field, reason })) => {
+                    assert_eq!(field, "addresses");
+                    assert!(
+                        reason.contains(addr) && reason.contains(pool),
+                        "{addr}: {reason}"
+                    );
+                    assert!(!reason.contains("incident"), "{reason}");
+                }
+                other => panic!("{addr} outside the pools must be refused, got {other:?}"),
+            }
+        }
+        let s6 = server_with(&s, &["198.19.61.1/24", "fd00:61::1/64"]);
+        assert!(
+            !lab.links_and_addresses().contains(&s6.ifname()),
+            "nothing left behind: {}",
+            lab.links_and_addresses()
+        );
+        let (_, _tun) = c
+            .create_server_tunnel(s6.clone())
+            .await
+            .expect("a subnet inside the pools");
+        let shown = lab.links_and_addresses();
+        assert!(
+            shown.contains("198.19.61.1/24") && shown.contains("fd00:61::1/64"),
+            "{shown}"
+        );
+        c.destroy_instance(&name(&s)).await.expect("destroy");
+    });
+    assert_eq!(lab.ruleset().trim(), "");
+}
+
+/// Finding 4: a server tunnel's subnet inside the pools must not overlap a
+/// route the lab host already has, in any table: its veth's subnet, a
+/// policy-routing table's route, another member's server tunnel. Each is
+/// refused as `HostState` naming the route; routes of a host tunnel
+/// (0.0.0.0/1 and 128.0.0.0/1: host-wide by design) do not count, and a
+/// free subnet works.
+#[test]
+fn finding_4_server_tunnel_overlapping_a_host_route_is_refused() {
+    if !require_root("finding_4_server_tunnel_overlapping_a_host_route_is_refused") {
+        return;
+    }
+    let lab = Lab::new("r", true, &[]);
+    lab.host.ip(&[
+        "route",
+        "add",
+        "unreachable",
+        "198.19.99.0/24",
+        "table",
+        "100",
+    ]);
+    let (a, b, h) = (
+        format!("ra{}", pid()),
+        format!("rb{}", pid()),
+        format!("rh{}", pid()),
+    );
+    rt().block_on(async {
+        let g = warren_tests::ids::GROUP;
+        let mut m1 = connect_as(&lab.sock, warren_tests::ids::MEMBER, g, &[]).await;
+        let mut m2 = connect_as(&lab.sock, warren_tests::ids::SUPPLEMENTARY, g, &[g]).await;
+        let (_, _ta) = m1
+            .create_server_tunnel(server_with(&a, &["198.19.64.1/24"]))
+            .await
+            .expect("first member's server tunnel");
+        for (addr, route) in [
+            ("198.18.54.7/24", "198.18.54.0/24"),
+            ("198.18.54.130/25", "198.18.54.0/24"),
+            ("198.19.99.1/25", "198.19.99.0/24"),
+            ("198.19.64.129/25", "198.19.64.0/24"),
+        ] {
+            match m2.create_server_tunnel(server_with(&b, &[addr])).await {
+                Err(ClientError::Helper(HelperError::HostState { reason })) => {
+                    assert!(reason.contains(route), "{addr}: {reason}")
+                }
+                other => panic!("{addr} overlaps {route}: must be refused, got {other:?}"),
+            }
+        }
+        let shown = lab.links_and_addresses();
+        assert!(
+            !shown.contains(&server_with(&b, &["198.19.65.1/24"]).ifname()),
+            "nothing left behind: {shown}"
+        );
+        // Root's host tunnel routing everything through 0.0.0.0/1 and
+        // 128.0.0.0/1 keeps no server tunnel out.
+        let mut root = HelperClient::connect(&lab.sock).await.expect("connect");
+        let host = HostTunnelSpec::new(
+            name(&h),
+            1420,
+            vec!["198.19.72.2/32".parse().expect("p")],
+            vec![
+                "0.0.0.0/1".parse().expect("p"),
+                "128.0.0.0/1".parse().expect("p"),
+            ],
+            vec![],
+            false,
+        )
+        .expect("host spec");
+        let (_, _tun, _udp) = root.create_host_tunnel(host).await.expect("host tunnel");
+        let (_, _tb) = m2
+            .create_server_tunnel(server_with(&b, &["198.19.65.1/24"]))
+            .await
+            .expect("a free subnet");
+        root.destroy_instance(&name(&h))
+            .await
+            .expect("destroy host");
+        m2.destroy_instance(&name(&b)).await.expect("destroy b");
+        m1.destroy_instance(&name(&a)).await.expect("destroy a");
+    });
+    assert_eq!(lab.ruleset().trim(), "");
 }
