@@ -31,6 +31,12 @@ use crate::{netns, runas};
 /// Most instances one user may hold.
 pub const MAX_INSTANCES_PER_UID: usize = 16;
 
+/// Most programs (workers, `warren exec` programs) one user may run through
+/// the helper at once; root: no limit. They share the helper's task limit
+/// (its unit's `TasksMax=`), so one member must not use it all up (issue
+/// 14, finding 8).
+pub const MAX_PROGRAMS_PER_UID: usize = 64;
+
 /// What the journal records: enough to remove it after a crash.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum JournalEntry {
@@ -98,12 +104,16 @@ struct Proc {
     pidfd: Arc<OwnedFd>,
     conn: u64,
     instance: InstanceName,
+    /// Whose it is (counted against [`MAX_PROGRAMS_PER_UID`]).
+    uid: u32,
 }
 
 #[derive(Debug)]
 struct State {
     instances: HashMap<InstanceName, Instance>,
     procs: HashMap<i32, Proc>,
+    /// Spawns under way, per uid (counted with `procs` against the limit).
+    starting: HashMap<u32, usize>,
     events: HashMap<u64, mpsc::Sender<Event>>,
     journal: Journal<JournalEntry>,
     state_dir: PathBuf,
@@ -144,6 +154,7 @@ impl Registry {
             state: Arc::new(Mutex::new(State {
                 instances: HashMap::new(),
                 procs: HashMap::new(),
+                starting: HashMap::new(),
                 events: HashMap::new(),
                 orphans: journal.entries().iter().map(|(id, _)| *id).collect(),
                 journal,
@@ -545,19 +556,44 @@ impl Registry {
                 reason: format!("{} announced, {sent} sent", spec.n_fds),
             });
         }
-        let ns = match self.lock().instances.get(&spec.instance) {
-            Some(Instance {
-                kind: Kind::Instance { netns, .. },
-                owner,
-                ..
-            }) if *owner == peer.uid || peer.uid == 0 => Some(netns.clone()),
-            _ => None,
+        let ns = {
+            let mut st = self.lock();
+            match st.instances.get(&spec.instance) {
+                Some(Instance {
+                    kind: Kind::Instance { netns, .. },
+                    owner,
+                    ..
+                }) if *owner == peer.uid || peer.uid == 0 => {
+                    let ns = netns.clone();
+                    // Counted from here, so concurrent spawns cannot pass
+                    // the limit together.
+                    let running = st.procs.values().filter(|p| p.uid == peer.uid).count()
+                        + st.starting.get(&peer.uid).copied().unwrap_or(0);
+                    if peer.uid != 0 && running >= MAX_PROGRAMS_PER_UID {
+                        Err(HelperError::TooManyPrograms {
+                            limit: MAX_PROGRAMS_PER_UID as u32,
+                        })
+                    } else {
+                        *st.starting.entry(peer.uid).or_insert(0) += 1;
+                        Ok(ns)
+                    }
+                }
+                _ => Err(HelperError::NotFound {
+                    what: format!("instance {}", spec.instance),
+                }),
+            }
         };
-        let Some(ns) = ns else {
-            crate::closer::close(fds).await;
-            return Err(HelperError::NotFound {
-                what: format!("instance {}", spec.instance),
-            });
+        let ns = match ns {
+            Ok(ns) => ns,
+            Err(e) => {
+                crate::closer::close(fds).await;
+                return Err(e);
+            }
+        };
+        // The spawn is no longer under way once it is a proc or failed.
+        let starting = Starting {
+            registry: Some(self.clone()),
+            uid: peer.uid,
         };
         let name = spec.instance.clone();
         let peer2 = peer.clone();
@@ -604,8 +640,10 @@ impl Registry {
                     pidfd: pidfd.clone(),
                     conn,
                     instance: name.clone(),
+                    uid: peer.uid,
                 },
             );
+            starting.done(&mut st);
         }
         info!(instance = %name, uid = peer.uid, pid, bind, "program spawned");
         let reg = self.clone();
@@ -758,6 +796,39 @@ impl Registry {
             drop(st);
             reg.send_event(creator, Event::InstanceGone { name });
         }))
+    }
+}
+
+/// A spawn under way for `uid`, counted in `State::starting` until it is
+/// done (became a proc) or dropped (failed).
+struct Starting {
+    /// None once done.
+    registry: Option<Registry>,
+    uid: u32,
+}
+
+impl Starting {
+    /// Stops counting it (its proc is counted instead), under `st`'s lock.
+    fn done(mut self, st: &mut State) {
+        uncount_start(st, self.uid);
+        self.registry = None;
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        if let Some(r) = self.registry.take() {
+            uncount_start(&mut r.lock(), self.uid);
+        }
+    }
+}
+
+fn uncount_start(st: &mut State, uid: u32) {
+    if let Some(n) = st.starting.get_mut(&uid) {
+        *n -= 1;
+        if *n == 0 {
+            st.starting.remove(&uid);
+        }
     }
 }
 

@@ -1005,3 +1005,91 @@ fn finding_4_server_tunnel_overlapping_a_host_route_is_refused() {
     });
     assert_eq!(lab.ruleset().trim(), "");
 }
+
+/// Spawns `argv` in `n` with no descriptors (the helper gives it
+/// /dev/null); returns the helper's answer.
+async fn spawn_quiet(
+    c: &mut HelperClient,
+    n: &InstanceName,
+    argv: &[&str],
+) -> Result<i32, ClientError> {
+    let spec = SpawnSpec {
+        instance: n.clone(),
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env: vec!["PATH=/usr/bin:/bin".into()],
+        cwd: "/".into(),
+        n_fds: 0,
+        private_resolv: false,
+        bind_lease: false,
+        controlling_tty: false,
+    };
+    c.spawn(spec, &[]).await
+}
+
+fn small_instance(n: &InstanceName, third: u8) -> InstanceSpec {
+    InstanceSpec::new(
+        n.clone(),
+        1420,
+        vec![format!("198.19.79.{third}/32").parse().expect("p")],
+        vec!["0.0.0.0/0".parse().expect("p")],
+        vec![],
+    )
+    .expect("spec")
+}
+
+/// Finding 8: programs spawned through the helper share its unit's task
+/// limit, so one member may run at most 64 at once: the 65th is refused
+/// with `TooManyPrograms`, another member and root still spawn, and once
+/// one of the member's programs ends the member may spawn again.
+#[test]
+fn finding_8_spawned_programs_are_limited_per_uid() {
+    if !require_root("finding_8_spawned_programs_are_limited_per_uid") {
+        return;
+    }
+    let lab = Lab::new("k", false, &[]);
+    let (a, b) = (name(&format!("ka{}", pid())), name(&format!("kb{}", pid())));
+    rt().block_on(async {
+        let g = warren_tests::ids::GROUP;
+        let mut m1 = connect_as(&lab.sock, warren_tests::ids::MEMBER, g, &[]).await;
+        let mut m2 = connect_as(&lab.sock, warren_tests::ids::SUPPLEMENTARY, g, &[g]).await;
+        let (_, _ta) = m1.create_instance(small_instance(&a, 2)).await.expect("a");
+        let (_, _tb) = m2.create_instance(small_instance(&b, 3)).await.expect("b");
+        let short = spawn_quiet(&mut m1, &a, &["sleep", "2"])
+            .await
+            .expect("first");
+        for i in 1..64 {
+            spawn_quiet(&mut m1, &a, &["sleep", "60"])
+                .await
+                .unwrap_or_else(|e| panic!("program {}: {e:?}", i + 1));
+        }
+        match spawn_quiet(&mut m1, &a, &["sleep", "60"]).await {
+            Err(ClientError::Helper(HelperError::TooManyPrograms { limit })) => {
+                assert_eq!(limit, 64)
+            }
+            other => panic!("the 65th program must be refused, got {other:?}"),
+        }
+        spawn_quiet(&mut m2, &b, &["sleep", "60"])
+            .await
+            .expect("another member is not limited by the first's programs");
+        let mut root = HelperClient::connect(&lab.sock).await.expect("connect");
+        spawn_quiet(&mut root, &a, &["sleep", "60"])
+            .await
+            .expect("root is not limited");
+        // The first one ends: room for one more.
+        loop {
+            match tokio::time::timeout(Duration::from_secs(20), m1.next_event())
+                .await
+                .expect("exit event")
+                .expect("event")
+            {
+                warren_ipc::Event::Exited { pid, .. } if pid == short => break,
+                _ => continue,
+            }
+        }
+        spawn_quiet(&mut m1, &a, &["sleep", "60"])
+            .await
+            .expect("a program ended: room again");
+        m1.destroy_instance(&a).await.expect("destroy a");
+        m2.destroy_instance(&b).await.expect("destroy b");
+    });
+}
