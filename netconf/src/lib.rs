@@ -88,6 +88,29 @@ pub fn resolv_conf(comment: &str, dns: &[std::net::IpAddr], search: &[String]) -
     text
 }
 
+/// Directories of host daemons that answer name lookups over a Unix
+/// socket: systemd-resolved (`io.systemd.Resolve`, used by nss-resolve),
+/// nscd (which glibc asks before any NSS module) and avahi (nss-mdns).
+/// Programs of an instance see each that exists as an empty read-only
+/// tmpfs, so they cannot resolve names outside the tunnel through them
+/// (issue 14, finding 7). `/var/run` is `/run` on most systems; mounting
+/// twice there is harmless.
+pub const NAME_SERVICE_DIRS: [&std::ffi::CStr; 5] = [
+    c"/run/systemd/resolve",
+    c"/run/nscd",
+    c"/var/run/nscd",
+    c"/run/avahi-daemon",
+    c"/var/run/avahi-daemon",
+];
+
+/// Files in one of [`NAME_SERVICE_DIRS`] that /etc/resolv.conf may link to
+/// (systemd-resolved's): recreated in the empty directory with the
+/// instance's resolv.conf bound over them, so such a link still works.
+pub const RESOLVED_RESOLV_FILES: [&std::ffi::CStr; 2] = [
+    c"/run/systemd/resolve/stub-resolv.conf",
+    c"/run/systemd/resolve/resolv.conf",
+];
+
 /// Name-service databases' switch for an instance: the host's
 /// nsswitch.conf (`host`) with every `hosts:` line replaced by
 /// `hosts: files dns` (appended if it has none), under a `comment` line.

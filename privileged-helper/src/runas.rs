@@ -40,28 +40,10 @@ pub struct Spawned {
     pub pidfd: OwnedFd,
 }
 
-/// Directories of host daemons that answer name lookups over a Unix
-/// socket: systemd-resolved (`io.systemd.Resolve`, used by nss-resolve),
-/// nscd (which glibc asks before any NSS module) and avahi (nss-mdns).
-/// A program with the instance's resolv.conf sees each that exists as an
-/// empty read-only tmpfs, so its names cannot be resolved outside the
-/// tunnel through them (issue 14, finding 7). `/var/run` is `/run` on most
-/// systems; mounting twice there is harmless.
-pub const HIDDEN_DIRS: [&CStr; 5] = [
-    c"/run/systemd/resolve",
-    c"/run/nscd",
-    c"/var/run/nscd",
-    c"/run/avahi-daemon",
-    c"/var/run/avahi-daemon",
-];
-
-/// Files in a hidden directory that /etc/resolv.conf may link to
-/// (systemd-resolved's): recreated in the empty directory, with the
-/// instance's resolv.conf bound over them, so such a link still works.
-const RESOLV_LINK_TARGETS: [&CStr; 2] = [
-    c"/run/systemd/resolve/stub-resolv.conf",
-    c"/run/systemd/resolve/resolv.conf",
-];
+/// The host's name-service directories hidden from a program with the
+/// instance's resolv.conf (see [`warren_netconf::NAME_SERVICE_DIRS`]).
+pub use warren_netconf::NAME_SERVICE_DIRS as HIDDEN_DIRS;
+use warren_netconf::RESOLVED_RESOLV_FILES as RESOLV_LINK_TARGETS;
 
 /// The instance's files bound over /etc in the program's mount namespace.
 struct PrivateEtc {

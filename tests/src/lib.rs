@@ -467,3 +467,49 @@ pub fn write_helper_config(dir: &TestDir, text: &str) -> PathBuf {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
     path
 }
+
+/// A listener standing in for a host daemon's socket (issue 14, finding 7);
+/// counts connections from non-root peers (a lab's helper itself, root,
+/// may look up its group through nscd: that is not a program's lookup).
+#[derive(Debug)]
+pub struct FakeDaemon {
+    /// Where it listens.
+    pub path: std::path::PathBuf,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl FakeDaemon {
+    /// Listens at `path` (mode 0777) until `stop` is set.
+    pub fn new(
+        path: std::path::PathBuf,
+        stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> Self {
+        use std::sync::atomic::Ordering;
+        let l = std::os::unix::net::UnixListener::bind(&path).expect("bind fake daemon");
+        // Anyone may connect, as to the real daemons' sockets.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        l.set_nonblocking(true).expect("nonblocking");
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (count, stop) = (accepted.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                match l.accept() {
+                    Ok((s, _)) => {
+                        use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+                        let uid = getsockopt(&s, PeerCredentials).map(|c| c.uid());
+                        if uid != Ok(0) {
+                            count.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        FakeDaemon { path, accepted }
+    }
+
+    /// Connections from non-root peers so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}

@@ -669,45 +669,6 @@ async fn run_private(c: &mut HelperClient, n: &InstanceName, argv: &[&str]) -> S
     reader.join().expect("reader")
 }
 
-/// A listener standing in for a host daemon's socket; counts connections
-/// from the member (the lab's helper itself, root, may look up its group
-/// through nscd: that is not the program's lookup).
-struct FakeDaemon {
-    path: std::path::PathBuf,
-    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-}
-
-impl FakeDaemon {
-    fn new(path: std::path::PathBuf, stop: &std::sync::Arc<std::sync::atomic::AtomicBool>) -> Self {
-        use std::sync::atomic::Ordering;
-        let l = std::os::unix::net::UnixListener::bind(&path).expect("bind fake daemon");
-        // Anyone may connect, as to the real daemons' sockets.
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).expect("chmod");
-        l.set_nonblocking(true).expect("nonblocking");
-        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let (count, stop) = (accepted.clone(), stop.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::SeqCst) {
-                match l.accept() {
-                    Ok((s, _)) => {
-                        use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
-                        let uid = getsockopt(&s, PeerCredentials).map(|c| c.uid());
-                        if uid != Ok(0) {
-                            count.fetch_add(1, Ordering::SeqCst);
-                        }
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                }
-            }
-        });
-        FakeDaemon { path, accepted }
-    }
-
-    fn accepted(&self) -> usize {
-        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
-    }
-}
-
 /// Finding 7: a program run in an instance with the instance's resolv.conf
 /// resolves names by files and the instance's DNS only. The lab host's
 /// view (a private tmpfs over /run: the machine's own daemons are never
@@ -728,9 +689,9 @@ fn finding_7_exec_programs_never_reach_host_name_service_sockets() {
         ("/run/nscd/socket", "nscd.sock"),
         ("/run/avahi-daemon/socket", "avahi.sock"),
     ];
-    let daemons: Vec<(&str, FakeDaemon)> = sockets
+    let daemons: Vec<(&str, warren_tests::FakeDaemon)> = sockets
         .iter()
-        .map(|(real, file)| (*real, FakeDaemon::new(dir.join(file), &stop)))
+        .map(|(real, file)| (*real, warren_tests::FakeDaemon::new(dir.join(file), &stop)))
         .collect();
     let nsswitch = dir.join("nsswitch.conf");
     std::fs::write(
