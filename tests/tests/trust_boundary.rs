@@ -39,6 +39,12 @@ struct Lab {
 
 impl Lab {
     fn new(tag: &str, default_route: bool, env: &[(&str, &str)]) -> Lab {
+        Lab::with_setup(tag, default_route, env, "")
+    }
+
+    /// [`Lab::new`] with `setup` run in the lab host's private mount
+    /// namespace before the helper starts.
+    fn with_setup(tag: &str, default_route: bool, env: &[(&str, &str)], setup: &str) -> Lab {
         let host = TestNs::new(&format!("wrtb{tag}{}h", pid()));
         let other = default_route.then(|| {
             let other = TestNs::new(&format!("wrtb{tag}{}o", pid()));
@@ -66,7 +72,7 @@ impl Lab {
             &warren_tests::LabHelperOptions {
                 env,
                 config: Some(&config),
-                ..Default::default()
+                setup,
             },
         );
         Lab {
@@ -711,20 +717,7 @@ fn finding_7_exec_programs_never_reach_host_name_service_sockets() {
             sock = d.path.display()
         ));
     }
-    let host = TestNs::new(&format!("wrtbn{}h", pid()));
-    let resolv = dir.join("resolv.conf");
-    std::fs::write(&resolv, "nameserver 198.18.54.53\n").expect("resolv");
-    let sock = dir.join("helper.sock");
-    let mut helper = warren_tests::start_lab_helper_with(
-        &host,
-        &resolv,
-        &sock,
-        &dir.join("helper.log"),
-        &warren_tests::LabHelperOptions {
-            setup: &setup,
-            ..Default::default()
-        },
-    );
+    let lab = Lab::with_setup("n", false, &[], &setup);
     // The example is copied where the member may run it.
     let probe = dir.join("unix_probe");
     std::fs::copy(warren_tests::bin("examples/unix_probe"), &probe).expect("copy probe");
@@ -739,7 +732,7 @@ fn finding_7_exec_programs_never_reach_host_name_service_sockets() {
     );
     let out = rt().block_on(async {
         let (uid, gid) = (warren_tests::ids::MEMBER, warren_tests::ids::GROUP);
-        let mut c = connect_as(&sock, uid, gid, &[]).await;
+        let mut c = connect_as(&lab.sock, uid, gid, &[]).await;
         // No DNS servers: the instance's resolver fails at once (no leak
         // either way), so only the host's sockets could answer.
         let spec = InstanceSpec::new(
@@ -763,8 +756,7 @@ fn finding_7_exec_programs_never_reach_host_name_service_sockets() {
         .filter(|(_, d)| d.accepted() > 0)
         .map(|(real, d)| format!("{real} ({} connections)", d.accepted()))
         .collect();
-    helper.signal(nix::sys::signal::Signal::SIGTERM);
-    let _ = helper.wait_timeout(Duration::from_secs(10));
+    drop(lab);
     assert!(
         reached.is_empty(),
         "host name-service sockets reached: {reached:?}; program output:\n{out}"
