@@ -190,6 +190,45 @@ impl IpPrefix {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// The network it names: the address with its host bits cleared
+    /// (`198.18.5.1/24` -> `198.18.5.0/24`).
+    pub fn network(&self) -> IpPrefix {
+        let addr = match self.addr {
+            IpAddr::V4(a) => {
+                let m = u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0);
+                IpAddr::V4((u32::from(a) & m).into())
+            }
+            IpAddr::V6(a) => {
+                let m = u128::MAX
+                    .checked_shl(128 - u32::from(self.len))
+                    .unwrap_or(0);
+                IpAddr::V6((u128::from(a) & m).into())
+            }
+        };
+        IpPrefix {
+            addr,
+            len: self.len,
+        }
+    }
+
+    /// Whether every address of `other`'s network is in this network (same
+    /// family only).
+    pub fn contains(&self, other: &IpPrefix) -> bool {
+        self.addr.is_ipv4() == other.addr.is_ipv4()
+            && other.len >= self.len
+            && IpPrefix {
+                addr: other.addr,
+                len: self.len,
+            }
+            .network()
+                == self.network()
+    }
+
+    /// Whether the two networks share any address.
+    pub fn overlaps(&self, other: &IpPrefix) -> bool {
+        self.contains(other) || other.contains(self)
+    }
 }
 
 impl TryFrom<(IpAddr, u8)> for IpPrefix {
@@ -755,6 +794,25 @@ mod tests {
         let p: IpPrefix = "fd00::2".parse().expect("prefix");
         assert_eq!(p.len(), 128);
         assert!("198.18.0.2/40".parse::<IpPrefix>().is_err());
+    }
+
+    #[test]
+    fn finding_4_prefix_containment_and_overlap() {
+        let p = |s: &str| s.parse::<IpPrefix>().expect("prefix");
+        assert_eq!(p("198.18.5.1/24").network(), p("198.18.5.0/24"));
+        assert_eq!(p("fd00:1::5/64").network(), p("fd00:1::/64"));
+        assert_eq!(p("1.2.3.4/0").network(), p("0.0.0.0/0"));
+        let pool = p("198.18.0.0/15");
+        assert!(pool.contains(&p("198.19.61.1/24")));
+        assert!(pool.contains(&p("198.18.0.0/15")));
+        assert!(!pool.contains(&p("198.18.0.1/14")), "wider than the pool");
+        assert!(!pool.contains(&p("1.1.1.2/24")));
+        assert!(!pool.contains(&p("fd00::1/64")), "other family");
+        assert!(p("fd00::/8").contains(&p("fd00:61::1/64")));
+        assert!(p("198.18.54.0/24").overlaps(&p("198.18.54.7/32")));
+        assert!(p("198.18.54.7/32").overlaps(&p("198.18.0.0/16")));
+        assert!(!p("198.18.54.0/24").overlaps(&p("198.18.55.0/24")));
+        assert!(!p("198.18.54.0/24").overlaps(&p("fd00::/8")));
     }
 
     #[test]

@@ -267,6 +267,14 @@ pub enum HelperError {
         /// What is missing or in the way.
         reason: String,
     },
+    /// The caller already runs as many programs (instance workers,
+    /// `warren exec` programs) through the helper as allowed (protocol
+    /// version 4).
+    #[error("too many programs running through the helper for this user (limit {limit})")]
+    TooManyPrograms {
+        /// The per-user limit.
+        limit: u32,
+    },
 }
 
 #[cfg(test)]
@@ -298,6 +306,7 @@ mod tests {
             any::<u32>().prop_map(|limit| HelperError::TooManyResources { limit }),
             any::<u64>().prop_map(|incident| HelperError::Internal { incident }),
             ".{0,32}".prop_map(|reason| HelperError::HostState { reason }),
+            any::<u32>().prop_map(|limit| HelperError::TooManyPrograms { limit }),
         ]
     }
 

@@ -88,6 +88,58 @@ pub fn resolv_conf(comment: &str, dns: &[std::net::IpAddr], search: &[String]) -
     text
 }
 
+/// Directories of host daemons that answer name lookups over a Unix
+/// socket: systemd-resolved (`io.systemd.Resolve`, used by nss-resolve),
+/// nscd (which glibc asks before any NSS module) and avahi (nss-mdns).
+/// Programs of an instance see each that exists as an empty read-only
+/// tmpfs, so they cannot resolve names outside the tunnel through them
+/// (issue 14, finding 7). `/var/run` is `/run` on most systems; mounting
+/// twice there is harmless.
+pub const NAME_SERVICE_DIRS: [&std::ffi::CStr; 5] = [
+    c"/run/systemd/resolve",
+    c"/run/nscd",
+    c"/var/run/nscd",
+    c"/run/avahi-daemon",
+    c"/var/run/avahi-daemon",
+];
+
+/// Files in one of [`NAME_SERVICE_DIRS`] that /etc/resolv.conf may link to
+/// (systemd-resolved's): recreated in the empty directory with the
+/// instance's resolv.conf bound over them, so such a link still works.
+pub const RESOLVED_RESOLV_FILES: [&std::ffi::CStr; 2] = [
+    c"/run/systemd/resolve/stub-resolv.conf",
+    c"/run/systemd/resolve/resolv.conf",
+];
+
+/// Name-service databases' switch for an instance: the host's
+/// nsswitch.conf (`host`) with every `hosts:` line replaced by
+/// `hosts: files dns` (appended if it has none), under a `comment` line.
+/// Names then resolve from /etc/hosts and the instance's resolv.conf only,
+/// never through a module that asks a host daemon over a Unix socket
+/// (nss-resolve, nss-mdns...); the other databases (users, groups...) stay
+/// as the host has them.
+pub fn nsswitch_conf(comment: &str, host: &str) -> String {
+    const HOSTS: &str = "hosts:          files dns\n";
+    let mut text = format!("{comment}\n");
+    let mut replaced = false;
+    for line in host.lines() {
+        let db = line.trim_start().split(':').next().unwrap_or("").trim();
+        if line.contains(':') && db == "hosts" {
+            if !replaced {
+                text.push_str(HOSTS);
+            }
+            replaced = true;
+        } else {
+            text.push_str(line);
+            text.push('\n');
+        }
+    }
+    if !replaced {
+        text.push_str(HOSTS);
+    }
+    text
+}
+
 /// The index of link `name`.
 pub async fn link_index(handle: &rtnetlink::Handle, name: &str) -> io::Result<u32> {
     let mut links = handle.link().get().match_name(name.to_string()).execute();
@@ -215,4 +267,25 @@ pub fn create_tun_here(spec: &InstanceSpec) -> io::Result<OwnedFd> {
         .build()?;
     rt.block_on(configure(spec))?;
     Ok(tun)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nsswitch_conf;
+
+    /// Finding 7 (issue 14): only `hosts:` changes, to `files dns`.
+    #[test]
+    fn finding_7_nsswitch_keeps_other_databases_and_resolves_hosts_by_files_and_dns() {
+        let host = "# comment\npasswd: files systemd sss\n  hosts: files mdns4_minimal [NOTFOUND=return] resolve [!UNAVAIL=return] dns myhostname\nhosts: nis\nnetworks: files\n";
+        let text = nsswitch_conf("# instance", host);
+        assert_eq!(
+            text,
+            "# instance\n# comment\npasswd: files systemd sss\nhosts:          files dns\nnetworks: files\n"
+        );
+        assert_eq!(
+            nsswitch_conf("# i", "passwd: files\n"),
+            "# i\npasswd: files\nhosts:          files dns\n"
+        );
+        assert_eq!(nsswitch_conf("# i", ""), "# i\nhosts:          files dns\n");
+    }
 }

@@ -9,6 +9,8 @@
 //! max_connections = 256          # all clients together
 //! max_connections_per_uid = 32   # one user
 //! idle_timeout_secs = 60         # exit when idle (autostarted / socket-activated)
+//! # where server tunnels' addresses may lie (replaces the default pools)
+//! server_tunnel_pools = ["100.64.0.0/10", "fd00::/8"]
 //! ```
 
 use std::os::unix::fs::MetadataExt;
@@ -16,6 +18,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use thiserror::Error;
+use warren_ipc::instance::IpPrefix;
 
 /// Default path of the helper's config file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/warren/helper.toml";
@@ -32,6 +35,47 @@ pub struct HelperConfig {
     pub max_connections_per_uid: Option<u32>,
     /// Idle exit delay when autostarted or socket-activated.
     pub idle_timeout_secs: Option<u64>,
+    /// Networks that server tunnels' subnets must lie in (replaces
+    /// [`DEFAULT_SERVER_TUNNEL_POOLS`]; empty: no server tunnels).
+    pub server_tunnel_pools: Option<Vec<String>>,
+}
+
+/// Where server tunnels' subnets may lie unless the config says otherwise:
+/// the shared address space of RFC 6598 and IPv6 unique local addresses.
+pub const DEFAULT_SERVER_TUNNEL_POOLS: [&str; 2] = ["100.64.0.0/10", "fd00::/8"];
+
+/// The pools of the config the serving helper loaded (once, at start).
+static SERVER_TUNNEL_POOLS: std::sync::OnceLock<Vec<IpPrefix>> = std::sync::OnceLock::new();
+
+/// The networks server tunnels' subnets must lie in: the loaded config's
+/// `server_tunnel_pools`, else [`DEFAULT_SERVER_TUNNEL_POOLS`].
+pub fn server_tunnel_pools() -> Vec<IpPrefix> {
+    match SERVER_TUNNEL_POOLS.get() {
+        Some(p) => p.clone(),
+        None => DEFAULT_SERVER_TUNNEL_POOLS
+            .iter()
+            .filter_map(|p| p.parse().ok())
+            .collect(),
+    }
+}
+
+/// Parses pools: each a network (`198.18.0.0/15`, no host bits set).
+fn parse_pools(pools: &[String]) -> Result<Vec<IpPrefix>, String> {
+    pools
+        .iter()
+        .map(|p| {
+            let prefix: IpPrefix = p
+                .parse()
+                .map_err(|e| format!("server_tunnel_pools: {p:?}: {e}"))?;
+            if prefix.network() != prefix {
+                return Err(format!(
+                    "server_tunnel_pools: {p:?} has host bits set (did you mean {}?)",
+                    prefix.network()
+                ));
+            }
+            Ok(prefix)
+        })
+        .collect()
 }
 
 /// Why the config could not be used.
@@ -85,21 +129,31 @@ impl HelperConfig {
             path: path.into(),
             source,
         })?;
-        Self::parse(&text).map_err(|message| ConfigError::Parse {
+        let config = Self::parse(&text).map_err(|message| ConfigError::Parse {
             path: path.into(),
             message,
-        })
+        })?;
+        // The helper loads its config once, at start (main.rs); what it
+        // loaded decides where server tunnels may be.
+        if let Some(pools) = &config.server_tunnel_pools {
+            let _ = SERVER_TUNNEL_POOLS.set(parse_pools(pools).unwrap_or_default());
+        }
+        Ok(config)
     }
 
     /// Parses config text; errors name the key, line and column.
     pub fn parse(text: &str) -> Result<HelperConfig, String> {
-        toml::from_str(text).map_err(|e| {
+        let config: HelperConfig = toml::from_str(text).map_err(|e| {
             let pos = e.span().map(|s| line_col(text, s.start));
             match pos {
                 Some((l, c)) => format!("line {l}, column {c}: {}", e.message()),
                 None => e.message().to_string(),
             }
-        })
+        })?;
+        if let Some(pools) = &config.server_tunnel_pools {
+            parse_pools(pools)?;
+        }
+        Ok(config)
     }
 }
 
@@ -180,6 +234,25 @@ mod tests {
     fn bad_value_is_an_error() {
         let err = HelperConfig::parse("max_connections = -1\n").expect_err("negative");
         assert!(err.contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn finding_4_server_tunnel_pools_are_networks() {
+        let c =
+            HelperConfig::parse("server_tunnel_pools = [\"198.18.0.0/15\", \"fd00:18::/32\"]\n")
+                .expect("valid");
+        assert_eq!(
+            parse_pools(c.server_tunnel_pools.as_deref().unwrap_or_default()).expect("pools"),
+            vec![
+                "198.18.0.0/15".parse::<IpPrefix>().expect("p"),
+                "fd00:18::/32".parse().expect("p")
+            ]
+        );
+        let err = HelperConfig::parse("server_tunnel_pools = [\"198.18.0.1/15\"]\n")
+            .expect_err("host bits");
+        assert!(err.contains("198.18.0.0/15"), "{err}");
+        assert!(HelperConfig::parse("server_tunnel_pools = [\"nonsense\"]\n").is_err());
+        assert_eq!(server_tunnel_pools().len(), 2, "defaults without a config");
     }
 
     #[test]

@@ -20,7 +20,8 @@ use tracing::{error, info, warn};
 use warren_ipc::Event;
 use warren_ipc::HelperError;
 use warren_ipc::instance::{
-    HostTunnelInfo, HostTunnelSpec, InstanceInfo, InstanceName, InstanceSpec, KILL_SWITCH_LEASE,
+    HostTunnelInfo, HostTunnelSpec, InstanceInfo, InstanceName, InstanceSpec, IpPrefix,
+    KILL_SWITCH_LEASE,
     ORPHAN_LEASE, ServerTunnelInfo, ServerTunnelSpec, SpawnSpec,
 };
 
@@ -30,6 +31,12 @@ use crate::{netns, runas};
 
 /// Most instances one user may hold.
 pub const MAX_INSTANCES_PER_UID: usize = 16;
+
+/// Most programs (workers, `warren exec` programs) one user may run through
+/// the helper at once; root: no limit. They share the helper's task limit
+/// (its unit's `TasksMax=`), so one member must not use it all up (issue
+/// 14, finding 8).
+pub const MAX_PROGRAMS_PER_UID: usize = 64;
 
 /// What the journal records: enough to remove it after a crash.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -122,12 +129,16 @@ struct Proc {
     pidfd: Arc<OwnedFd>,
     conn: u64,
     instance: InstanceName,
+    /// Whose it is (counted against [`MAX_PROGRAMS_PER_UID`]).
+    uid: u32,
 }
 
 #[derive(Debug)]
 struct State {
     instances: HashMap<InstanceName, Instance>,
     procs: HashMap<i32, Proc>,
+    /// Spawns under way, per uid (counted with `procs` against the limit).
+    starting: HashMap<u32, usize>,
     events: HashMap<u64, mpsc::Sender<Event>>,
     journal: Journal<JournalEntry>,
     state_dir: PathBuf,
@@ -168,6 +179,7 @@ impl Registry {
             state: Arc::new(Mutex::new(State {
                 instances: HashMap::new(),
                 procs: HashMap::new(),
+                starting: HashMap::new(),
                 events: HashMap::new(),
                 orphans: journal
                     .entries()
@@ -348,6 +360,7 @@ impl Registry {
                 let made = (|| {
                     let ns = netns::create_netns(&spec2.name)?;
                     netns::write_resolv_conf(&spec2.name, &spec2.dns, &spec2.search)?;
+                    netns::write_nsswitch_conf(&spec2.name)?;
                     let tun = netns::create_tun_and_configure(&ns, &spec2)?;
                     Ok((ns, tun))
                 })();
@@ -378,6 +391,7 @@ impl Registry {
         peer: &PeerCred,
         conn: u64,
     ) -> Result<(ServerTunnelInfo, OwnedFd), HelperError> {
+        check_pools(&spec.addresses, &crate::config::server_tunnel_pools())?;
         let name = spec.name.clone();
         let table = crate::nat::table_name(&spec);
         let entry = |saved_forwarding| JournalEntry::ServerTunnel {
@@ -391,12 +405,22 @@ impl Registry {
         // Forwarding is shared: the first server tunnel saves it (the values
         // are journaled once known) and every later one records the same
         // values, so whichever ends last restores them.
-        let (journal_id, inherited) = self.reserve(&name, peer, false, |st| {
+        // Host tunnels' links: their routes (0.0.0.0/1 and the like) do not
+        // keep a server tunnel out; other server tunnels' subnets do.
+        let (journal_id, (inherited, host_links)) = self.reserve(&name, peer, false, |st| {
             let inherited = st.instances.values().find_map(|i| match &i.kind {
                 Kind::Server { record, .. } => Some(record.saved_forwarding.clone()),
                 _ => None,
             });
-            (entry(inherited.clone().flatten()), inherited)
+            let host_links: Vec<String> = st
+                .instances
+                .values()
+                .filter_map(|i| match &i.kind {
+                    Kind::Host { spec, .. } => Some(spec.ifname()),
+                    _ => None,
+                })
+                .collect();
+            (entry(inherited.clone().flatten()), (inherited, host_links))
         })?;
         let spec2 = spec.clone();
         let (tun, egress, saved) = self
@@ -412,7 +436,7 @@ impl Registry {
                     // Its table is the last step and atomic: on failure
                     // there is none of ours to delete (and a table of that
                     // name that was there before is not ours).
-                    match crate::nat::create(&spec2) {
+                    match crate::nat::create(&spec2, &host_links) {
                         Ok((tun, egress, _)) => Ok((tun, egress, saved)),
                         Err(e) => {
                             if let Some(s) = saved.as_ref().filter(|_| first) {
@@ -610,29 +634,52 @@ impl Registry {
                 reason: format!("{} announced, {sent} sent", spec.n_fds),
             });
         }
-        let ns = match self.lock().instances.get(&spec.instance) {
-            Some(Instance {
-                kind: Kind::Instance { netns, .. },
-                owner,
-                ..
-            }) if *owner == peer.uid || peer.uid == 0 => Some(netns.clone()),
-            _ => None,
+        let ns = {
+            let mut st = self.lock();
+            match st.instances.get(&spec.instance) {
+                Some(Instance {
+                    kind: Kind::Instance { netns, .. },
+                    owner,
+                    ..
+                }) if *owner == peer.uid || peer.uid == 0 => {
+                    let ns = netns.clone();
+                    // Counted from here, so concurrent spawns cannot pass
+                    // the limit together.
+                    let running = st.procs.values().filter(|p| p.uid == peer.uid).count()
+                        + st.starting.get(&peer.uid).copied().unwrap_or(0);
+                    if peer.uid != 0 && running >= MAX_PROGRAMS_PER_UID {
+                        Err(HelperError::TooManyPrograms {
+                            limit: MAX_PROGRAMS_PER_UID as u32,
+                        })
+                    } else {
+                        *st.starting.entry(peer.uid).or_insert(0) += 1;
+                        Ok(ns)
+                    }
+                }
+                _ => Err(HelperError::NotFound {
+                    what: format!("instance {}", spec.instance),
+                }),
+            }
         };
-        let Some(ns) = ns else {
-            crate::closer::close(fds).await;
-            return Err(HelperError::NotFound {
-                what: format!("instance {}", spec.instance),
-            });
+        let ns = match ns {
+            Ok(ns) => ns,
+            Err(e) => {
+                crate::closer::close(fds).await;
+                return Err(e);
+            }
+        };
+        // The spawn is no longer under way once it is a proc or failed.
+        let starting = Starting {
+            registry: Some(self.clone()),
+            uid: peer.uid,
         };
         let name = spec.instance.clone();
         let peer2 = peer.clone();
         let spawned = tokio::task::spawn_blocking(move || {
-            let resolv = spec
-                .private_resolv
-                .then(|| netns::paths(&spec.instance).1.join("resolv.conf"));
+            let etc = spec.private_resolv.then(|| netns::paths(&spec.instance).1);
             runas::spawn(
                 &ns,
-                resolv.as_deref(),
+                etc.as_deref(),
                 &peer2,
                 &spec.argv,
                 &spec.env,
@@ -671,8 +718,10 @@ impl Registry {
                     pidfd: pidfd.clone(),
                     conn,
                     instance: name.clone(),
+                    uid: peer.uid,
                 },
             );
+            starting.done(&mut st);
         }
         info!(instance = %name, uid = peer.uid, pid, bind, "program spawned");
         let reg = self.clone();
@@ -851,6 +900,76 @@ impl Registry {
             reg.send_event(creator, Event::InstanceGone { name });
         }))
     }
+}
+
+/// A spawn under way for `uid`, counted in `State::starting` until it is
+/// done (became a proc) or dropped (failed).
+struct Starting {
+    /// None once done.
+    registry: Option<Registry>,
+    uid: u32,
+}
+
+impl Starting {
+    /// Stops counting it (its proc is counted instead), under `st`'s lock.
+    fn done(mut self, st: &mut State) {
+        uncount_start(st, self.uid);
+        self.registry = None;
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        if let Some(r) = self.registry.take() {
+            uncount_start(&mut r.lock(), self.uid);
+        }
+    }
+}
+
+fn uncount_start(st: &mut State, uid: u32) {
+    if let Some(n) = st.starting.get_mut(&uid) {
+        *n -= 1;
+        if *n == 0 {
+            st.starting.remove(&uid);
+        }
+    }
+}
+
+/// Refuses a server tunnel whose subnet is not inside one of `pools` (the
+/// root-owned config's `server_tunnel_pools`; issue 14, finding 4): its
+/// addresses and subnet route are added in the host's namespace, so
+/// elsewhere they could take over traffic meant for someone else (all the
+/// host's traffic to `1.1.1.1` with `1.1.1.2/24`). The answer names the
+/// pools of the address's family.
+fn check_pools(addresses: &[IpPrefix], pools: &[IpPrefix]) -> Result<(), HelperError> {
+    for a in addresses {
+        if pools.iter().any(|p| p.contains(a)) {
+            continue;
+        }
+        let same: Vec<String> = pools
+            .iter()
+            .filter(|p| p.addr().is_ipv4() == a.addr().is_ipv4())
+            .map(ToString::to_string)
+            .collect();
+        let family = if a.addr().is_ipv4() { 4 } else { 6 };
+        let reason = if same.is_empty() {
+            format!(
+                "{a}: this helper has no IPv{family} server-tunnel pool (root sets server_tunnel_pools in the helper's config)"
+            )
+        } else {
+            format!(
+                "{a} ({}) is not inside the server-tunnel pool{} {} (root sets server_tunnel_pools in the helper's config)",
+                a.network(),
+                if same.len() == 1 { "" } else { "s" },
+                same.join(", ")
+            )
+        };
+        return Err(HelperError::InvalidArgument {
+            field: "addresses".into(),
+            reason,
+        });
+    }
+    Ok(())
 }
 
 /// The refusal (see [`crate::nat::refusal`]) a failed step carries, if any.

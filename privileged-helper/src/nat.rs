@@ -263,34 +263,119 @@ async fn default_egress(handle: &rtnetlink::Handle) -> std::io::Result<(u32, Str
     Ok((oif, name))
 }
 
-/// Creates the TUN and its addresses in the helper's namespace, finds the
-/// egress interface and installs warren's nftables table. Returns the TUN,
-/// the egress interface's name and the table's name. Forwarding is the
-/// caller's (it is shared by all server tunnels).
-pub fn create(spec: &ServerTunnelSpec) -> Result<(OwnedFd, String, String), NetError> {
+/// Serializes "check the host's routes, then add a server tunnel's
+/// addresses", so two tunnels made at once cannot both pass the check with
+/// overlapping subnets.
+static ADDRESSES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Refuses (`HostState`) a server tunnel whose subnet overlaps a route the
+/// helper's (the host's) namespace already has, in any table (issue 14,
+/// finding 4): its subnet route would take over part of that traffic, or
+/// make another service's address local. Default routes (`/0`) and routes
+/// through `host_links` (warren's host tunnels, host-wide by design) do
+/// not count; other server tunnels' subnets do.
+async fn check_host_routes(
+    handle: &rtnetlink::Handle,
+    spec: &ServerTunnelSpec,
+    host_links: &[String],
+) -> std::io::Result<()> {
+    use rtnetlink::RouteMessageBuilder;
+    use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
+    use warren_ipc::instance::IpPrefix;
+    let mut ignored = Vec::new();
+    for l in host_links {
+        if let Ok(i) = warren_netconf::link_index(handle, l).await {
+            ignored.push(i);
+        }
+    }
+    let mut routes = Vec::new();
+    for v6 in [false, true] {
+        if !spec.addresses.iter().any(|a| a.addr().is_ipv6() == v6) {
+            continue;
+        }
+        let query = if v6 {
+            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build()
+        } else {
+            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build()
+        };
+        // Without strict checking the kernel dumps every table.
+        let mut dump = handle.route().get(query).execute();
+        while let Some(r) = dump.try_next().await.map_err(std::io::Error::other)? {
+            let len = r.header.destination_prefix_length;
+            let (mut dst, mut oif) = (None, None);
+            for a in &r.attributes {
+                match a {
+                    RouteAttribute::Destination(RouteAddress::Inet(v)) => {
+                        dst = Some(IpAddr::V4(*v))
+                    }
+                    RouteAttribute::Destination(RouteAddress::Inet6(v)) => {
+                        dst = Some(IpAddr::V6(*v))
+                    }
+                    RouteAttribute::Oif(i) => oif = Some(*i),
+                    _ => {}
+                }
+            }
+            if len == 0 || oif.is_some_and(|i| ignored.contains(&i)) {
+                continue;
+            }
+            if let Some(p) = dst.and_then(|d| IpPrefix::new(d, len).ok()) {
+                routes.push(p);
+            }
+        }
+    }
+    for a in &spec.addresses {
+        let net = a.network();
+        if let Some(r) = routes.iter().find(|r| r.overlaps(&net)) {
+            return Err(refusal(HelperError::HostState {
+                reason: format!(
+                    "the tunnel's subnet {net} overlaps the host's route to {}; choose a subnet of the server-tunnel pools that the host does not route yet",
+                    r.network()
+                ),
+            }));
+        }
+    }
+    Ok(())
+}
+
+/// Creates the TUN and its addresses in the helper's namespace (refused
+/// if its subnet overlaps a route the host has, see [`check_host_routes`]),
+/// finds the egress interface and installs warren's nftables table.
+/// Returns the TUN, the egress interface's name and the table's name.
+/// Forwarding is the caller's (it is shared by all server tunnels).
+pub fn create(
+    spec: &ServerTunnelSpec,
+    host_links: &[String],
+) -> Result<(OwnedFd, String, String), NetError> {
     let ifname = spec.ifname();
     link_free(&ifname)?;
-    let tun = warren_netconf::open_tun(&ifname, spec.offload)
-        .map_err(err(format!("create TUN {ifname}")))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(err("start a runtime"))?;
-    let egress = rt
-        .block_on(async {
-            let (conn, handle, _) = rtnetlink::new_connection()?;
-            let task = tokio::spawn(conn);
-            let r = async {
+    let (conn, handle, _) = {
+        let _in_rt = rt.enter();
+        rtnetlink::new_connection().map_err(err("open rtnetlink"))?
+    };
+    let task = rt.spawn(conn);
+    let serial = ADDRESSES.lock().unwrap_or_else(|p| p.into_inner());
+    let made = (|| {
+        rt.block_on(check_host_routes(&handle, spec, host_links))
+            .map_err(err("check the host's routes"))?;
+        let tun = warren_netconf::open_tun(&ifname, spec.offload)
+            .map_err(err(format!("create TUN {ifname}")))?;
+        let egress = rt
+            .block_on(async {
                 crate::netns::link_up_with_addresses(&handle, &ifname, spec.mtu, &spec.addresses)
                     .await?;
                 default_egress(&handle).await
-            }
-            .await;
-            task.abort();
-            r
-        })
-        .map_err(err(format!("configure {ifname}")))?
-        .1;
+            })
+            .map_err(err(format!("configure {ifname}")))?
+            .1;
+        Ok((tun, egress))
+    })();
+    drop(serial);
+    task.abort();
+    let (tun, egress) = made?;
     let table = table_name(spec);
     install_table(&table, &nat_batch(&table, &ifname, &egress, spec))?;
     Ok((tun, egress, table))

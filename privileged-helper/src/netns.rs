@@ -307,6 +307,41 @@ fn write_resolv_conf_here(name: &InstanceName, text: &str) -> Result<(), NetErro
         .map_err(step(format!("write {}/resolv.conf", dir.display())))
 }
 
+/// The host's nsswitch.conf, read from at most this many bytes.
+const MAX_NSSWITCH: u64 = 64 * 1024;
+
+/// Writes `/etc/netns/warren-NAME/nsswitch.conf` (after its resolv.conf,
+/// which makes the directory): the host's, with `hosts: files dns`
+/// ([`warren_netconf::nsswitch_conf`]), readable by all. Programs run with
+/// a private resolv.conf get it as /etc/nsswitch.conf (as `ip netns exec`
+/// does), so libc never asks a host daemon for a name.
+pub fn write_nsswitch_conf(name: &InstanceName) -> Result<(), NetError> {
+    let name = name.clone();
+    in_host_mount_ns(move || Ok(write_nsswitch_conf_here(&name)))
+        .map_err(step("enter the host's mount namespace"))?
+}
+
+fn write_nsswitch_conf_here(name: &InstanceName) -> Result<(), NetError> {
+    use std::io::Read;
+    let mut host = Vec::new();
+    match File::open("/etc/nsswitch.conf") {
+        Ok(f) => {
+            f.take(MAX_NSSWITCH)
+                .read_to_end(&mut host)
+                .map_err(step("read /etc/nsswitch.conf"))?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(step("read /etc/nsswitch.conf")(e)),
+    }
+    let text = warren_netconf::nsswitch_conf(
+        "# written by warren-helper for this instance: names resolve by files and the instance's DNS only",
+        &String::from_utf8_lossy(&host),
+    );
+    let dir = paths(name).1;
+    write_public_file(&dir.join("nsswitch.conf"), &text)
+        .map_err(step(format!("write {}/nsswitch.conf", dir.display())))
+}
+
 /// Removes an instance's namespace and configuration. Keeps going after an
 /// error and returns every error. Removing what is already gone is fine.
 pub fn destroy(name: &InstanceName) -> Vec<NetError> {

@@ -7,7 +7,9 @@
 //! helper is multi-threaded): everything the child needs is prepared before
 //! the fork. Order in the child: enter the network namespace, optionally a
 //! private mount namespace with the instance's resolv.conf bound over
-//! /etc/resolv.conf, descriptors into place, then supplementary groups,
+//! /etc/resolv.conf, its nsswitch.conf (`hosts: files dns`) over
+//! /etc/nsswitch.conf and the host's name-service daemons' sockets hidden
+//! ([`HIDDEN_DIRS`]), descriptors into place, then supplementary groups,
 //! gid, uid (and a check that none can be regained), ambient capabilities
 //! cleared, no_new_privs, and only then the working directory.
 //!
@@ -18,7 +20,7 @@
 //! The child is tracked by a pidfd (taken before it can be reaped, so its
 //! pid can't have been reused), never by its pid number alone.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -38,11 +40,22 @@ pub struct Spawned {
     pub pidfd: OwnedFd,
 }
 
+/// The host's name-service directories hidden from a program with the
+/// instance's resolv.conf (see [`warren_netconf::NAME_SERVICE_DIRS`]).
+pub use warren_netconf::NAME_SERVICE_DIRS as HIDDEN_DIRS;
+use warren_netconf::RESOLVED_RESOLV_FILES as RESOLV_LINK_TARGETS;
+
+/// The instance's files bound over /etc in the program's mount namespace.
+struct PrivateEtc {
+    resolv: CString,
+    nsswitch: CString,
+}
+
 /// Everything the child needs, prepared before fork.
 struct Prepared {
     host_mnt: Option<RawFd>,
     netns: RawFd,
-    resolv: Option<(CString, CString)>,
+    etc: Option<PrivateEtc>,
     fds: Vec<RawFd>,
     groups: Vec<libc::gid_t>,
     uid: libc::uid_t,
@@ -52,11 +65,14 @@ struct Prepared {
 }
 
 /// Spawns `argv` in the namespace `netns` as `peer`; with `ctty`, the
-/// program's descriptor 0 becomes its controlling terminal if it can.
+/// program's descriptor 0 becomes its controlling terminal if it can. With
+/// `private_etc` (the instance's directory holding its `resolv.conf` and
+/// `nsswitch.conf`), in a private mount namespace that uses them and hides
+/// the host's name-service sockets.
 #[allow(clippy::too_many_arguments)]
 pub fn spawn(
     netns: &File,
-    resolv_conf: Option<&std::path::Path>,
+    private_etc: Option<&std::path::Path>,
     peer: &PeerCred,
     argv: &[String],
     env: &[String],
@@ -68,11 +84,14 @@ pub fn spawn(
     let prep = Prepared {
         host_mnt: crate::netns::host_mount_ns().map(AsRawFd::as_raw_fd),
         netns: netns.as_raw_fd(),
-        resolv: match resolv_conf {
-            Some(p) => Some((
-                cs(p.to_str().ok_or(io::ErrorKind::InvalidInput)?)?,
-                cs("/etc/resolv.conf")?,
-            )),
+        etc: match private_etc {
+            Some(d) => {
+                let file = |f: &str| cs(d.join(f).to_str().ok_or(io::ErrorKind::InvalidInput)?);
+                Some(PrivateEtc {
+                    resolv: file("resolv.conf")?,
+                    nsswitch: file("nsswitch.conf")?,
+                })
+            }
             None => None,
         },
         fds: fds.iter().map(|f| f.as_raw_fd()).collect(),
@@ -140,7 +159,7 @@ fn child_setup(p: &Prepared) -> io::Result<()> {
             check(libc::setns(m, libc::CLONE_NEWNS))?;
         }
         check(libc::setns(p.netns, libc::CLONE_NEWNET))?;
-        if let Some((src, dst)) = &p.resolv {
+        if let Some(etc) = &p.etc {
             check(libc::unshare(libc::CLONE_NEWNS))?;
             check(libc::mount(
                 std::ptr::null(),
@@ -149,13 +168,15 @@ fn child_setup(p: &Prepared) -> io::Result<()> {
                 libc::MS_REC | libc::MS_SLAVE,
                 std::ptr::null(),
             ))?;
-            check(libc::mount(
-                src.as_ptr(),
-                dst.as_ptr(),
-                std::ptr::null(),
-                libc::MS_BIND,
-                std::ptr::null(),
-            ))?;
+            hide_name_services(&etc.resolv)?;
+            bind(&etc.resolv, c"/etc/resolv.conf")?;
+            // A host without /etc/nsswitch.conf uses glibc's defaults,
+            // which name no daemon's module.
+            if let Err(e) = bind(&etc.nsswitch, c"/etc/nsswitch.conf")
+                && libc::access(c"/etc/nsswitch.conf".as_ptr(), libc::F_OK) == 0
+            {
+                return Err(e);
+            }
         }
         // Move the passed descriptors out of the way of 0..n first, then
         // into place (dup2 clears close-on-exec on the copies).
@@ -171,7 +192,9 @@ fn child_setup(p: &Prepared) -> io::Result<()> {
         check(libc::setresgid(p.gid, p.gid, p.gid))?;
         check(libc::setresuid(p.uid, p.uid, p.uid))?;
         if p.uid != 0 && (libc::setuid(0) == 0 || libc::setgid(0) == 0 && p.gid != 0) {
-            return Err(io::Error::other("privileges could be regained"));
+            // An errno, not a message: allocating between fork and exec
+            // can deadlock on a lock another thread held at the fork.
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
         }
         check(libc::prctl(
             libc::PR_CAP_AMBIENT,
@@ -192,6 +215,94 @@ fn child_setup(p: &Prepared) -> io::Result<()> {
             libc::ioctl(0, libc::TIOCSCTTY, 0);
         }
         check(libc::chdir(p.cwd.as_ptr()))?;
+    }
+    Ok(())
+}
+
+/// Bind-mounts `src` over `dst` (between fork and exec: a raw system call).
+fn bind(src: &CStr, dst: &CStr) -> io::Result<()> {
+    // SAFETY: two NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            dst.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// In the child's private mount namespace (between fork and exec: raw
+/// system calls only, no allocation): an empty tmpfs over each of
+/// [`HIDDEN_DIRS`] that exists, systemd-resolved's resolv.conf files
+/// recreated in it as `resolv` (the instance's), then each made read-only.
+/// Any failure but a missing directory stops the spawn: the program must
+/// not run with the host's resolvers in reach.
+fn hide_name_services(resolv: &CStr) -> io::Result<()> {
+    let gone = |e: &io::Error| matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR));
+    let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    let mut mounted = [false; HIDDEN_DIRS.len()];
+    for (i, dir) in HIDDEN_DIRS.iter().enumerate() {
+        // SAFETY: NUL-terminated strings that outlive the call.
+        let rc = unsafe {
+            libc::mount(
+                c"warren-hidden".as_ptr(),
+                dir.as_ptr(),
+                c"tmpfs".as_ptr(),
+                flags,
+                c"mode=0755,size=16k,nr_inodes=16".as_ptr().cast(),
+            )
+        };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if gone(&e) {
+                continue;
+            }
+            return Err(e);
+        }
+        mounted[i] = true;
+    }
+    for file in RESOLV_LINK_TARGETS {
+        // SAFETY: a NUL-terminated path; the descriptor is closed at once.
+        let fd = unsafe {
+            libc::open(
+                file.as_ptr(),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                0o644,
+            )
+        };
+        if fd < 0 {
+            let e = io::Error::last_os_error();
+            if gone(&e) {
+                // Its directory does not exist: nothing hidden there.
+                continue;
+            }
+            return Err(e);
+        }
+        // SAFETY: our own descriptor, just opened.
+        unsafe { libc::close(fd) };
+        bind(resolv, file)?;
+    }
+    for (dir, _) in HIDDEN_DIRS.iter().zip(mounted).filter(|(_, m)| *m) {
+        // SAFETY: a NUL-terminated path; remounting our own tmpfs.
+        let rc = unsafe {
+            libc::mount(
+                std::ptr::null(),
+                dir.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REMOUNT | libc::MS_RDONLY | flags,
+                std::ptr::null(),
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
     }
     Ok(())
 }

@@ -375,12 +375,58 @@ pub fn start_lab_helper_env(
     log: &std::path::Path,
     env: &[(&str, &str)],
 ) -> Proc {
+    start_lab_helper_with(
+        host,
+        resolv,
+        sock,
+        log,
+        &LabHelperOptions {
+            env,
+            ..LabHelperOptions::default()
+        },
+    )
+}
+
+/// What else a lab helper gets (see [`start_lab_helper_with`]).
+#[derive(Debug, Default)]
+pub struct LabHelperOptions<'a> {
+    /// Added to the helper's environment.
+    pub env: &'a [(&'a str, &'a str)],
+    /// The helper's `--config` (root-owned, as the helper demands); none:
+    /// no config file.
+    pub config: Option<&'a std::path::Path>,
+    /// Shell commands run inside the lab host (its network namespace and
+    /// its private mount namespace) just before the helper starts: mounts
+    /// that shape what the helper takes for the host's file system.
+    pub setup: &'a str,
+}
+
+/// [`start_lab_helper`] with [`LabHelperOptions`].
+pub fn start_lab_helper_with(
+    host: &TestNs,
+    resolv: &std::path::Path,
+    sock: &std::path::Path,
+    log: &std::path::Path,
+    opts: &LabHelperOptions<'_>,
+) -> Proc {
+    let setup = if opts.setup.is_empty() {
+        String::new()
+    } else {
+        let script = log.with_extension("setup.sh");
+        std::fs::write(&script, format!("set -e\n{}\nexec \"$@\"\n", opts.setup))
+            .expect("lab setup script");
+        format!("sh {} ", script.display())
+    };
     let script = format!(
-        "mount --bind {resolv} /etc/resolv.conf && exec ip netns exec {ns} {helper} serve --own-mount-ns --socket {sock} --group 60100 --config /nonexistent/x.toml",
+        "mount --bind {resolv} /etc/resolv.conf && exec ip netns exec {ns} {setup}{helper} serve --own-mount-ns --socket {sock} --group 60100 --config {config}",
         resolv = resolv.display(),
         ns = host.name,
         helper = bin("warren-helper").display(),
-        sock = sock.display()
+        sock = sock.display(),
+        config = opts
+            .config
+            .unwrap_or(std::path::Path::new("/nonexistent/x.toml"))
+            .display(),
     );
     let child = Command::new("unshare")
         .args([
@@ -392,7 +438,7 @@ pub fn start_lab_helper_env(
             "-c",
             &script,
         ])
-        .envs(env.iter().copied())
+        .envs(opts.env.iter().copied())
         .stderr(std::fs::File::create(log).expect("log"))
         .spawn()
         .expect("helper in the lab host");
@@ -405,4 +451,65 @@ pub fn start_lab_helper_env(
         helper.log()
     );
     helper
+}
+
+/// The test pools for server tunnels (issue 14, finding 4: their subnets
+/// must lie in the helper config's pools; the defaults are 100.64.0.0/10
+/// and fd00::/8, the tests' addresses come from 198.18.0.0/15).
+pub const TEST_SERVER_TUNNEL_POOLS: &str =
+    "server_tunnel_pools = [\"198.18.0.0/15\", \"fd00::/8\"]\n";
+
+/// Writes a helper config into `dir` (root-owned, mode 0644, as the helper
+/// demands) and returns its path.
+pub fn write_helper_config(dir: &TestDir, text: &str) -> PathBuf {
+    let path = dir.join("helper.toml");
+    std::fs::write(&path, text).expect("helper config");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    path
+}
+
+/// A listener standing in for a host daemon's socket (issue 14, finding 7);
+/// counts connections from non-root peers (a lab's helper itself, root,
+/// may look up its group through nscd: that is not a program's lookup).
+#[derive(Debug)]
+pub struct FakeDaemon {
+    /// Where it listens.
+    pub path: std::path::PathBuf,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl FakeDaemon {
+    /// Listens at `path` (mode 0777) until `stop` is set.
+    pub fn new(
+        path: std::path::PathBuf,
+        stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> Self {
+        use std::sync::atomic::Ordering;
+        let l = std::os::unix::net::UnixListener::bind(&path).expect("bind fake daemon");
+        // Anyone may connect, as to the real daemons' sockets.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        l.set_nonblocking(true).expect("nonblocking");
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (count, stop) = (accepted.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                match l.accept() {
+                    Ok((s, _)) => {
+                        use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+                        let uid = getsockopt(&s, PeerCredentials).map(|c| c.uid());
+                        if uid != Ok(0) {
+                            count.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        FakeDaemon { path, accepted }
+    }
+
+    /// Connections from non-root peers so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }

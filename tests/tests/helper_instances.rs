@@ -723,6 +723,7 @@ fn server_tunnel_nats_tunnel_clients_to_the_internet_namespace() {
     let dir = warren_tests::TestDir::new("inst-srv");
     let sock = dir.join("helper.sock");
     let log = dir.join("helper.log");
+    let config = warren_tests::write_helper_config(&dir, warren_tests::TEST_SERVER_TUNNEL_POOLS);
     let child = srv
         .exec(bin("warren-helper").to_str().expect("utf-8"))
         .args([
@@ -732,7 +733,7 @@ fn server_tunnel_nats_tunnel_clients_to_the_internet_namespace() {
             "--group",
             "60100",
             "--config",
-            "/nonexistent/x.toml",
+            config.to_str().expect("utf-8"),
         ])
         .stderr(std::fs::File::create(&log).expect("log"))
         .spawn()

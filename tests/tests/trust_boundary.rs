@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use warren::helper_client::{ClientError, HelperClient};
 use warren_ipc::HelperError;
-use warren_ipc::instance::{HostTunnelSpec, InstanceName, ServerTunnelSpec};
+use warren_ipc::instance::{
+    HostTunnelSpec, InstanceName, InstanceSpec, ServerTunnelSpec, SpawnSpec,
+};
 use warren_tests::{Proc, TestDir, TestNs, require_root, run_limited};
 
 fn rt() -> tokio::runtime::Runtime {
@@ -37,6 +39,12 @@ struct Lab {
 
 impl Lab {
     fn new(tag: &str, default_route: bool, env: &[(&str, &str)]) -> Lab {
+        Lab::with_setup(tag, default_route, env, "")
+    }
+
+    /// [`Lab::new`] with `setup` run in the lab host's private mount
+    /// namespace before the helper starts.
+    fn with_setup(tag: &str, default_route: bool, env: &[(&str, &str)], setup: &str) -> Lab {
         let host = TestNs::new(&format!("wrtb{tag}{}h", pid()));
         let other = default_route.then(|| {
             let other = TestNs::new(&format!("wrtb{tag}{}o", pid()));
@@ -54,8 +62,19 @@ impl Lab {
         let resolv = dir.join("resolv.conf");
         std::fs::write(&resolv, "nameserver 198.18.54.53\n").expect("resolv");
         let sock = dir.join("helper.sock");
-        let helper =
-            warren_tests::start_lab_helper_env(&host, &resolv, &sock, &dir.join("helper.log"), env);
+        let config =
+            warren_tests::write_helper_config(&dir, warren_tests::TEST_SERVER_TUNNEL_POOLS);
+        let helper = warren_tests::start_lab_helper_with(
+            &host,
+            &resolv,
+            &sock,
+            &dir.join("helper.log"),
+            &warren_tests::LabHelperOptions {
+                env,
+                config: Some(&config),
+                setup,
+            },
+        );
         Lab {
             host,
             _other: other,
@@ -588,5 +607,442 @@ fn finding_2_lingering_descriptors_never_stall_the_helper() {
             helper_fds()
         );
         drop((l1, l2));
+    });
+}
+
+/// Connects as another user: a thread switches only its own credentials
+/// (the kernel records them at connect), connects, and ends.
+async fn connect_as(sock: &std::path::Path, uid: u32, gid: u32, groups: &[u32]) -> HelperClient {
+    let sock = sock.to_path_buf();
+    let groups = groups.to_vec();
+    let stream = std::thread::spawn(move || {
+        // SAFETY: thread-local credential changes with valid arguments; the
+        // thread exits right after connecting.
+        unsafe {
+            assert_eq!(
+                libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()),
+                0
+            );
+            assert_eq!(libc::syscall(libc::SYS_setresgid, gid, gid, gid), 0);
+            assert_eq!(libc::syscall(libc::SYS_setresuid, uid, uid, uid), 0);
+        }
+        StdUnixStream::connect(&sock).expect("connect as user")
+    })
+    .join()
+    .expect("thread");
+    stream.set_nonblocking(true).expect("nonblocking");
+    let stream = tokio::net::UnixStream::from_std(stream).expect("tokio stream");
+    HelperClient::from_stream(stream).await.expect("handshake")
+}
+
+/// Spawns `argv` in instance `n` with a pipe as stdout and stderr and a
+/// private resolv.conf; returns what it wrote once it has ended.
+async fn run_private(c: &mut HelperClient, n: &InstanceName, argv: &[&str]) -> String {
+    use std::io::Read;
+    use std::os::fd::AsFd;
+    let (r, w) = nix::unistd::pipe().expect("pipe");
+    let null = std::fs::File::open("/dev/null").expect("null");
+    let spec = SpawnSpec {
+        instance: n.clone(),
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env: vec!["PATH=/usr/bin:/bin:/usr/sbin:/sbin".into()],
+        cwd: "/".into(),
+        n_fds: 3,
+        private_resolv: true,
+        bind_lease: false,
+        controlling_tty: false,
+    };
+    let pid = c
+        .spawn(spec, &[null.as_fd(), w.as_fd(), w.as_fd()])
+        .await
+        .expect("spawn");
+    drop(w);
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::fs::File::from(r).read_to_string(&mut s);
+        s
+    });
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), c.next_event())
+            .await
+            .expect("exit event")
+            .expect("event")
+        {
+            warren_ipc::Event::Exited { pid: p, .. } if p == pid => break,
+            _ => continue,
+        }
+    }
+    reader.join().expect("reader")
+}
+
+/// Finding 7: a program run in an instance with the instance's resolv.conf
+/// resolves names by files and the instance's DNS only. The lab host's
+/// view (a private tmpfs over /run: the machine's own daemons are never
+/// touched) has systemd-resolved's, nscd's and avahi's sockets, played by
+/// listeners, and an nsswitch.conf naming resolve and mdns; while
+/// `getent hosts` runs (and a probe connects to each socket path by hand)
+/// in the program, no listener gets a connection, and the program's
+/// /etc/nsswitch.conf says `hosts: files dns` (the rest as the host's).
+#[test]
+fn finding_7_exec_programs_never_reach_host_name_service_sockets() {
+    if !require_root("finding_7_exec_programs_never_reach_host_name_service_sockets") {
+        return;
+    }
+    let dir = TestDir::new("trust-nss");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sockets = [
+        ("/run/systemd/resolve/io.systemd.Resolve", "resolve.sock"),
+        ("/run/nscd/socket", "nscd.sock"),
+        ("/run/avahi-daemon/socket", "avahi.sock"),
+    ];
+    let daemons: Vec<(&str, warren_tests::FakeDaemon)> = sockets
+        .iter()
+        .map(|(real, file)| (*real, warren_tests::FakeDaemon::new(dir.join(file), &stop)))
+        .collect();
+    let nsswitch = dir.join("nsswitch.conf");
+    std::fs::write(
+        &nsswitch,
+        "# warren-lab-nsswitch\npasswd: files\ngroup: files\nhosts: files resolve [!UNAVAIL=return] mdns4_minimal [NOTFOUND=return] dns\n",
+    )
+    .expect("lab nsswitch.conf");
+    let mut setup = format!(
+        "mount --bind {} /etc/nsswitch.conf\nmount -t tmpfs -o mode=0755 warren-lab-run /run\n",
+        nsswitch.display()
+    );
+    for (real, d) in &daemons {
+        let parent = std::path::Path::new(real).parent().expect("dir");
+        setup.push_str(&format!(
+            "mkdir -p {parent}\ntouch {real}\nmount --bind {sock} {real}\n",
+            parent = parent.display(),
+            sock = d.path.display()
+        ));
+    }
+    let lab = Lab::with_setup("n", false, &[], &setup);
+    // The example is copied where the member may run it.
+    let probe = dir.join("unix_probe");
+    std::fs::copy(warren_tests::bin("examples/unix_probe"), &probe).expect("copy probe");
+    let n = name(&format!("nss{}", pid()));
+    let script = format!(
+        "echo ==nsswitch; cat /etc/nsswitch.conf; echo ==resolv; cat /etc/resolv.conf; \
+         echo ==stub; cat /run/systemd/resolve/stub-resolv.conf; \
+         echo ==getent; timeout 20 getent hosts warren-leak-probe.example; echo ==probe; \
+         {probe} /run/systemd/resolve/io.systemd.Resolve /run/nscd/socket /var/run/nscd/socket \
+         /run/avahi-daemon/socket /var/run/avahi-daemon/socket",
+        probe = probe.display()
+    );
+    let out = rt().block_on(async {
+        let (uid, gid) = (warren_tests::ids::MEMBER, warren_tests::ids::GROUP);
+        let mut c = connect_as(&lab.sock, uid, gid, &[]).await;
+        // No DNS servers: the instance's resolver fails at once (no leak
+        // either way), so only the host's sockets could answer.
+        let spec = InstanceSpec::new(
+            n.clone(),
+            1420,
+            vec!["198.19.78.2/32".parse().expect("p")],
+            vec!["0.0.0.0/0".parse().expect("p")],
+            vec![],
+        )
+        .expect("spec");
+        let (_info, _tun) = c.create_instance(spec).await.expect("create");
+        let out = run_private(&mut c, &n, &["sh", "-c", &script]).await;
+        c.destroy_instance(&n).await.expect("destroy");
+        out
+    });
+    // Connections already made are counted by now (the listeners poll).
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let reached: Vec<String> = daemons
+        .iter()
+        .filter(|(_, d)| d.accepted() > 0)
+        .map(|(real, d)| format!("{real} ({} connections)", d.accepted()))
+        .collect();
+    drop(lab);
+    assert!(
+        reached.is_empty(),
+        "host name-service sockets reached: {reached:?}; program output:\n{out}"
+    );
+    let nss = out
+        .split("==nsswitch\n")
+        .nth(1)
+        .and_then(|s| s.split("==resolv").next())
+        .unwrap_or_default();
+    let hosts: Vec<&str> = nss
+        .lines()
+        .filter(|l| l.trim_start().starts_with("hosts:"))
+        .collect();
+    assert_eq!(
+        hosts
+            .iter()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .collect::<Vec<_>>(),
+        vec![vec!["hosts:", "files", "dns"]],
+        "program output:\n{out}"
+    );
+    assert!(
+        nss.contains("# warren-lab-nsswitch") && nss.contains("passwd: files"),
+        "the rest is the host's: {out}"
+    );
+    assert!(
+        !out.contains(" connected"),
+        "a host socket was reachable: {out}"
+    );
+    assert!(out.contains("==probe"), "the probe ran: {out}");
+    // What a systemd-resolved host's /etc/resolv.conf links to is the
+    // instance's too.
+    let stub = out
+        .split("==stub\n")
+        .nth(1)
+        .and_then(|s| s.split("==getent").next())
+        .unwrap_or_default();
+    assert!(
+        stub.contains("written by warren-helper for this instance"),
+        "{out}"
+    );
+}
+
+fn server_with(n: &str, addresses: &[&str]) -> ServerTunnelSpec {
+    ServerTunnelSpec::new(
+        name(n),
+        1420,
+        addresses
+            .iter()
+            .map(|a| a.parse().expect("prefix"))
+            .collect(),
+    )
+    .expect("spec")
+}
+
+impl Lab {
+    /// The lab host's `ip -o addr` and `ip -o link` listings.
+    fn links_and_addresses(&self) -> String {
+        let mut s = String::new();
+        for what in ["link", "addr"] {
+            let out = run_limited(
+                self.host.exec("ip").args(["-o", what, "show"]),
+                Duration::from_secs(10),
+            );
+            s.push_str(&String::from_utf8_lossy(&out.stdout));
+        }
+        s
+    }
+}
+
+/// Finding 4: a server tunnel's subnet must lie in the root-owned config's
+/// pools (here 198.18.0.0/15 and fd00::/8): `1.1.1.2/24` (all the host's
+/// traffic to 1.1.1.1 into the member's TUN), a prefix wider than the pool
+/// and an IPv6 subnet outside fd00::/8 are refused with the pool named,
+/// and leave nothing behind; a subnet inside the pools works.
+#[test]
+fn finding_4_server_tunnel_outside_the_pools_is_refused_naming_the_pool() {
+    if !require_root("finding_4_server_tunnel_outside_the_pools_is_refused_naming_the_pool") {
+        return;
+    }
+    let lab = Lab::new("q", true, &[]);
+    let s = format!("q{}", pid());
+    rt().block_on(async {
+        let (uid, gid) = (warren_tests::ids::MEMBER, warren_tests::ids::GROUP);
+        let mut c = connect_as(&lab.sock, uid, gid, &[]).await;
+        for (addr, pool) in [
+            ("1.1.1.2/24", "198.18.0.0/15"),
+            ("198.18.0.1/14", "198.18.0.0/15"),
+            ("2001:db8::1/64", "fd00::/8"),
+        ] {
+            match c.create_server_tunnel(server_with(&s, &[addr])).await {
+                Err(ClientError::Helper(HelperError::InvalidArgument { field, reason })) => {
+                    assert_eq!(field, "addresses");
+                    assert!(
+                        reason.contains(addr) && reason.contains(pool),
+                        "{addr}: {reason}"
+                    );
+                    assert!(!reason.contains("incident"), "{reason}");
+                }
+                other => panic!("{addr} outside the pools must be refused, got {other:?}"),
+            }
+        }
+        let s6 = server_with(&s, &["198.19.61.1/24", "fd00:61::1/64"]);
+        assert!(
+            !lab.links_and_addresses().contains(&s6.ifname()),
+            "nothing left behind: {}",
+            lab.links_and_addresses()
+        );
+        let (_, _tun) = c
+            .create_server_tunnel(s6.clone())
+            .await
+            .expect("a subnet inside the pools");
+        let shown = lab.links_and_addresses();
+        assert!(
+            shown.contains("198.19.61.1/24") && shown.contains("fd00:61::1/64"),
+            "{shown}"
+        );
+        c.destroy_instance(&name(&s)).await.expect("destroy");
+    });
+    assert_eq!(lab.ruleset().trim(), "");
+}
+
+/// Finding 4: a server tunnel's subnet inside the pools must not overlap a
+/// route the lab host already has, in any table: its veth's subnet, a
+/// policy-routing table's route, another member's server tunnel. Each is
+/// refused as `HostState` naming the route; routes of a host tunnel
+/// (0.0.0.0/1 and 128.0.0.0/1: host-wide by design) do not count, and a
+/// free subnet works.
+#[test]
+fn finding_4_server_tunnel_overlapping_a_host_route_is_refused() {
+    if !require_root("finding_4_server_tunnel_overlapping_a_host_route_is_refused") {
+        return;
+    }
+    let lab = Lab::new("r", true, &[]);
+    lab.host.ip(&[
+        "route",
+        "add",
+        "unreachable",
+        "198.19.99.0/24",
+        "table",
+        "100",
+    ]);
+    let (a, b, h) = (
+        format!("ra{}", pid()),
+        format!("rb{}", pid()),
+        format!("rh{}", pid()),
+    );
+    rt().block_on(async {
+        let g = warren_tests::ids::GROUP;
+        let mut m1 = connect_as(&lab.sock, warren_tests::ids::MEMBER, g, &[]).await;
+        let mut m2 = connect_as(&lab.sock, warren_tests::ids::SUPPLEMENTARY, g, &[g]).await;
+        let (_, _ta) = m1
+            .create_server_tunnel(server_with(&a, &["198.19.64.1/24"]))
+            .await
+            .expect("first member's server tunnel");
+        for (addr, route) in [
+            ("198.18.54.7/24", "198.18.54.0/24"),
+            ("198.18.54.130/25", "198.18.54.0/24"),
+            ("198.19.99.1/25", "198.19.99.0/24"),
+            ("198.19.64.129/25", "198.19.64.0/24"),
+        ] {
+            match m2.create_server_tunnel(server_with(&b, &[addr])).await {
+                Err(ClientError::Helper(HelperError::HostState { reason })) => {
+                    assert!(reason.contains(route), "{addr}: {reason}")
+                }
+                other => panic!("{addr} overlaps {route}: must be refused, got {other:?}"),
+            }
+        }
+        let shown = lab.links_and_addresses();
+        assert!(
+            !shown.contains(&server_with(&b, &["198.19.65.1/24"]).ifname()),
+            "nothing left behind: {shown}"
+        );
+        // Root's host tunnel routing everything through 0.0.0.0/1 and
+        // 128.0.0.0/1 keeps no server tunnel out.
+        let mut root = HelperClient::connect(&lab.sock).await.expect("connect");
+        let host = HostTunnelSpec::new(
+            name(&h),
+            1420,
+            vec!["198.19.72.2/32".parse().expect("p")],
+            vec![
+                "0.0.0.0/1".parse().expect("p"),
+                "128.0.0.0/1".parse().expect("p"),
+            ],
+            vec![],
+            false,
+        )
+        .expect("host spec");
+        let (_, _tun, _udp) = root.create_host_tunnel(host).await.expect("host tunnel");
+        let (_, _tb) = m2
+            .create_server_tunnel(server_with(&b, &["198.19.65.1/24"]))
+            .await
+            .expect("a free subnet");
+        root.destroy_instance(&name(&h))
+            .await
+            .expect("destroy host");
+        m2.destroy_instance(&name(&b)).await.expect("destroy b");
+        m1.destroy_instance(&name(&a)).await.expect("destroy a");
+    });
+    assert_eq!(lab.ruleset().trim(), "");
+}
+
+/// Spawns `argv` in `n` with no descriptors (the helper gives it
+/// /dev/null); returns the helper's answer.
+async fn spawn_quiet(
+    c: &mut HelperClient,
+    n: &InstanceName,
+    argv: &[&str],
+) -> Result<i32, ClientError> {
+    let spec = SpawnSpec {
+        instance: n.clone(),
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env: vec!["PATH=/usr/bin:/bin".into()],
+        cwd: "/".into(),
+        n_fds: 0,
+        private_resolv: false,
+        bind_lease: false,
+        controlling_tty: false,
+    };
+    c.spawn(spec, &[]).await
+}
+
+fn small_instance(n: &InstanceName, third: u8) -> InstanceSpec {
+    InstanceSpec::new(
+        n.clone(),
+        1420,
+        vec![format!("198.19.79.{third}/32").parse().expect("p")],
+        vec!["0.0.0.0/0".parse().expect("p")],
+        vec![],
+    )
+    .expect("spec")
+}
+
+/// Finding 8: programs spawned through the helper share its unit's task
+/// limit, so one member may run at most 64 at once: the 65th is refused
+/// with `TooManyPrograms`, another member and root still spawn, and once
+/// one of the member's programs ends the member may spawn again.
+#[test]
+fn finding_8_spawned_programs_are_limited_per_uid() {
+    if !require_root("finding_8_spawned_programs_are_limited_per_uid") {
+        return;
+    }
+    let lab = Lab::new("k", false, &[]);
+    let (a, b) = (name(&format!("ka{}", pid())), name(&format!("kb{}", pid())));
+    rt().block_on(async {
+        let g = warren_tests::ids::GROUP;
+        let mut m1 = connect_as(&lab.sock, warren_tests::ids::MEMBER, g, &[]).await;
+        let mut m2 = connect_as(&lab.sock, warren_tests::ids::SUPPLEMENTARY, g, &[g]).await;
+        let (_, _ta) = m1.create_instance(small_instance(&a, 2)).await.expect("a");
+        let (_, _tb) = m2.create_instance(small_instance(&b, 3)).await.expect("b");
+        let short = spawn_quiet(&mut m1, &a, &["sleep", "2"])
+            .await
+            .expect("first");
+        for i in 1..64 {
+            spawn_quiet(&mut m1, &a, &["sleep", "60"])
+                .await
+                .unwrap_or_else(|e| panic!("program {}: {e:?}", i + 1));
+        }
+        match spawn_quiet(&mut m1, &a, &["sleep", "60"]).await {
+            Err(ClientError::Helper(HelperError::TooManyPrograms { limit })) => {
+                assert_eq!(limit, 64)
+            }
+            other => panic!("the 65th program must be refused, got {other:?}"),
+        }
+        spawn_quiet(&mut m2, &b, &["sleep", "60"])
+            .await
+            .expect("another member is not limited by the first's programs");
+        let mut root = HelperClient::connect(&lab.sock).await.expect("connect");
+        spawn_quiet(&mut root, &a, &["sleep", "60"])
+            .await
+            .expect("root is not limited");
+        // The first one ends: room for one more.
+        loop {
+            match tokio::time::timeout(Duration::from_secs(20), m1.next_event())
+                .await
+                .expect("exit event")
+                .expect("event")
+            {
+                warren_ipc::Event::Exited { pid, .. } if pid == short => break,
+                _ => continue,
+            }
+        }
+        spawn_quiet(&mut m1, &a, &["sleep", "60"])
+            .await
+            .expect("a program ended: room again");
+        m1.destroy_instance(&a).await.expect("destroy a");
+        m2.destroy_instance(&b).await.expect("destroy b");
     });
 }

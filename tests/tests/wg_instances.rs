@@ -908,6 +908,145 @@ fn rootless_instance_without_any_helper() {
     );
 }
 
+/// Finding 7 (issue 14), rootless: `warren exec` into a rootless instance
+/// joins the worker's mount namespace, which now hides the host's
+/// name-service sockets and binds `hosts: files dns` too. The worker is
+/// started in a view (private mount namespace, tmpfs over /run: the
+/// machine's own daemons are never touched) where listeners play
+/// systemd-resolved's, nscd's and avahi's sockets and nsswitch.conf names
+/// resolve and mdns; while `getent hosts` and a direct probe run under
+/// `warren exec`, no listener gets a connection.
+#[test]
+fn finding_7_rootless_exec_never_reaches_host_name_service_sockets() {
+    if !require_root("finding_7_rootless_exec_never_reaches_host_name_service_sockets") {
+        return;
+    }
+    let exit = WgExit::start("rl-nss");
+    let user = User::new(
+        "inst-rl-nss-user",
+        Path::new("/nonexistent/helper.sock"),
+        &exit,
+    );
+    let tun = user_tun_node(&user.dir);
+    let lab = TestDir::new("rl-nss-lab");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let daemons: Vec<(&str, warren_tests::FakeDaemon)> = [
+        ("/run/systemd/resolve/io.systemd.Resolve", "resolve.sock"),
+        ("/run/nscd/socket", "nscd.sock"),
+        ("/run/avahi-daemon/socket", "avahi.sock"),
+    ]
+    .iter()
+    .map(|(real, f)| (*real, warren_tests::FakeDaemon::new(lab.join(f), &stop)))
+    .collect();
+    let nss = lab.join("nsswitch.conf");
+    std::fs::write(
+        &nss,
+        "# warren-lab-nsswitch\npasswd: files\nhosts: files resolve [!UNAVAIL=return] mdns4_minimal [NOTFOUND=return] dns\n",
+    )
+    .expect("lab nsswitch.conf");
+    let mut script = format!(
+        "mount --bind {tun} /dev/net/tun && mount --bind {nss} /etc/nsswitch.conf && mount -t tmpfs -o mode=0755 warren-lab-run /run",
+        tun = tun.display(),
+        nss = nss.display()
+    );
+    for (real, d) in &daemons {
+        let parent = Path::new(real).parent().expect("dir");
+        script.push_str(&format!(
+            " && mkdir -p {} && touch {real} && mount --bind {} {real}",
+            parent.display(),
+            d.path.display()
+        ));
+    }
+    script.push_str(&format!(
+        " && exec setpriv --reuid={} --regid={} --groups={} --inh-caps=-all -- {} \"$@\"",
+        ids::MEMBER,
+        ids::GROUP,
+        ids::GROUP,
+        bin("warren").display()
+    ));
+    let name = iname("rn");
+    let (sp, hp) = free_ports();
+    let mut up = Command::new("unshare");
+    up.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+        "sh",
+        "-c",
+        &script,
+        "sh",
+    ]);
+    let out = user.run(
+        &mut up,
+        &[
+            "up",
+            &name,
+            "--rootless",
+            "--wg",
+            user.conf.to_str().expect("utf-8"),
+            "--socks-port",
+            &sp.to_string(),
+            "--http-port",
+            &hp.to_string(),
+            "--json",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "rootless up: {}\n{}",
+        text(&out.stderr),
+        user.log(&name)
+    );
+    let worker =
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json")["worker_pid"]
+            .as_i64()
+            .expect("pid");
+    // Only what the program does counts (up and its worker may have looked
+    // their user up).
+    std::thread::sleep(Duration::from_millis(100));
+    let before: Vec<usize> = daemons.iter().map(|(_, d)| d.accepted()).collect();
+    let probe = user.dir.join("unix_probe");
+    std::fs::copy(bin("examples/unix_probe"), &probe).expect("copy probe");
+    std::fs::set_permissions(&probe, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let program = format!(
+        "echo ==nsswitch; cat /etc/nsswitch.conf; echo ==getent; \
+         timeout 20 getent hosts warren-leak-probe.example; echo ==probe; \
+         {} /run/systemd/resolve/io.systemd.Resolve /run/nscd/socket /var/run/nscd/socket \
+         /run/avahi-daemon/socket /var/run/avahi-daemon/socket",
+        probe.display()
+    );
+    // `warren exec` itself runs in the machine's view (no fake daemons
+    // there); its program joins the worker's.
+    let out = warren_rootless(&user, &tun, &["exec", &name, "--", "sh", "-c", &program]);
+    std::thread::sleep(Duration::from_millis(200));
+    let reached: Vec<String> = daemons
+        .iter()
+        .zip(&before)
+        .filter(|((_, d), b)| d.accepted() > **b)
+        .map(|((real, d), b)| format!("{real} ({} connections)", d.accepted() - b))
+        .collect();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    // SAFETY: kill with the pid of the worker this test started.
+    unsafe { libc::kill(worker as i32, libc::SIGKILL) };
+    assert!(wait_for(Duration::from_secs(5), || !pid_alive(worker)));
+    let shown = text(&out.stdout);
+    assert!(
+        reached.is_empty(),
+        "host name-service sockets reached: {reached:?}; program output:\n{shown}\n{}",
+        text(&out.stderr)
+    );
+    assert!(shown.contains("==probe"), "{shown}\n{}", text(&out.stderr));
+    assert!(!shown.contains(" connected"), "{shown}");
+    let hosts: Vec<Vec<&str>> = shown
+        .lines()
+        .filter(|l| l.trim_start().starts_with("hosts:"))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(hosts, vec![vec!["hosts:", "files", "dns"]], "{shown}");
+    assert!(shown.contains("# warren-lab-nsswitch"), "{shown}");
+}
+
 #[test]
 fn forwards_and_reverse_forwards() {
     if !require_root("forwards_and_reverse_forwards") {

@@ -325,10 +325,22 @@ fn build(st: &mut State, warren: &Path) -> Result<(SocketAddr, SocketAddr), Stri
     let helper_bin = warren.with_file_name("warren-helper");
     let sock = dir.join("helper.sock");
     let log = |n: &str| std::fs::File::create(dir.join(n)).map_err(|e| e.to_string());
+    // Its server tunnel's subnet must lie in the helper's pools.
+    let config = dir.join("helper.toml");
+    let net: warren_ipc::instance::IpPrefix = TUNNEL_NET.parse().map_err(|e| format!("{e}"))?;
+    std::fs::write(
+        &config,
+        format!("server_tunnel_pools = [\"{}\"]\n", net.network()),
+    )
+    .and_then(|()| {
+        std::fs::set_permissions(&config, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+    })
+    .map_err(|e| format!("{}: {e}", config.display()))?;
     let helper = in_exit(&helper_bin)
         .args(["serve", "--socket"])
         .arg(&sock)
-        .args(["--group", "0", "--config", "/nonexistent/warren-demo.toml"])
+        .args(["--group", "0", "--config"])
+        .arg(&config)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log("helper.log")?)

@@ -386,8 +386,18 @@ impl Lab {
         let resolv = dir.join("resolv.conf");
         std::fs::write(&resolv, "nameserver 198.18.52.53\n").expect("resolv");
         let helper_sock = dir.join("helper.sock");
-        let helper =
-            warren_tests::start_lab_helper(&s, &resolv, &helper_sock, &dir.join("helper.log"));
+        let config =
+            warren_tests::write_helper_config(&dir, warren_tests::TEST_SERVER_TUNNEL_POOLS);
+        let helper = warren_tests::start_lab_helper_with(
+            &s,
+            &resolv,
+            &helper_sock,
+            &dir.join("helper.log"),
+            &warren_tests::LabHelperOptions {
+                config: Some(&config),
+                ..Default::default()
+            },
+        );
         std::fs::set_permissions(
             dir.path(),
             std::os::unix::fs::PermissionsExt::from_mode(0o755),

@@ -49,7 +49,7 @@ Examples:
   WARREN_PASSWORD=... warren server --mode tls-mux --listen 0.0.0.0:443 \\
       --cert /etc/warren/cert.pem --key /etc/warren/key.pem
 
-  warren server wg keygen --out exit.conf --address 198.19.100.1/24
+  warren server wg keygen --out exit.conf --address 100.64.100.1/24
   warren server wg add-peer laptop --config exit.conf --endpoint vpn.example.org:51820 > laptop.conf
   warren server --mode wg --wg exit.conf     # through the helper: TUN, forwarding, NAT")]
 #[command(args_conflicts_with_subcommands = true)]

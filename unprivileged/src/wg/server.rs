@@ -34,8 +34,9 @@ pub enum WgTool {
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
         /// The server's tunnel address and subnet; clients get the next
-        /// free addresses in it.
-        #[arg(long, default_value = "198.19.100.1/24")]
+        /// free addresses in it. The subnet must lie in the helper's
+        /// server-tunnel pools (default 100.64.0.0/10 and fd00::/8).
+        #[arg(long, default_value = "100.64.100.1/24")]
         address: IpPrefix,
         /// UDP port to listen on.
         #[arg(long, default_value_t = 51820)]
