@@ -1081,7 +1081,7 @@ fn finding_6_kill_switch_holds_after_its_tunnel_and_the_helper_die_until_down() 
     if !require_root("finding_6_kill_switch_holds_after_its_tunnel_and_the_helper_die_until_down") {
         return;
     }
-    let mut lab = HostLab::new("k");
+    let mut lab = HostLab::new("q");
     let before = lab.snapshot();
     let n = name("hk");
     assert!(
