@@ -23,7 +23,7 @@ lab_push "$old" /root/warren-previous.deb
 lab_push "$deb" /root/warren-new.deb
 lab_run sh -c 'mkdir -p /etc/warren && printf "idle_timeout_secs = 2\n" >/etc/warren/helper.toml'
 check "the previous package installs" \
-  lab_run env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq /root/warren-previous.deb
+  lab_run sh -c "DEBIAN_FRONTEND=noninteractive apt-get install -y -qq /root/warren-previous.deb >/dev/null 2>&1"
 lab_run useradd --create-home --shell /bin/bash "$LAB_USER"
 lab_run usermod -aG warren "$LAB_USER"
 lab_run loginctl enable-linger "$LAB_USER"
@@ -38,7 +38,7 @@ check "an instance is up under the previous release" \
   bash -c "lab_run ip netns list 2>/dev/null | grep -q '^warren-prev'"
 lab_run cp /usr/bin/warren /root/warren-previous
 check "the upgrade installs" \
-  lab_run env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq /root/warren-new.deb
+  lab_run sh -c "DEBIAN_FRONTEND=noninteractive apt-get install -y -qq /root/warren-new.deb >/dev/null 2>&1"
 check "the upgrade stopped the previous helper" bash -c "! lab_run pgrep -x warren-helper >/dev/null"
 check "its instance ended cleanly: no namespace, /etc/netns entry or worker left" \
   bash -c "! lab_run ip netns list 2>/dev/null | grep -q warren- && ! lab_run test -e /etc/netns/warren-prev && ! lab_run pgrep -f warren-worker >/dev/null"
