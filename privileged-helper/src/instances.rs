@@ -21,8 +21,7 @@ use warren_ipc::Event;
 use warren_ipc::HelperError;
 use warren_ipc::instance::{
     HostTunnelInfo, HostTunnelSpec, InstanceInfo, InstanceName, InstanceSpec, IpPrefix,
-    KILL_SWITCH_LEASE,
-    ORPHAN_LEASE, ServerTunnelInfo, ServerTunnelSpec, SpawnSpec,
+    KILL_SWITCH_LEASE, ORPHAN_LEASE, ServerTunnelInfo, ServerTunnelSpec, SpawnSpec,
 };
 
 use crate::auth::PeerCred;
