@@ -7,14 +7,6 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 . tests/lab/lab.sh
-pass=0 fail=0
-ok()  { echo "ok   - $*"; pass=$((pass+1)); }
-bad() { echo "FAIL - $*"; fail=$((fail+1)); return 1; }
-check() { local what=$1; shift; if "$@"; then ok "$what"; else bad "$what"; fi; }
-# Polls `$@` (a check) for up to $1 tenths of a second.
-within() { local n=$1 i; shift; for i in $(seq "$n"); do "$@" && return 0; sleep 0.1; done; "$@"; }
-# Checks run in `bash -c` subshells: they need the lab's functions.
-export -f within lab_run lab_user
 
 [[ $(id -u) -eq 0 ]] || lab_die "needs root"
 deb=${WARREN_DEB:-$(packaging/build-deb.sh | tail -1)}

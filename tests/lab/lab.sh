@@ -29,6 +29,13 @@ LAB_LOG=
 
 lab_die() { echo "lab: $*" >&2; exit 1; }
 
+# Checks: `check WHAT CMD...` reports ok/FAIL; `within TENTHS CMD...` polls.
+pass=0 fail=0
+ok()  { echo "ok   - $*"; pass=$((pass+1)); }
+bad() { echo "FAIL - $*"; fail=$((fail+1)); return 1; }
+check() { local what=$1; shift; if "$@"; then ok "$what"; else bad "$what"; fi; }
+within() { local n=$1 i; shift; for i in $(seq "$n"); do "$@" && return 0; sleep 0.1; done; "$@"; }
+
 # The host's own Debian release and package sources: the tree matches the
 # glibc the package was built against, and the machine's apt configuration
 # says where packages come from (no address is written here).
@@ -113,7 +120,9 @@ lab_boot() {
        lab_run systemctl --failed --no-pager >&2 || true
        lab_die "the container did not boot (state: '${state:-none}')" ;;
   esac
+  # Checks run in `bash -c` subshells: they need these.
   export LAB_LEADER LAB_USER
+  export -f within lab_run lab_user
   echo "lab: booted $LAB_NAME (leader $LAB_LEADER, state $state)" >&2
 }
 

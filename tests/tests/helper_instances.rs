@@ -887,54 +887,49 @@ impl HostLab {
     /// Sends UDP from the lab host out of its uplink to the other namespace
     /// and reports whether a listener there received it.
     fn udp_out_arrives(&self) -> bool {
-        let mut listener = self
-            .other
-            .exec("python3")
-            .args(["-c", "import socket\ns=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.bind(('0.0.0.0', 9998))\nprint('READY', flush=True)\ns.settimeout(3)\ntry:\n  s.recvfrom(64)\n  print('GOT')\nexcept OSError:\n  print('NONE')\n"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("listener");
-        let mut out = listener.stdout.take().expect("stdout");
-        let mut ready = [0u8; 6];
-        let _ = out.read_exact(&mut ready);
-        for _ in 0..5 {
-            let _ = run_limited(
-                self.host
-                    .exec("bash")
-                    .args(["-c", "echo x >/dev/udp/198.18.52.2/9998"]),
-                Duration::from_secs(5),
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let mut rest = String::new();
-        let _ = out.read_to_string(&mut rest);
-        let _ = listener.wait();
-        rest.contains("GOT")
+        udp_arrives(&self.host, &self.other, "198.18.52.2", 9998)
     }
 
     /// Sends UDP from the other namespace to the tunnel's inner address and
     /// reports whether a listener in the lab host received it.
     fn udp_to_inner_address_arrives(&self) -> bool {
-        let listener = self
-            .host
-            .exec("python3")
-            .args(["-c", "import socket\ns=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.bind(('0.0.0.0', 9999))\ns.settimeout(3)\ntry:\n  s.recvfrom(64)\n  print('GOT')\nexcept OSError:\n  print('NONE')\n"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("listener");
-        std::thread::sleep(Duration::from_millis(300));
-        for _ in 0..5 {
-            let _ = run_limited(
-                self.other
-                    .exec("bash")
-                    .args(["-c", "echo x >/dev/udp/198.19.71.2/9999"]),
-                Duration::from_secs(5),
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let out = listener.wait_with_output().expect("listener output");
-        String::from_utf8_lossy(&out.stdout).contains("GOT")
+        udp_arrives(&self.other, &self.host, "198.19.71.2", 9999)
     }
+}
+
+/// Sends a few UDP datagrams from namespace `from` to `dst:port` and reports
+/// whether a listener on `port` in namespace `to` (bound before the first is
+/// sent) received one.
+fn udp_arrives(
+    from: &warren_tests::TestNs,
+    to: &warren_tests::TestNs,
+    dst: &str,
+    port: u16,
+) -> bool {
+    let code = format!(
+        "import socket\ns=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.bind(('0.0.0.0', {port}))\nprint('READY', flush=True)\ns.settimeout(3)\ntry:\n  s.recvfrom(64)\n  print('GOT')\nexcept OSError:\n  print('NONE')\n"
+    );
+    let mut listener = to
+        .exec("python3")
+        .args(["-c", &code])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("listener");
+    let mut out = listener.stdout.take().expect("stdout");
+    let mut ready = [0u8; 6];
+    let _ = out.read_exact(&mut ready);
+    let send = format!("echo x >/dev/udp/{dst}/{port}");
+    for _ in 0..5 {
+        let _ = run_limited(
+            from.exec("bash").args(["-c", &send]),
+            Duration::from_secs(5),
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut rest = String::new();
+    let _ = out.read_to_string(&mut rest);
+    let _ = listener.wait();
+    rest.contains("GOT")
 }
 
 impl Drop for HostLab {
