@@ -22,6 +22,10 @@ lab_run mkdir -p /root/target/debian
 lab_push "$deb" "/root/target/debian/$(basename "$deb")"
 lab_run useradd --create-home --shell /bin/bash "$LAB_USER"
 lab_run loginctl enable-linger "$LAB_USER"
+# Dependencies apt must resolve: nftables is removed first (its package stays
+# in apt's cache; there is no network).
+lab_run sh -c 'DEBIAN_FRONTEND=noninteractive apt-get remove -y -qq nftables >/dev/null 2>&1'
+check "the container starts without nftables (apt must bring it)" bash -c "! lab_run sh -c 'command -v nft' >/dev/null"
 # The README's install block; build-deb.sh ran outside (no toolchain inside).
 readme_ok=1
 while IFS= read -r line; do
@@ -30,9 +34,10 @@ while IFS= read -r line; do
   echo "    \$ $cmd"
   # Root's lines from /root (where the package was built), the user's as the user.
   if [[ $cmd == sudo* ]]; then
-    lab_run env USER="$LAB_USER" DEBIAN_FRONTEND=noninteractive bash -c "cd /root && $cmd" </dev/null >/dev/null || readme_ok=0
+    # (answering apt's "Do you want to continue?" as a user would)
+    printf 'Y\n' | lab_run env USER="$LAB_USER" DEBIAN_FRONTEND=noninteractive bash -c "cd /root && $cmd" >/dev/null || readme_ok=0
   else
-    lab_user bash -c "$cmd" || readme_ok=0
+    lab_user bash -c "$cmd" </dev/null || readme_ok=0
   fi
 done < <(sed -n '/^### Installing/,/^```$/p' README.md | sed -n '/^```sh$/,/^```$/p' | sed '1d;$d')
 # "then log in again": the user's manager (started by linger before the
@@ -40,8 +45,8 @@ done < <(sed -n '/^### Installing/,/^```$/p' README.md | sed -n '/^```sh$/,/^```
 lab_run systemctl restart "user@$(lab_run id -u "$LAB_USER").service"
 check "the README's install steps work word for word (apt install, usermod, helper status)" \
   test "$readme_ok" = 1
-check "the package declares nftables and iproute2 (apt would fetch them)" \
-  lab_run sh -c 'dpkg -s warren | grep "^Depends:" | grep -q nftables && dpkg -s warren | grep "^Depends:" | grep -q iproute2'
+check "apt install resolved the package's dependencies (nftables installed with it)" \
+  lab_run sh -c 'command -v nft >/dev/null && dpkg -s warren | grep "^Depends:" | grep -q nftables && dpkg -s warren | grep "^Depends:" | grep -q iproute2'
 check "dpkg -i created the group, the units and the sudoers snippet" \
   lab_run sh -c 'getent group warren >/dev/null && test -f /usr/lib/systemd/system/warren-helper.socket && test "$(stat -c %a /etc/sudoers.d/warren)" = 440'
 
@@ -80,7 +85,7 @@ check "the helper stays while it holds a lease" lab_run systemctl is-active --qu
 # Something the cleanup cannot remove: a mount over the instance's resolv.conf.
 lab_run mount --bind /etc/hostname /etc/netns/warren-lab/resolv.conf
 hpid=$(lab_run systemctl show -p MainPID --value warren-helper.service)
-lab_run kill -KILL "$hpid"
+lab_kill KILL "$hpid"
 within 100 bash -c "lab_run systemctl show -p MainPID --value warren-helper.service | grep -qv '^0$\|^$hpid$'"
 st=$(lab_user warren status 2>&1)
 echo "$st" | sed 's/^/    /'
@@ -93,7 +98,7 @@ check "bug 4: no namespace or /etc/netns entry is left" \
 # kill -9 with nothing in the way: the restarted helper (or ExecStopPost) removes all.
 lab_user warren up lab2 --wg "$conf" --socks-port 1081 --http-port 8119 >/dev/null 2>&1
 hpid=$(lab_run systemctl show -p MainPID --value warren-helper.service)
-lab_run kill -KILL "$hpid"
+lab_kill KILL "$hpid"
 check "bug 4: after kill -9 of the helper nothing is left (namespace, /etc/netns, TUN)" \
   within 100 bash -c "! lab_run ip netns list 2>/dev/null | grep -q warren- && ! lab_run test -e /etc/netns/warren-lab2"
 check "no worker survives the helper's kill -9" within 50 bash -c "! lab_run pgrep -u $LAB_USER -f warren-worker >/dev/null"
@@ -102,7 +107,7 @@ check "no worker survives the helper's kill -9" within 50 bash -c "! lab_run pgr
 lab_run sh -c 'mkdir -p /run/systemd/system/warren-helper.service.d && printf "[Service]\nWatchdogSec=3\n" >/run/systemd/system/warren-helper.service.d/lab.conf && systemctl daemon-reload'
 lab_user warren up lab3 --wg "$conf" --socks-port 1082 --http-port 8120 >/dev/null 2>&1
 hpid=$(lab_run systemctl show -p MainPID --value warren-helper.service)
-lab_run kill -STOP "$hpid"
+lab_kill STOP "$hpid"
 check "watchdog: a SIGSTOPped helper is killed and restarted by systemd" \
   within 150 bash -c "lab_run journalctl -u warren-helper --no-pager | grep -q 'Watchdog timeout'"
 check "watchdog: the stopped helper's instances are cleaned up (no namespace left)" \
@@ -204,7 +209,7 @@ check "sudo autostart with the distribution's sudoers (secure_path)" \
 hpid=$(lab_user warren helper status --json | sed -n 's/.*"pid":\([0-9]*\).*/\1/p')
 check "the autostarted helper runs outside any unit sandbox with the host namespaces" \
   bash -c "[[ -n '$hpid' ]] && lab_run test \"\$(readlink /proc/$hpid/ns/mnt)\" = \"\$(readlink /proc/1/ns/mnt)\""
-lab_run kill -TERM "$hpid"; within 50 bash -c "! lab_run kill -0 $hpid 2>/dev/null"
+lab_kill TERM "$hpid"; within 50 bash -c "! lab_run kill -0 $hpid 2>/dev/null"
 # A sudoers without secure_path, and a hostile PATH.
 lab_run sed -i 's/^Defaults[[:space:]]*secure_path/#&/' /etc/sudoers
 lab_run sed -i '/secure_path/d' /etc/sudoers.d/warren
@@ -219,7 +224,7 @@ lab_user warren down evilpath >/dev/null 2>&1
 check "sudoers without secure_path: a hostile PATH never runs as root (no fake nft ran)" \
   bash -c "! lab_run test -e /tmp/evil-ran"
 hpid=$(lab_user warren helper status --json | sed -n 's/.*"pid":\([0-9]*\).*/\1/p')
-[[ -n $hpid ]] && lab_run kill -TERM "$hpid"
+[[ -n $hpid ]] && lab_kill TERM "$hpid"
 within 50 bash -c "! lab_run test -S /run/warren/helper.sock"
 # A sudo that wants a password, and no terminal.
 lab_run sed -i 's/NOPASSWD: //' /etc/sudoers.d/warren

@@ -18,7 +18,7 @@
 
 LAB_PACKAGES=(systemd systemd-sysv dbus libpam-systemd systemd-resolved iproute2 nftables
   sudo procps curl wireguard-tools wireguard-go iperf3 adduser tcpdump busybox dnsmasq-base
-  ca-certificates)
+  ca-certificates netbase)
 LAB_CACHE=${WARREN_LAB_CACHE:-/var/tmp/warren-lab}
 LAB_USER=wrlabuser
 LAB_NAME=
@@ -50,14 +50,16 @@ lab_sources() {
 lab_tree() {
   local suite key dir tmp
   suite=$(. /etc/os-release && echo "${VERSION_CODENAME:?}")
-  key=$(printf '%s\n' "v1" "$suite" "${LAB_PACKAGES[@]}" | sha256sum | cut -c1-16)
+  key=$(printf '%s\n' "v2" "$suite" "${LAB_PACKAGES[@]}" | sha256sum | cut -c1-16)
   dir=$LAB_CACHE/$suite-$key
   if [[ -f $dir/ready ]]; then echo "$dir/rootfs"; return; fi
   command -v mmdebstrap >/dev/null || lab_die "mmdebstrap missing (scripts/deps.sh installs it)"
   mkdir -p "$LAB_CACHE"
   tmp=$(mktemp -d "$LAB_CACHE/build.XXXXXX")
   echo "lab: building a $suite tree (${#LAB_PACKAGES[@]} packages) in $dir" >&2
-  if ! mmdebstrap --quiet --variant=minbase --skip=cleanup/apt/lists \
+  # The package lists and downloaded packages stay: apt inside can then
+  # resolve the package's dependencies without a network.
+  if ! mmdebstrap --quiet --variant=minbase --skip=cleanup/apt/lists,cleanup/apt/cache \
       --include="$(IFS=,; echo "${LAB_PACKAGES[*]}")" \
       "$suite" "$tmp/rootfs" "$(lab_sources)" >&2; then
     rm -rf "$tmp"; lab_die "mmdebstrap failed"
@@ -86,6 +88,12 @@ lab_cgroups() {
 lab_boot() {
   local rootfs=$1 c i
   LAB_NAME=wrlab$$
+  # Cgroups of earlier labs whose script was killed (no trap ran): empty
+  # ones of dead pids go.
+  for c in /sys/fs/cgroup/{systemd,unified,}/warren-lab-*; do
+    [[ -d $c ]] && ! kill -0 "${c##*-}" 2>/dev/null &&
+      find "$c" -depth -type d -exec rmdir {} + 2>/dev/null
+  done
   LAB_CG=warren-lab-$$
   LAB_LOG=$(mktemp /tmp/warren-lab-console.XXXXXX)
   trap lab_stop EXIT
@@ -142,6 +150,14 @@ lab_user() {
     setpriv --reuid="$uid" --regid="$uid" --init-groups -- "$@"
 }
 
+# Sends signal $1 to process $2 inside the container. Refuses anything but a
+# positive pid: `kill 0` (an empty MainPID) would signal this script's own
+# process group.
+lab_kill() {
+  [[ $2 =~ ^[1-9][0-9]*$ ]] || { echo "lab: no process to signal ('$2')" >&2; return 1; }
+  lab_run kill "-$1" "$2"
+}
+
 lab_push() {
   lab_run sh -c "cat >'$2'" <"$1"
 }
@@ -159,9 +175,12 @@ lab_stop() {
     fi
   fi
   wait "$LAB_PID" 2>/dev/null
-  local c
+  local c p
   for c in $(lab_cgroups); do
-    [[ -d $c ]] && find "$c" -depth -type d -exec rmdir {} + 2>/dev/null
+    [[ -d $c ]] || continue
+    # Whatever of the container outlived it (only ever our own processes).
+    for p in $(find "$c" -name cgroup.procs -exec cat {} + 2>/dev/null); do kill -KILL "$p" 2>/dev/null; done
+    find "$c" -depth -type d -exec rmdir {} + 2>/dev/null
   done
   rm -f "$LAB_LOG"
   LAB_PID=
