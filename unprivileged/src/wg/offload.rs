@@ -551,7 +551,9 @@ pub fn segment(
         }
         usize::from(pkt[0] & 0x0f) * 4
     };
-    if usize::from(hdr.csum_start) != ip_hl || pkt.len() < ip_hl + 20 {
+    // An IPv4 header is at least 20 bytes (IHL >= 5); a smaller IHL must
+    // not reach the header checksum (found by the virtio_header fuzzer).
+    if ip_hl < 20 || usize::from(hdr.csum_start) != ip_hl || pkt.len() < ip_hl + 20 {
         return Err(ReadError::Malformed);
     }
     let tcp_hl = usize::from(pkt[ip_hl + 12] >> 4) * 4;
@@ -613,6 +615,18 @@ pub fn segment(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// The virtio_header fuzzer's crash: a TCPv4 GSO read whose IPv4 header
+    /// claims IHL 0 (and csum_start 0 to match) indexed an empty header.
+    #[test]
+    fn fuzz_gso_read_with_ipv4_ihl_below_5_is_malformed_not_a_panic() {
+        let mut read = vec![1u8, 1, 40, 0, 1, 0, 0, 0, 0, 6];
+        read.extend_from_slice(&[0x40, 0x78, 0, 0, 0x78, 0x50, 0x78, 0x40, 0x78, 6]);
+        read.extend_from_slice(&[0x8a; 60]);
+        let mut seg = vec![0u8; 70_000];
+        let r = segment(&mut read, &mut seg, |_| {});
+        assert!(matches!(r, Err(ReadError::Malformed)), "{r:?}");
+    }
 
     /// An IPv4 TCP segment with a correct checksum.
     fn seg4(seq: u32, id: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
