@@ -61,7 +61,17 @@ async fn connect(h: &Helper) -> HelperClient {
 /// (raw system calls affect the calling thread alone), connects, and ends;
 /// the kernel records those credentials for the connection.
 async fn connect_as(h: &Helper, uid: u32, gid: u32, groups: &[u32]) -> HelperClient {
-    let sock = h.socket.clone();
+    connect_path_as(&h.socket, uid, gid, groups).await
+}
+
+/// [`connect_as`] to the helper at `sock`.
+async fn connect_path_as(
+    sock: &std::path::Path,
+    uid: u32,
+    gid: u32,
+    groups: &[u32],
+) -> HelperClient {
+    let sock = sock.to_path_buf();
     let groups = groups.to_vec();
     let stream = std::thread::spawn(move || {
         // SAFETY: thread-local credential changes with valid arguments; the
@@ -1141,6 +1151,73 @@ fn finding_6_kill_switch_holds_after_its_tunnel_and_the_helper_die_until_down() 
     });
     assert!(lab.udp_out_arrives(), "down releases the block");
     assert_eq!(lab.snapshot(), before, "down restores the host exactly");
+}
+
+/// The paths finding 6 added (a held kill switch taken over by the next
+/// `up`, released by `down`) act on the caller's own only: another member
+/// can neither take it over nor release it, and does not even see it.
+#[test]
+fn finding_6_another_member_cannot_take_over_or_release_a_held_kill_switch() {
+    if !require_root("finding_6_another_member_cannot_take_over_or_release_a_held_kill_switch") {
+        return;
+    }
+    let lab = HostLab::new("m");
+    let n = name("hm");
+    rt().block_on(async {
+        let mut owner = connect_path_as(&lab.sock, ids::MEMBER, ids::GROUP, &[]).await;
+        let _t = owner
+            .create_host_tunnel(host_spec(&n, true))
+            .await
+            .expect("owner's tunnel with kill switch");
+        drop(_t);
+        drop(owner);
+    });
+    assert!(
+        wait_for(Duration::from_secs(10), || !lab.udp_out_arrives()),
+        "the owner's kill switch is held"
+    );
+    rt().block_on(async {
+        let mut other = connect_path_as(
+            &lab.sock,
+            ids::SUPPLEMENTARY,
+            ids::SUPPLEMENTARY,
+            &[ids::GROUP],
+        )
+        .await;
+        let list = other.list_instances().await.expect("list");
+        assert!(
+            list.iter().all(|i| i.name != n),
+            "not shown to others: {list:?}"
+        );
+        let takeover = other.create_host_tunnel(host_spec(&n, true)).await;
+        assert!(
+            matches!(
+                takeover,
+                Err(ClientError::Helper(HelperError::Exists { .. }))
+            ),
+            "another member cannot take it over: {takeover:?}"
+        );
+        let release = other.destroy_instance(&n).await;
+        assert!(
+            matches!(
+                release,
+                Err(ClientError::Helper(HelperError::NotFound { .. }))
+            ),
+            "another member cannot release it: {release:?}"
+        );
+    });
+    assert!(
+        !lab.udp_out_arrives(),
+        "still blocked after the other member tried"
+    );
+    rt().block_on(async {
+        let mut owner = connect_path_as(&lab.sock, ids::MEMBER, ids::GROUP, &[]).await;
+        owner
+            .destroy_instance(&n)
+            .await
+            .expect("the owner releases it");
+    });
+    assert!(lab.udp_out_arrives(), "released by its owner");
 }
 
 #[test]
