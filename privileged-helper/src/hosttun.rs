@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use futures::TryStreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use warren_ipc::HelperError;
 use warren_ipc::instance::HostTunnelSpec;
 
 use crate::netns::NetError;
@@ -86,45 +87,134 @@ pub fn plan(spec: &HostTunnelSpec, slot: u32, state_dir: &Path) -> HostRecord {
     }
 }
 
-async fn rules(handle: &rtnetlink::Handle, rec: &HostRecord, add: bool) -> std::io::Result<()> {
+/// Serializes every change to the host tunnels' rules in this process:
+/// the shared `suppress_prefixlength` rule is added by the first tunnel of
+/// a family and removed with the last, and "the last" is decided by the
+/// kernel's own rule list under this lock (issue 14, finding 5), so a
+/// failed or ending tunnel never removes the rule another still needs, and
+/// a crash leaves nothing a later removal would not collect.
+static RULES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The rule `lookup main suppress_prefixlength 0` (shared by all host
+/// tunnels of a family) or `not fwmark T lookup T` (table `T`'s own).
+fn rule_msg(
+    handle: &rtnetlink::Handle,
+    v6: bool,
+    table: Option<u32>,
+) -> rtnetlink::packet_route::rule::RuleMessage {
     use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleFlags};
+    let base = handle.rule().add();
+    let mut msg = if v6 {
+        base.v6().message_mut().clone()
+    } else {
+        base.v4().message_mut().clone()
+    };
+    msg.header.action = RuleAction::ToTable;
+    match table {
+        None => {
+            msg.header.table = 254; // main
+            msg.attributes.push(RuleAttribute::Table(254));
+            msg.attributes.push(RuleAttribute::SuppressPrefixLen(0));
+            msg.attributes.push(RuleAttribute::Priority(PRIO_SUPPRESS));
+        }
+        Some(t) => {
+            msg.header.table = 252; // RT_TABLE_COMPAT: the real id is the attribute
+            msg.attributes.push(RuleAttribute::Table(t));
+            msg.attributes.push(RuleAttribute::FwMark(t));
+            msg.attributes.push(RuleAttribute::Priority(PRIO_FWMARK));
+            msg.header.flags |= RuleFlags::Invert;
+        }
+    }
+    msg
+}
+
+/// The host tunnels' rules of one family now in the kernel: whether the
+/// shared suppress rule is there, and the tables of the fwmark rules.
+async fn rules_present(handle: &rtnetlink::Handle, v6: bool) -> std::io::Result<(bool, Vec<u32>)> {
+    use rtnetlink::packet_route::rule::RuleAttribute;
+    let version = if v6 {
+        rtnetlink::IpVersion::V6
+    } else {
+        rtnetlink::IpVersion::V4
+    };
+    let mut dump = handle.rule().get(version).execute();
+    let (mut suppress, mut tables) = (false, Vec::new());
+    while let Some(m) = dump.try_next().await.map_err(other)? {
+        let prio = m.attributes.iter().find_map(|a| match a {
+            RuleAttribute::Priority(p) => Some(*p),
+            _ => None,
+        });
+        let mark = m.attributes.iter().find_map(|a| match a {
+            RuleAttribute::FwMark(f) => Some(*f),
+            _ => None,
+        });
+        match (prio, mark) {
+            (Some(PRIO_SUPPRESS), None) => suppress = true,
+            (Some(PRIO_FWMARK), Some(t)) => tables.push(t),
+            _ => {}
+        }
+    }
+    Ok((suppress, tables))
+}
+
+/// Adds table `rec.table`'s rules for the families `rec.families` asks
+/// for (and the shared suppress rule where no tunnel has added it yet).
+/// `added` records, per family, that its fwmark rule is in: what a
+/// rollback may remove.
+async fn add_rules(
+    handle: &rtnetlink::Handle,
+    rec: &HostRecord,
+    added: &mut (bool, bool),
+) -> std::io::Result<()> {
     for v6 in [false, true] {
-        let wanted = if v6 { rec.families.1 } else { rec.families.0 };
-        if !wanted {
+        if !(if v6 { rec.families.1 } else { rec.families.0 }) {
             continue;
         }
-        let build = |suppress: bool| {
-            let base = handle.rule().add();
-            let mut msg = if v6 {
-                base.v6().message_mut().clone()
-            } else {
-                base.v4().message_mut().clone()
-            };
-            msg.header.action = RuleAction::ToTable;
-            if suppress {
-                msg.header.table = 254; // main
-                msg.attributes.push(RuleAttribute::Table(254));
-                msg.attributes.push(RuleAttribute::SuppressPrefixLen(0));
-                msg.attributes.push(RuleAttribute::Priority(PRIO_SUPPRESS));
-            } else {
-                msg.header.table = 252; // RT_TABLE_COMPAT: the real id is the attribute
-                msg.attributes.push(RuleAttribute::Table(rec.table));
-                msg.attributes.push(RuleAttribute::FwMark(rec.table));
-                msg.attributes.push(RuleAttribute::Priority(PRIO_FWMARK));
-                msg.header.flags |= RuleFlags::Invert;
-            }
-            msg
-        };
-        for suppress in [true, false] {
-            let msg = build(suppress);
-            if add {
-                let mut req = handle.rule().add();
-                *req.message_mut() = msg;
-                req.execute().await.map_err(other)?;
-            } else {
-                // Missing is fine on removal.
-                let _ = handle.rule().del(msg).execute().await;
-            }
+        let (suppress, tables) = rules_present(handle, v6).await?;
+        if tables.contains(&rec.table) {
+            return Err(crate::nat::refusal(HelperError::HostState {
+                reason: format!(
+                    "routing table {} already has a fwmark rule that warren did not make",
+                    rec.table
+                ),
+            }));
+        }
+        if !suppress {
+            let mut req = handle.rule().add();
+            *req.message_mut() = rule_msg(handle, v6, None);
+            req.execute().await.map_err(other)?;
+        }
+        let mut req = handle.rule().add();
+        *req.message_mut() = rule_msg(handle, v6, Some(rec.table));
+        req.execute().await.map_err(other)?;
+        if v6 {
+            added.1 = true;
+        } else {
+            added.0 = true;
+        }
+    }
+    Ok(())
+}
+
+/// Removes table `rec.table`'s rules for `rec.families`, then, in both
+/// families, the shared suppress rule if no host tunnel's fwmark rule is
+/// left to need it. Missing rules are fine.
+async fn del_rules(handle: &rtnetlink::Handle, rec: &HostRecord) -> std::io::Result<()> {
+    for v6 in [false, true] {
+        if if v6 { rec.families.1 } else { rec.families.0 } {
+            let _ = handle
+                .rule()
+                .del(rule_msg(handle, v6, Some(rec.table)))
+                .execute()
+                .await;
+        }
+        let (suppress, tables) = rules_present(handle, v6).await?;
+        if suppress && tables.is_empty() {
+            let _ = handle
+                .rule()
+                .del(rule_msg(handle, v6, None))
+                .execute()
+                .await;
         }
     }
     Ok(())
@@ -315,60 +405,73 @@ pub fn create(
 ) -> Result<(OwnedFd, OwnedFd, HostRecord), NetError> {
     // Before anything the rollback would undo by name.
     crate::nat::link_free(&rec.ifname)?;
-    let mut rec = rec.clone();
-    let res = create_inner(spec, &mut rec, adopt);
+    // What this request has made so far, and only that, is what a
+    // rollback removes (issue 14, finding 5): the link once this request
+    // created it, its own rules once added, its kill switch once installed,
+    // the DNS once switched.
+    let mut made = HostRecord {
+        ifname: String::new(),
+        table: rec.table,
+        families: (false, false),
+        nft_table: None,
+        dns: None,
+    };
+    let res = create_inner(spec, rec, &mut made, adopt);
     if res.is_err() {
-        let _ = end(&rec, adopt);
+        let _ = end(&made, adopt);
     }
-    res.map(|(tun, udp)| (tun, udp, rec))
+    res.map(|(tun, udp)| (tun, udp, made))
 }
 
 fn create_inner(
     spec: &HostTunnelSpec,
-    rec: &mut HostRecord,
+    plan: &HostRecord,
+    made: &mut HostRecord,
     adopt: bool,
 ) -> Result<(OwnedFd, OwnedFd), NetError> {
-    let tun = crate::netns::open_tun_named(&rec.ifname)
-        .map_err(err(format!("create TUN {}", rec.ifname)))?;
-    let udp = marked_udp(rec.table).map_err(err("create the marked UDP socket"))?;
+    let tun = crate::netns::open_tun_named(&plan.ifname)
+        .map_err(err(format!("create TUN {}", plan.ifname)))?;
+    made.ifname = plan.ifname.clone();
+    let udp = marked_udp(plan.table).map_err(err("create the marked UDP socket"))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(err("start a runtime"))?;
-    rt.block_on(async {
+    let serial = RULES.lock().unwrap_or_else(|p| p.into_inner());
+    let routed = rt.block_on(async {
         let (conn, handle, _) = rtnetlink::new_connection()?;
         let task = tokio::spawn(conn);
         let r = async {
             let index = crate::netns::link_up_with_addresses(
                 &handle,
-                &rec.ifname,
+                &plan.ifname,
                 spec.mtu,
                 &spec.addresses,
             )
             .await?;
-            warren_netconf::add_routes(&handle, &spec.routes, index, Some(rec.table)).await?;
-            rules(&handle, rec, true).await
+            warren_netconf::add_routes(&handle, &spec.routes, index, Some(plan.table)).await?;
+            add_rules(&handle, plan, &mut made.families).await
         }
         .await;
         task.abort();
         r
-    })
-    .map_err(err("set up routing"))?;
-    // Recorded (for the rollback to delete) only once it is ours.
-    if let Some(table) = rec.nft_table.take() {
+    });
+    drop(serial);
+    routed.map_err(err("set up routing"))?;
+    if let Some(table) = plan.nft_table.clone() {
         if adopt {
-            crate::nat::nft_apply(&kill_switch_batch(&table, spec, rec.table, true))
+            crate::nat::nft_apply(&kill_switch_batch(&table, spec, plan.table, true))
                 .map_err(err(format!("replace the kill switch {table}")))?;
         } else {
-            crate::nat::install_table(&table, &kill_switch_batch(&table, spec, rec.table, false))?;
+            crate::nat::install_table(&table, &kill_switch_batch(&table, spec, plan.table, false))?;
         }
-        rec.nft_table = Some(table);
+        made.nft_table = Some(table);
     }
-    if let Some(plan) = &rec.dns {
+    if let Some(planned) = &plan.dns {
         // /etc is read-only in the unit's sandbox: the host's file is
         // changed from the host's mount namespace.
-        let set = crate::netns::in_host_mount_ns(|| set_dns(spec, plan));
-        rec.dns = Some(set.map_err(err("switch DNS"))?);
+        let set = crate::netns::in_host_mount_ns(|| set_dns(spec, planned));
+        made.dns = Some(set.map_err(err("switch DNS"))?);
     }
     let _ = udp.as_fd();
     Ok((tun, udp))
@@ -385,13 +488,18 @@ pub fn end(rec: &HostRecord, keep_block: bool) -> Vec<NetError> {
         .build()
     {
         Ok(rt) => {
+            let serial = RULES.lock().unwrap_or_else(|p| p.into_inner());
             let r = rt.block_on(async {
                 let (conn, handle, _) = rtnetlink::new_connection()?;
                 let task = tokio::spawn(conn);
                 let r = async {
-                    let _ = rules(&handle, rec, false).await;
+                    let ruled = del_rules(&handle, rec).await;
                     // Deleting the link takes its routes (table T) with it,
                     // even while a client still holds the TUN descriptor.
+                    // (No link name: the request never created its link.)
+                    if rec.ifname.is_empty() {
+                        return ruled;
+                    }
                     let mut links = handle.link().get().match_name(rec.ifname.clone()).execute();
                     if let Ok(Some(l)) = links.try_next().await {
                         handle
@@ -401,12 +509,13 @@ pub fn end(rec: &HostRecord, keep_block: bool) -> Vec<NetError> {
                             .await
                             .map_err(other)?;
                     }
-                    Ok::<_, std::io::Error>(())
+                    ruled
                 }
                 .await;
                 task.abort();
                 r
             });
+            drop(serial);
             if let Err(e) = r {
                 errs.push(err("remove the tunnel's link and rules")(e));
             }

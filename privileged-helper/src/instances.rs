@@ -37,6 +37,9 @@ pub const MAX_INSTANCES_PER_UID: usize = 16;
 /// 14, finding 8).
 pub const MAX_PROGRAMS_PER_UID: usize = 64;
 
+/// Routing tables / fwmarks host tunnels may use (51820 onwards).
+const HOST_TUNNEL_SLOTS: u32 = 64;
+
 /// What the journal records: enough to remove it after a crash.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum JournalEntry {
@@ -145,6 +148,122 @@ struct State {
     /// Journal ids of what could not be removed (by a previous helper's
     /// reconcile, or a failed removal here): shown as orphans.
     orphans: std::collections::HashSet<u64>,
+    /// Creations under way (issue 14, finding 5): from the request until it
+    /// is registered or rolled back, each holds its name, counts against
+    /// its owner's quota, and holds the shared slots it will use.
+    pending: HashMap<InstanceName, Pending>,
+    /// The host's forwarding settings before the first server tunnel, and
+    /// how many server tunnels (pending or live) share them: the last to go
+    /// restores them, under the lock, so a new one cannot save the values
+    /// an ending one is about to restore.
+    forwarding: Option<((String, String), usize)>,
+}
+
+/// A creation under way.
+#[derive(Debug)]
+struct Pending {
+    owner: u32,
+    claim: Claim,
+}
+
+/// The shared things a creation holds while it is under way; once it is
+/// registered its [`Kind`] holds them.
+#[derive(Debug, Clone, Copy)]
+enum Claim {
+    Instance,
+    /// A share of the saved forwarding settings.
+    Server,
+    /// Routing table / fwmark `table`; whether it switches the host's DNS
+    /// and has a kill switch.
+    Host {
+        table: u32,
+        dns: bool,
+        kill_switch: bool,
+    },
+}
+
+impl State {
+    /// The host tunnels, pending and live, as (name, claim).
+    fn host_claims(&self) -> impl Iterator<Item = (&InstanceName, Claim)> {
+        let live = self.instances.iter().filter_map(|(n, i)| match &i.kind {
+            Kind::Host { record, .. } => Some((
+                n,
+                Claim::Host {
+                    table: record.table,
+                    dns: record.dns.is_some(),
+                    kill_switch: record.nft_table.is_some(),
+                },
+            )),
+            _ => None,
+        });
+        let pending = self
+            .pending
+            .iter()
+            .filter(|(_, p)| matches!(p.claim, Claim::Host { .. }))
+            .map(|(n, p)| (n, p.claim));
+        live.chain(pending)
+    }
+
+    /// Takes a share of the saved forwarding settings, enabling forwarding
+    /// (and saving what it was) for the first server tunnel.
+    fn share_forwarding(&mut self) -> Result<(String, String), HelperError> {
+        if let Some((saved, users)) = &mut self.forwarding {
+            *users += 1;
+            return Ok(saved.clone());
+        }
+        match crate::nat::enable_forwarding() {
+            Ok(saved) => {
+                self.forwarding = Some((saved.clone(), 1));
+                Ok(saved)
+            }
+            Err(e) => Err(internal(self, "enable forwarding", &e)),
+        }
+    }
+
+    /// Gives a share back; the last restores the saved settings.
+    fn unshare_forwarding(&mut self) {
+        let last = match &mut self.forwarding {
+            Some((_, users)) => {
+                *users -= 1;
+                *users == 0
+            }
+            None => false,
+        };
+        if last && let Some((saved, _)) = self.forwarding.take() {
+            for e in crate::nat::restore_forwarding(&saved) {
+                error!(error = %e, "cannot restore forwarding");
+            }
+        }
+    }
+
+    /// Ends a creation's claim (rolled back).
+    fn release(&mut self, name: &InstanceName, journal_id: u64) {
+        if let Some(p) = self.pending.remove(name)
+            && matches!(p.claim, Claim::Server)
+        {
+            self.unshare_forwarding();
+        }
+        let _ = self.journal.remove(journal_id);
+    }
+}
+
+/// A creation under way, from [`Registry::reserve`] until
+/// [`Registry::register`]; dropped before that (the build failed), it
+/// releases its name and shared slots and drops its journal entry (the
+/// build undid its own work).
+struct Reservation {
+    registry: Registry,
+    name: InstanceName,
+    journal_id: u64,
+    armed: bool,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.armed {
+            self.registry.lock().release(&self.name, self.journal_id);
+        }
+    }
 }
 
 /// The helper's instances.
@@ -189,6 +308,8 @@ impl Registry {
                 journal,
                 state_dir,
                 incidents: 0,
+                pending: HashMap::new(),
+                forwarding: None,
             })),
         })
     }
@@ -208,31 +329,25 @@ impl Registry {
     }
 
     /// Checks that `name` is free (also in the kernel when `in_kernel`) and
-    /// the caller under quota, then journals the entry `make` builds —
-    /// before anything is created, so a crash from here on leaves an orphan
-    /// that the next start removes. Returns the journal id and `make`'s extra.
+    /// the caller under quota, takes what `make` claims, and journals the
+    /// entry `make` builds, all under the lock: from here until
+    /// [`Self::register`] (or the returned reservation's drop), the
+    /// creation is pending and counted for names, quotas and shared slots
+    /// (issue 14, finding 5). The journal entry comes before anything is
+    /// created, so a crash from here on leaves an orphan that the next
+    /// start removes.
+    ///
+    /// With `adopt_kill_switch`, a kill switch of the caller's left under
+    /// `name` does not count as taking the name, and its journal id is
+    /// returned: the new host tunnel takes it over.
     fn reserve<T>(
         &self,
         name: &InstanceName,
         peer: &PeerCred,
         in_kernel: bool,
-        make: impl FnOnce(&State) -> (JournalEntry, T),
-    ) -> Result<(u64, T), HelperError> {
-        self.reserve_adopting(name, peer, in_kernel, false, make)
-            .map(|(id, x, _)| (id, x))
-    }
-
-    /// [`Self::reserve`]; with `adopt_kill_switch`, a kill switch of the
-    /// caller's left under `name` does not count as taking the name, and
-    /// its journal id is returned: the new host tunnel takes it over.
-    fn reserve_adopting<T>(
-        &self,
-        name: &InstanceName,
-        peer: &PeerCred,
-        in_kernel: bool,
         adopt_kill_switch: bool,
-        make: impl FnOnce(&State) -> (JournalEntry, T),
-    ) -> Result<(u64, T, Option<u64>), HelperError> {
+        make: impl FnOnce(&mut State) -> Result<(JournalEntry, Claim, T), HelperError>,
+    ) -> Result<(Reservation, T, Option<u64>), HelperError> {
         let mut st = self.lock();
         let mut adopted = None;
         for (id, e) in leftovers(&st).filter(|(_, e)| e.who().0 == name.as_str()) {
@@ -257,7 +372,10 @@ impl Registry {
                 }
             }
         }
-        if st.instances.contains_key(name) || (in_kernel && netns::exists(name)) {
+        if st.instances.contains_key(name)
+            || st.pending.contains_key(name)
+            || (in_kernel && netns::exists(name))
+        {
             return Err(HelperError::Exists {
                 what: format!("resource {name}"),
             });
@@ -266,27 +384,47 @@ impl Registry {
             .instances
             .values()
             .filter(|i| i.owner == peer.uid)
-            .count();
+            .count()
+            + st.pending.values().filter(|p| p.owner == peer.uid).count();
         if peer.uid != 0 && mine >= MAX_INSTANCES_PER_UID {
             return Err(HelperError::TooManyResources {
                 limit: MAX_INSTANCES_PER_UID as u32,
             });
         }
-        let (entry, extra) = make(&st);
+        let (entry, claim, extra) = make(&mut st)?;
+        st.pending.insert(
+            name.clone(),
+            Pending {
+                owner: peer.uid,
+                claim,
+            },
+        );
         match st.journal.add(entry) {
-            Ok(id) => Ok((id, extra, adopted)),
-            Err(e) => Err(internal(&mut st, "journal", &e)),
+            Ok(journal_id) => Ok((
+                Reservation {
+                    registry: self.clone(),
+                    name: name.clone(),
+                    journal_id,
+                    armed: true,
+                },
+                extra,
+                adopted,
+            )),
+            Err(e) => {
+                st.release(name, u64::MAX);
+                Err(internal(&mut st, "journal", &e))
+            }
         }
     }
 
     /// Runs kernel work on a blocking thread. The work undoes its own
-    /// partial effects on failure; then the journal entry is dropped and the
+    /// partial effects on failure (and only its own); the reservation's
+    /// drop then releases the name and drops the journal entry, and the
     /// refusal the work made is answered (something about the request or
     /// the host's state the caller can act on), or else an incident.
     async fn build<T: Send + 'static>(
         &self,
         what: String,
-        journal_id: u64,
         work: impl FnOnce() -> Result<T, netns::NetError> + Send + 'static,
     ) -> Result<T, HelperError> {
         let why = match tokio::task::spawn_blocking(work).await {
@@ -294,7 +432,6 @@ impl Registry {
             Ok(Err(e)) => match refusal_of(&e) {
                 Some(refused) => {
                     warn!(what, error = %refused, "refused");
-                    let _ = self.lock().journal.remove(journal_id);
                     return Err(refused.clone());
                 }
                 None => format!(
@@ -306,23 +443,23 @@ impl Registry {
             },
             Err(_) => "creation task failed".to_string(),
         };
-        let mut st = self.lock();
-        let _ = st.journal.remove(journal_id);
-        Err(internal(&mut st, &what, &why))
+        Err(internal(&mut self.lock(), &what, &why))
     }
 
     /// Records a created resource (and its final journal entry, if it
-    /// changed) leased to `conn`.
+    /// changed) leased to `conn`: no longer pending.
     fn register(
         &self,
-        name: &InstanceName,
+        mut reservation: Reservation,
         kind: Kind,
         peer: &PeerCred,
         conn: u64,
-        journal_id: u64,
         final_entry: Option<JournalEntry>,
-    ) {
+    ) -> InstanceName {
         let mut st = self.lock();
+        reservation.armed = false;
+        let (name, journal_id) = (reservation.name.clone(), reservation.journal_id);
+        st.pending.remove(&name);
         if let Some(e) = final_entry {
             let _ = st.journal.update(journal_id, e);
         }
@@ -337,6 +474,7 @@ impl Registry {
             },
         );
         info!(resource = %name, uid = peer.uid, "created");
+        name
     }
 
     /// Creates an instance leased to `conn`; returns its description and
@@ -352,28 +490,34 @@ impl Registry {
             name: name.to_string(),
             owner: peer.uid,
         };
-        let (journal_id, ()) = self.reserve(&name, peer, true, |_| (entry, ()))?;
+        let (reservation, (), _) = self.reserve(&name, peer, true, false, |_| {
+            Ok((entry, Claim::Instance, ()))
+        })?;
         let spec2 = spec.clone();
         let (ns, tun) = self
-            .build(format!("create instance {name}"), journal_id, move || {
+            .build(format!("create instance {name}"), move || {
+                // Removed on failure only once this request made it: a
+                // namespace of that name it did not create is not its own.
+                let ns = netns::create_netns(&spec2.name)?;
                 let made = (|| {
-                    let ns = netns::create_netns(&spec2.name)?;
                     netns::write_resolv_conf(&spec2.name, &spec2.dns, &spec2.search)?;
                     netns::write_nsswitch_conf(&spec2.name)?;
-                    let tun = netns::create_tun_and_configure(&ns, &spec2)?;
-                    Ok((ns, tun))
+                    netns::create_tun_and_configure(&ns, &spec2)
                 })();
-                if made.is_err() {
-                    let _ = netns::destroy(&spec2.name);
+                match made {
+                    Ok(tun) => Ok((ns, tun)),
+                    Err(e) => {
+                        let _ = netns::destroy(&spec2.name);
+                        Err(e)
+                    }
                 }
-                made
             })
             .await?;
         let kind = Kind::Instance {
             spec,
             netns: Arc::new(ns),
         };
-        self.register(&name, kind, peer, conn, journal_id, None);
+        let name = self.register(reservation, kind, peer, conn, None);
         let info = describe(
             &name,
             self.lock().instances.get(&name).expect("just registered"),
@@ -393,63 +537,44 @@ impl Registry {
         check_pools(&spec.addresses, &crate::config::server_tunnel_pools())?;
         let name = spec.name.clone();
         let table = crate::nat::table_name(&spec);
-        let entry = |saved_forwarding| JournalEntry::ServerTunnel {
-            name: name.to_string(),
-            owner: peer.uid,
-            record: crate::nat::ServerRecord {
-                table: table.clone(),
-                saved_forwarding,
-            },
-        };
-        // Forwarding is shared: the first server tunnel saves it (the values
-        // are journaled once known) and every later one records the same
-        // values, so whichever ends last restores them.
+        // Forwarding is shared: the first server tunnel saves it, every one
+        // records the saved values (so a crash's reconcile restores them),
+        // and the last to go restores them.
         // Host tunnels' links: their routes (0.0.0.0/1 and the like) do not
         // keep a server tunnel out; other server tunnels' subnets do.
-        let (journal_id, (inherited, host_links)) = self.reserve(&name, peer, false, |st| {
-            let inherited = st.instances.values().find_map(|i| match &i.kind {
-                Kind::Server { record, .. } => Some(record.saved_forwarding.clone()),
-                _ => None,
-            });
-            let host_links: Vec<String> = st
-                .instances
-                .values()
-                .filter_map(|i| match &i.kind {
-                    Kind::Host { spec, .. } => Some(spec.ifname()),
-                    _ => None,
-                })
-                .collect();
-            (entry(inherited.clone().flatten()), (inherited, host_links))
-        })?;
+        let (reservation, (saved, host_links), _) =
+            self.reserve(&name, peer, false, false, |st| {
+                let host_links: Vec<String> = st
+                    .instances
+                    .values()
+                    .filter_map(|i| match &i.kind {
+                        Kind::Host { spec, .. } => Some(spec.ifname()),
+                        _ => None,
+                    })
+                    .collect();
+                let saved = st.share_forwarding()?;
+                let entry = JournalEntry::ServerTunnel {
+                    name: name.to_string(),
+                    owner: peer.uid,
+                    record: crate::nat::ServerRecord {
+                        table: table.clone(),
+                        saved_forwarding: Some(saved.clone()),
+                    },
+                };
+                Ok((entry, Claim::Server, (saved, host_links)))
+            })?;
         let spec2 = spec.clone();
-        let (tun, egress, saved) = self
-            .build(
-                format!("create server tunnel {name}"),
-                journal_id,
-                move || {
-                    let first = inherited.is_none();
-                    let saved = match inherited {
-                        Some(saved) => saved,
-                        None => Some(crate::nat::enable_forwarding()?),
-                    };
-                    // Its table is the last step and atomic: on failure
-                    // there is none of ours to delete (and a table of that
-                    // name that was there before is not ours).
-                    match crate::nat::create(&spec2, &host_links) {
-                        Ok((tun, egress, _)) => Ok((tun, egress, saved)),
-                        Err(e) => {
-                            if let Some(s) = saved.as_ref().filter(|_| first) {
-                                let _ = crate::nat::restore_forwarding(s);
-                            }
-                            Err(e)
-                        }
-                    }
-                },
-            )
+        // Its table is the last step and atomic: on failure there is none
+        // of ours to delete (and a table of that name that was there before
+        // is not ours); its TUN goes with the descriptor.
+        let (tun, egress, _) = self
+            .build(format!("create server tunnel {name}"), move || {
+                crate::nat::create(&spec2, &host_links)
+            })
             .await?;
         let record = crate::nat::ServerRecord {
-            table: table.clone(),
-            saved_forwarding: saved.clone(),
+            table,
+            saved_forwarding: Some(saved),
         };
         let info = ServerTunnelInfo {
             name: name.clone(),
@@ -461,7 +586,7 @@ impl Registry {
             record,
             egress,
         };
-        self.register(&name, kind, peer, conn, journal_id, Some(entry(saved)));
+        self.register(reservation, kind, peer, conn, None);
         Ok((info, tun))
     }
 
@@ -479,31 +604,38 @@ impl Registry {
             owner: peer.uid,
             record,
         };
-        let reserved = self.reserve_adopting(&name, peer, false, spec.kill_switch, |st| {
+        let reserved = self.reserve(&name, peer, false, spec.kill_switch, |st| {
+            host_tunnel_fits(st, &spec)?;
             let used: Vec<u32> = st
-                .instances
-                .values()
-                .filter_map(|i| match &i.kind {
-                    Kind::Host { record, .. } => Some(record.table),
+                .host_claims()
+                .filter_map(|(_, c)| match c {
+                    Claim::Host { table, .. } => Some(table),
                     _ => None,
                 })
                 .collect();
-            let slot = (0..64)
+            let slot = (0..HOST_TUNNEL_SLOTS)
                 .find(|s| !used.contains(&(crate::hosttun::TABLE_BASE + s)))
-                .unwrap_or(63);
+                .ok_or_else(|| HelperError::HostState {
+                    reason: format!(
+                        "all {HOST_TUNNEL_SLOTS} host-tunnel routing tables are in use"
+                    ),
+                })?;
             let plan = crate::hosttun::plan(&spec, slot, &st.state_dir);
-            (entry(plan.clone()), plan)
+            let claim = Claim::Host {
+                table: plan.table,
+                dns: plan.dns.is_some(),
+                kill_switch: plan.nft_table.is_some(),
+            };
+            Ok((entry(plan.clone()), claim, plan))
         });
-        let (journal_id, plan, adopted) = reserved?;
+        let (reservation, plan, adopted) = reserved?;
         let spec2 = spec.clone();
         // hosttun::create undoes its own partial work on failure (and keeps
         // a block in place when it took one over).
         let (tun, udp, record) = self
-            .build(
-                format!("create host tunnel {name}"),
-                journal_id,
-                move || crate::hosttun::create(&spec2, &plan, adopted.is_some()),
-            )
+            .build(format!("create host tunnel {name}"), move || {
+                crate::hosttun::create(&spec2, &plan, adopted.is_some())
+            })
             .await?;
         if let Some(id) = adopted {
             let _ = self.lock().journal.remove(id);
@@ -519,7 +651,7 @@ impl Registry {
             spec,
             record: record.clone(),
         };
-        self.register(&name, kind, peer, conn, journal_id, Some(entry(record)));
+        self.register(reservation, kind, peer, conn, Some(entry(record)));
         Ok((info, tun, udp))
     }
 
@@ -537,7 +669,7 @@ impl Registry {
         if let Some(id) = orphan {
             return self.retry_orphan(id).await;
         }
-        {
+        let id = {
             let st = self.lock();
             match st.instances.get(name) {
                 None => {
@@ -552,10 +684,10 @@ impl Registry {
                         what: format!("instance {name}"),
                     });
                 }
-                Some(_) => {}
+                Some(i) => i.journal_id,
             }
-        }
-        let _ = self.remove(name, "destroyed on request", true).await;
+        };
+        let _ = self.remove(name, id, "destroyed on request", true).await;
         Ok(())
     }
 
@@ -569,7 +701,7 @@ impl Registry {
             .find(|(i, _)| *i == id)
             .map(|(_, e)| e.clone());
         let Some(entry) = entry else { return Ok(()) };
-        let errs = tokio::task::spawn_blocking(move || undo(&entry, false))
+        let errs = tokio::task::spawn_blocking(move || undo(&entry, false, false))
             .await
             .unwrap_or_default();
         let mut st = self.lock();
@@ -752,15 +884,16 @@ impl Registry {
             let leased = st
                 .instances
                 .get(&p.instance)
-                .is_some_and(|i| i.lease == Lease::Worker(pid));
+                .filter(|i| i.lease == Lease::Worker(pid))
+                .map(|i| i.journal_id);
             (p.conn, p.instance, leased)
         };
         info!(pid, instance = %instance, status = ?status, "program ended");
         if let Ok(status) = status {
             self.send_event(conn, Event::Exited { pid, status });
         }
-        if leased {
-            let _ = self.remove(&instance, "its worker ended", false).await;
+        if let Some(id) = leased {
+            let _ = self.remove(&instance, id, "its worker ended", false).await;
         }
     }
 
@@ -775,26 +908,33 @@ impl Registry {
 
     /// A connection closed: remove the instances leased to it.
     pub async fn disconnect(&self, conn: u64) {
-        let leased: Vec<InstanceName> = {
+        let leased: Vec<(InstanceName, u64)> = {
             let mut st = self.lock();
             st.events.remove(&conn);
             st.instances
                 .iter()
                 .filter(|(_, i)| i.lease == Lease::Connection(conn))
-                .map(|(n, _)| n.clone())
+                .map(|(n, i)| (n.clone(), i.journal_id))
                 .collect()
         };
-        for name in leased {
-            let _ = self.remove(&name, "its client disconnected", false).await;
+        for (name, id) in leased {
+            let _ = self
+                .remove(&name, id, "its client disconnected", false)
+                .await;
         }
     }
 
     /// Removes everything (shutdown).
     pub async fn remove_all(&self) {
-        let names: Vec<InstanceName> = self.lock().instances.keys().cloned().collect();
-        for n in names {
+        let all: Vec<(InstanceName, u64)> = self
+            .lock()
+            .instances
+            .iter()
+            .map(|(n, i)| (n.clone(), i.journal_id))
+            .collect();
+        for (n, id) in all {
             // Shutdown waits for the journal too, so it is left clean.
-            if let Some(books) = self.remove(&n, "helper stopping", false).await {
+            if let Some(books) = self.remove(&n, id, "helper stopping", false).await {
                 let _ = books.await;
             }
         }
@@ -803,16 +943,25 @@ impl Registry {
     /// Ends the programs in `name`, removes its kernel objects, forgets it.
     /// Returns the task finishing the bookkeeping (journal, events).
     ///
+    /// Only the resource whose journal id is `id` is removed: the caller
+    /// looked it up before an await, and by now `name` may be another
+    /// resource (the old one removed and the name taken again; issue 14,
+    /// finding 5).
+    ///
     /// A host tunnel's kill switch stays unless `explicit` (`warren down`):
     /// its journal entry becomes a [`JournalEntry::KillSwitch`].
     async fn remove(
         &self,
         name: &InstanceName,
+        id: u64,
         why: &str,
         explicit: bool,
     ) -> Option<tokio::task::JoinHandle<()>> {
         let (inst, procs) = {
             let mut st = self.lock();
+            if st.instances.get(name)?.journal_id != id {
+                return None;
+            }
             let inst = st.instances.remove(name)?;
             let procs: Vec<Arc<OwnedFd>> = st
                 .procs
@@ -845,19 +994,14 @@ impl Registry {
         if !namespace {
             kill();
         }
-        let last_server = server.is_some()
-            && !self
-                .lock()
-                .instances
-                .values()
-                .any(|i| matches!(i.kind, Kind::Server { .. }));
+        let was_server = server.is_some();
         let held = host
             .as_ref()
             .and_then(|r| r.nft_table.clone())
             .filter(|_| !explicit);
         let keep_block = held.is_some();
         let errs = tokio::task::spawn_blocking(move || match (server, host) {
-            (Some(rec), _) => undo_server(&rec, last_server),
+            (Some(rec), _) => undo_server(&rec, false),
             (_, Some(rec)) => crate::hosttun::end(&rec, keep_block),
             _ => netns::destroy(&n),
         })
@@ -865,6 +1009,11 @@ impl Registry {
         .unwrap_or_default();
         if namespace {
             kill();
+        }
+        if was_server {
+            // Its table is gone (or an orphan): its share of forwarding
+            // ends; the last share restores it.
+            self.lock().unshare_forwarding();
         }
         // The journal and the events are bookkeeping: the caller's answer
         // does not wait for them.
@@ -932,6 +1081,55 @@ fn uncount_start(st: &mut State, uid: u32) {
             st.starting.remove(&uid);
         }
     }
+}
+
+/// Refuses a host tunnel that cannot work beside the host tunnels and
+/// kill switches already there (pending ones included), rather than let it
+/// come up broken: the host has one resolv.conf (two tunnels switching it
+/// would restore each other's copy), and a kill switch drops everything
+/// that does not leave through its own tunnel, so it excludes every other
+/// host tunnel. Host tunnels are host-wide by design (docs/security.md), so
+/// naming the other tunnel tells the caller nothing `ip link` does not.
+fn host_tunnel_fits(st: &State, spec: &HostTunnelSpec) -> Result<(), HelperError> {
+    let held = leftovers(st).filter_map(|(_, e)| match e {
+        JournalEntry::KillSwitch { name, .. } if name != spec.name.as_str() => Some(name.clone()),
+        _ => None,
+    });
+    if let Some(other) = held.into_iter().next() {
+        return Err(HelperError::HostState {
+            reason: format!(
+                "the kill switch of host tunnel {other} blocks every other tunnel (`warren down {other}` releases it)"
+            ),
+        });
+    }
+    for (other, claim) in st.host_claims() {
+        let Claim::Host {
+            dns, kill_switch, ..
+        } = claim
+        else {
+            continue;
+        };
+        if kill_switch || spec.kill_switch {
+            let whose = if kill_switch {
+                format!("host tunnel {other} has a kill switch, which")
+            } else {
+                "a kill switch".to_string()
+            };
+            return Err(HelperError::HostState {
+                reason: format!(
+                    "{whose} blocks every other host tunnel, and host tunnel {other} is up"
+                ),
+            });
+        }
+        if dns && !spec.dns.is_empty() {
+            return Err(HelperError::HostState {
+                reason: format!(
+                    "host tunnel {other} has switched the host's DNS; only one host tunnel at a time can (bring this one up without DNS servers)"
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Refuses a server tunnel whose subnet is not inside one of `pools` (the
@@ -1030,15 +1228,16 @@ fn leftovers(st: &State) -> impl Iterator<Item = (u64, &JournalEntry)> {
 }
 
 /// Removes what one journal entry names; a host tunnel's kill switch stays
-/// when `keep_block`.
-fn undo(e: &JournalEntry, keep_block: bool) -> Vec<netns::NetError> {
+/// when `keep_block`. Forwarding is restored only `at_start` (reconcile:
+/// no server tunnel lives); a running helper's shares restore it.
+fn undo(e: &JournalEntry, keep_block: bool, at_start: bool) -> Vec<netns::NetError> {
     match e {
         JournalEntry::Instance { name, .. } => match InstanceName::new(name) {
             Ok(n) => netns::destroy(&n),
             Err(_) => Vec::new(),
         },
         JournalEntry::HostTunnel { record, .. } => crate::hosttun::end(record, keep_block),
-        JournalEntry::ServerTunnel { record, .. } => undo_server(record, true),
+        JournalEntry::ServerTunnel { record, .. } => undo_server(record, at_start),
         JournalEntry::KillSwitch { table, .. } if !keep_block => {
             crate::nat::delete_table(table).err().into_iter().collect()
         }
@@ -1054,7 +1253,7 @@ pub fn reconcile(journal: &mut Journal<JournalEntry>) -> usize {
     let mut removed = 0;
     for (id, e) in entries {
         let (name, owner) = e.who();
-        let errs = undo(&e, true);
+        let errs = undo(&e, true, true);
         let held = match &e {
             JournalEntry::KillSwitch { .. } => continue,
             JournalEntry::HostTunnel { record, .. } => record.nft_table.clone(),

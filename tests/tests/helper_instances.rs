@@ -1256,3 +1256,255 @@ fn kill_9_of_the_helper_with_a_host_tunnel_then_restart_restores_the_host() {
         "rules, routes and DNS restored at start (a kill switch stays: see finding_6_...)"
     );
 }
+
+/// A UDP datagram sent from the lab host to `dst` leaves through `tun`
+/// (read from its descriptor).
+fn lab_udp_leaves_through(lab: &HostLab, dst: [u8; 4], tun: &OwnedFd) {
+    let send = format!(
+        "echo warren >/dev/udp/{}.{}.{}.{}/9",
+        dst[0], dst[1], dst[2], dst[3]
+    );
+    let out = run_limited(
+        lab.host.exec("bash").args(["-c", &send]),
+        Duration::from_secs(10),
+    );
+    assert!(out.status.success(), "{out:?}");
+    read_until(tun, |p| p.len() >= 28 && p[9] == 17 && p[16..20] == dst);
+}
+
+/// A host tunnel routing only `subnet` (198.18.6X.0/24), inner address
+/// 198.19.7X.2, no DNS, no kill switch: several can share a host.
+fn split_host_spec(n: &InstanceName, x: u8) -> warren_ipc::instance::HostTunnelSpec {
+    warren_ipc::instance::HostTunnelSpec::new(
+        n.clone(),
+        1420,
+        vec![format!("198.19.7{x}.2/32").parse().expect("p")],
+        vec![format!("198.18.6{x}.0/24").parse().expect("p")],
+        vec![],
+        false,
+    )
+    .expect("spec")
+}
+
+fn lab_rules(lab: &HostLab) -> String {
+    let out = run_limited(
+        Command::new("ip").args(["-n", &lab.host.name, "rule", "show"]),
+        Duration::from_secs(10),
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+#[test]
+fn finding_5_two_members_racing_for_one_name_leave_the_winner_intact() {
+    if !require_root("finding_5_two_members_racing_for_one_name_leave_the_winner_intact") {
+        return;
+    }
+    let h = Helper::start("inst-race", &[]);
+    let n = name("race");
+    rt().block_on(async {
+        let mut a = connect_as(&h, ids::MEMBER, ids::GROUP, &[]).await;
+        let mut b = connect_as(&h, ids::SUPPLEMENTARY, ids::SUPPLEMENTARY, &[ids::GROUP]).await;
+        for round in 0..50 {
+            let (ra, rb) = tokio::join!(
+                a.create_instance(spec(&n, true, false)),
+                b.create_instance(spec(&n, true, false))
+            );
+            let (winner, lost, tun) = match (ra, rb) {
+                (Ok((_, tun)), Err(e)) => (&mut a, e, tun),
+                (Err(e), Ok((_, tun))) => (&mut b, e, tun),
+                (ra, rb) => panic!("round {round}: exactly one wins: {ra:?} / {rb:?}"),
+            };
+            assert!(
+                matches!(lost, ClientError::Helper(HelperError::Exists { .. })),
+                "round {round}: the loser is told the name is taken: {lost:?}"
+            );
+            assert!(netns_exists(&n), "round {round}: the winner's namespace");
+            let addrs = ip_json(&["-n", &n.netns(), "-j", "addr", "show", "dev", "wr0"]);
+            assert!(
+                addrs.to_string().contains("198.19.77.2"),
+                "round {round}: the winner's TUN is configured: {addrs}"
+            );
+            // And its TUN still carries its traffic.
+            let out = run_limited(
+                Command::new("ip").args([
+                    "netns",
+                    "exec",
+                    &n.netns(),
+                    "bash",
+                    "-c",
+                    "echo warren >/dev/udp/198.19.77.9/9",
+                ]),
+                Duration::from_secs(10),
+            );
+            assert!(out.status.success(), "round {round}: {out:?}");
+            read_until(&tun, |p| p.len() >= 28 && p[16..20] == [198, 19, 77, 9]);
+            winner.destroy_instance(&n).await.expect("destroy");
+            assert!(!netns_exists(&n), "round {round}: removed");
+        }
+    });
+}
+
+#[test]
+fn finding_5_two_host_tunnels_created_concurrently_both_work() {
+    if !require_root("finding_5_two_host_tunnels_created_concurrently_both_work") {
+        return;
+    }
+    let lab = HostLab::new("w");
+    let before = lab.snapshot();
+    let (na, nb) = (name("hwa"), name("hwb"));
+    rt().block_on(async {
+        let mut a = connect_path_as(&lab.sock, ids::MEMBER, ids::GROUP, &[]).await;
+        let mut b = connect_path_as(
+            &lab.sock,
+            ids::SUPPLEMENTARY,
+            ids::SUPPLEMENTARY,
+            &[ids::GROUP],
+        )
+        .await;
+        let (ra, rb) = tokio::join!(
+            a.create_host_tunnel(split_host_spec(&na, 0)),
+            b.create_host_tunnel(split_host_spec(&nb, 1))
+        );
+        let (ia, tun_a, _udp_a) = ra.expect("first host tunnel");
+        let (ib, tun_b, _udp_b) = rb.expect("second host tunnel");
+        assert_ne!(ia.table, ib.table, "each has its own routing table");
+        let rules = lab_rules(&lab);
+        for t in [ia.table, ib.table] {
+            assert!(
+                rules.contains(&format!("not from all fwmark {t:#x} lookup {t}")),
+                "{rules}"
+            );
+        }
+        assert_eq!(
+            rules.matches("lookup main suppress_prefixlength 0").count(),
+            1,
+            "one shared suppress rule: {rules}"
+        );
+        lab_udp_leaves_through(&lab, [198, 18, 60, 9], &tun_a);
+        lab_udp_leaves_through(&lab, [198, 18, 61, 9], &tun_b);
+        a.destroy_instance(&na).await.expect("destroy first");
+        let rules = lab_rules(&lab);
+        assert!(
+            rules.contains("lookup main suppress_prefixlength 0"),
+            "the second still has the shared rule: {rules}"
+        );
+        lab_udp_leaves_through(&lab, [198, 18, 61, 9], &tun_b);
+        b.destroy_instance(&nb).await.expect("destroy second");
+    });
+    assert_eq!(lab.snapshot(), before, "the host restored exactly");
+}
+
+#[test]
+fn finding_5_a_failed_second_host_tunnel_leaves_the_first_intact() {
+    if !require_root("finding_5_a_failed_second_host_tunnel_leaves_the_first_intact") {
+        return;
+    }
+    let lab = HostLab::new("f");
+    let (na, nb) = (name("hfa"), name("hfb"));
+    // Someone else's rule on the routing table the second tunnel gets: its
+    // creation fails after it has started routing.
+    let planted = [
+        "rule", "add", "not", "fwmark", "51821", "table", "51821", "priority", "32761",
+    ];
+    rt().block_on(async {
+        let mut a = connect_path_as(&lab.sock, ids::MEMBER, ids::GROUP, &[]).await;
+        let (ia, tun_a, _udp_a) = a
+            .create_host_tunnel(split_host_spec(&na, 0))
+            .await
+            .expect("first host tunnel");
+        assert_eq!(ia.table, 51820);
+        lab.host.ip(&planted);
+        let before = lab.snapshot();
+        let mut b = connect_path_as(
+            &lab.sock,
+            ids::SUPPLEMENTARY,
+            ids::SUPPLEMENTARY,
+            &[ids::GROUP],
+        )
+        .await;
+        let failed = b.create_host_tunnel(split_host_spec(&nb, 1)).await;
+        assert!(
+            matches!(
+                failed,
+                Err(ClientError::Helper(HelperError::HostState { .. }))
+            ),
+            "the second fails, saying why: {failed:?}"
+        );
+        assert_eq!(
+            lab.snapshot(),
+            before,
+            "the first's routing (and the rule that is not warren's) intact"
+        );
+        lab_udp_leaves_through(&lab, [198, 18, 60, 9], &tun_a);
+        // With the foreign rule gone, the first's end takes the shared
+        // rule with it.
+        lab.host
+            .ip(&["rule", "del", "priority", "32761", "table", "51821"]);
+        a.destroy_instance(&na).await.expect("destroy first");
+    });
+    let rules = lab_rules(&lab);
+    assert!(
+        !rules.contains("suppress_prefixlength") && !rules.contains("fwmark"),
+        "{rules}"
+    );
+}
+
+#[test]
+fn finding_5_host_tunnels_that_would_undo_each_other_are_refused_with_the_reason() {
+    if !require_root(
+        "finding_5_host_tunnels_that_would_undo_each_other_are_refused_with_the_reason",
+    ) {
+        return;
+    }
+    let lab = HostLab::new("x");
+    let (na, nb) = (name("hxa"), name("hxb"));
+    let refused = |r: Result<_, ClientError>, what: &str| match r {
+        Err(ClientError::Helper(HelperError::HostState { reason })) => {
+            assert!(
+                reason.contains(na.as_str()),
+                "{what}: names the other: {reason}"
+            )
+        }
+        other => panic!("{what}: refused with the reason: {other:?}"),
+    };
+    rt().block_on(async {
+        let mut a = connect_path_as(&lab.sock, ids::MEMBER, ids::GROUP, &[]).await;
+        let mut b = HelperClient::connect(&lab.sock).await.expect("connect");
+        // A kill switch drops whatever does not leave through its own
+        // tunnel: no second host tunnel can work beside it, either way.
+        let t = a
+            .create_host_tunnel(host_spec(&na, true))
+            .await
+            .expect("with a kill switch");
+        refused(
+            b.create_host_tunnel(split_host_spec(&nb, 1)).await,
+            "beside a kill switch",
+        );
+        drop(t);
+        a.destroy_instance(&na).await.expect("down");
+        let t = a
+            .create_host_tunnel(host_spec(&na, false))
+            .await
+            .expect("with DNS");
+        let with_ks = split_host_spec(&nb, 1);
+        let with_ks = warren_ipc::instance::HostTunnelSpec {
+            kill_switch: true,
+            ..with_ks
+        };
+        refused(
+            b.create_host_tunnel(with_ks).await,
+            "a kill switch beside it",
+        );
+        // One resolv.conf: a second DNS switch would restore the first's.
+        let with_dns = warren_ipc::instance::HostTunnelSpec {
+            dns: vec!["198.19.71.54".parse().expect("ip")],
+            ..split_host_spec(&nb, 1)
+        };
+        refused(b.create_host_tunnel(with_dns).await, "a second DNS switch");
+        let (_, _tun, _udp) = b
+            .create_host_tunnel(split_host_spec(&nb, 1))
+            .await
+            .expect("without DNS or kill switch it fits");
+        drop(t);
+    });
+}
