@@ -357,3 +357,78 @@ async fn local_targets_are_refused_by_default() {
     stop.cancel();
     let _ = task.await;
 }
+
+/// A TCP connection to `server` from `source` (any 127/8 address is this
+/// machine's).
+async fn connect_from(source: &str, server: SocketAddr) -> TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.bind(format!("{source}:0").parse().expect("addr"))
+        .expect("bind source");
+    sock.connect(server).await.expect("connect")
+}
+
+/// Whether the server closed `c` (EOF or reset) within two seconds, long
+/// before its handshake timeout.
+async fn closed_at_once(c: &mut TcpStream) -> bool {
+    let mut b = [0u8; 16];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), c.read(&mut b)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+/// Issue 14, finding 8: the default settings' per-source cap (32) on
+/// handshakes in progress. One source holding connections open without a
+/// handshake cannot take every slot: its next connection is closed at once,
+/// while another source is served, and its own turn comes back when its
+/// idle connections go.
+#[tokio::test]
+async fn finding_8_one_source_cannot_hold_every_pending_handshake() {
+    let pki = pki();
+    let srv = start_server(Mode::Tls, &pki, b"k", None).await;
+    let mut idle = Vec::new();
+    for _ in 0..32 {
+        idle.push(connect_from("127.0.0.1", srv.addr).await);
+    }
+    // Each of those is being handshaken (the server has accepted it): one
+    // more from the same source is refused.
+    let mut refused = false;
+    for _ in 0..50 {
+        let mut extra = connect_from("127.0.0.1", srv.addr).await;
+        if closed_at_once(&mut extra).await {
+            refused = true;
+            break;
+        }
+        idle.push(extra);
+    }
+    assert!(
+        refused,
+        "a 33rd pending handshake from one source is closed"
+    );
+    assert!(idle.len() < 40, "within a few of the cap: {}", idle.len());
+    // Another source is served meanwhile.
+    let cfg = tlsconf::client_config(&Trust::Ca(vec![pki.cert.clone()])).expect("cfg");
+    let tcp = connect_from("127.0.0.2", srv.addr).await;
+    let mut tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(ServerName::try_from("exit.warren.test").expect("name"), tcp)
+        .await
+        .expect("another source completes its handshake");
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: exit.warren.test\r\n\r\n")
+        .await
+        .expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
+    assert!(out.starts_with(b"HTTP/1.1 200 OK"), "{out:?}");
+    // Once the idle ones go, the source is served again.
+    drop(idle);
+    let mut back = false;
+    for _ in 0..50 {
+        let mut c = connect_from("127.0.0.1", srv.addr).await;
+        if !closed_at_once(&mut c).await {
+            back = true;
+            break;
+        }
+    }
+    assert!(back, "the source's slots come back");
+    srv.stop().await;
+}

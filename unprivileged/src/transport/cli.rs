@@ -88,6 +88,10 @@ pub struct ServerArgs {
     /// Most TLS handshakes in progress at once.
     #[arg(long, default_value_t = 256)]
     pub max_pending_handshakes: usize,
+    /// Most TLS handshakes in progress at once from one source address
+    /// (an IPv6 source counts by its /64).
+    #[arg(long, default_value_t = 32)]
+    pub max_pending_per_source: usize,
     /// Log every stream (debug level).
     #[arg(short, long)]
     pub verbose: bool,
@@ -193,6 +197,7 @@ pub fn run_server(args: ServerArgs, target: crate::instance::cli::HelperTarget) 
     let mut settings = ServerSettings::new(mode, tls, AuthKey::derive(&secret));
     settings.allow_local_targets = args.allow_local_targets;
     settings.max_pending_handshakes = args.max_pending_handshakes.max(1);
+    settings.max_pending_per_source = args.max_pending_per_source.max(1);
     if let Some(p) = &args.decoy {
         match std::fs::read(p) {
             Ok(page) => settings.decoy = Decoy::with_page(page),

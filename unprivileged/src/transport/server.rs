@@ -39,6 +39,10 @@ pub struct ServerSettings {
     pub handshake_timeout: Duration,
     /// Handshakes in progress at once; more are closed at once.
     pub max_pending_handshakes: usize,
+    /// Handshakes in progress at once from one source (an IPv4 address,
+    /// or an IPv6 /64: one host's usual share), so one source cannot take
+    /// every slot and lock everyone else out; more are closed at once.
+    pub max_pending_per_source: usize,
     /// Streams one tls-mux session may have open.
     pub max_streams_per_session: usize,
     /// Time to connect to a target.
@@ -60,6 +64,7 @@ impl ServerSettings {
             decoy: Decoy::default(),
             handshake_timeout: Duration::from_secs(10),
             max_pending_handshakes: 256,
+            max_pending_per_source: 32,
             max_streams_per_session: 256,
             connect_timeout: Duration::from_secs(10),
             udp_idle: Duration::from_secs(120),
@@ -72,6 +77,7 @@ impl ServerSettings {
 /// streams in progress.
 pub async fn serve(listener: TcpListener, settings: Arc<ServerSettings>, stop: CancellationToken) {
     let pending = Arc::new(Semaphore::new(settings.max_pending_handshakes));
+    let by_source = PendingBySource::default();
     let replay = Arc::new(Mutex::new(ReplayGuard::default()));
     let tracker = TaskTracker::new();
     loop {
@@ -86,10 +92,15 @@ pub async fn serve(listener: TcpListener, settings: Arc<ServerSettings>, stop: C
                 }
             },
         };
+        let Some(source) = by_source.take(peer.ip(), settings.max_pending_per_source) else {
+            warn!(%peer, "too many handshakes in progress from this source; closing");
+            continue;
+        };
         let Ok(permit) = pending.clone().try_acquire_owned() else {
             warn!(%peer, "too many handshakes in progress; closing");
             continue;
         };
+        let permit = (permit, source);
         let (settings, replay, stop) = (settings.clone(), replay.clone(), stop.clone());
         tracker.spawn(async move {
             let _ = sock.set_nodelay(true);
@@ -101,6 +112,63 @@ pub async fn serve(listener: TcpListener, settings: Arc<ServerSettings>, stop: C
     }
     tracker.close();
     tracker.wait().await;
+}
+
+/// Handshakes in progress per source (see
+/// [`ServerSettings::max_pending_per_source`]).
+#[derive(Debug, Default, Clone)]
+struct PendingBySource(Arc<Mutex<std::collections::HashMap<IpAddr, usize>>>);
+
+/// One handshake in progress from `source`; counted until dropped.
+#[derive(Debug)]
+struct SourceSlot {
+    table: PendingBySource,
+    source: IpAddr,
+}
+
+impl PendingBySource {
+    /// A slot for a handshake from `ip`, unless its source has `limit`.
+    fn take(&self, ip: IpAddr, limit: usize) -> Option<SourceSlot> {
+        let source = source_key(ip);
+        let mut t = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = t.entry(source).or_insert(0);
+        if *n >= limit {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot {
+            table: self.clone(),
+            source,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut t = self.table.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = t.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                t.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// What one source is counted as: an IPv4 address (IPv4-mapped IPv6
+/// included), or an IPv6 address's /64.
+fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut o = v6.octets();
+                o[8..].fill(0);
+                IpAddr::V6(o.into())
+            }
+        },
+    }
 }
 
 fn unix_now() -> u64 {
@@ -115,7 +183,7 @@ async fn handle(
     peer: SocketAddr,
     s: Arc<ServerSettings>,
     replay: Arc<Mutex<ReplayGuard>>,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    permit: (tokio::sync::OwnedSemaphorePermit, SourceSlot),
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(s.tls.clone());
     let opened = tokio::time::timeout(s.handshake_timeout, async {
@@ -393,7 +461,25 @@ async fn serve_mux<S: Duplex + 'static>(io: S, peer: SocketAddr, s: Arc<ServerSe
 
 #[cfg(test)]
 mod tests {
-    use super::is_local;
+    use super::{PendingBySource, is_local, source_key};
+
+    /// An IPv4 source and its IPv4-mapped spelling are one source; an
+    /// IPv6 source counts by its /64.
+    #[test]
+    fn finding_8_pending_handshakes_are_counted_per_source() {
+        let t = PendingBySource::default();
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("ip");
+        let a = t.take(ip("198.18.0.7"), 2).expect("first");
+        let _b = t.take(ip("::ffff:198.18.0.7"), 2).expect("second");
+        assert!(t.take(ip("198.18.0.7"), 2).is_none(), "third refused");
+        assert!(t.take(ip("198.18.0.8"), 2).is_some(), "another source");
+        drop(a);
+        assert!(t.take(ip("198.18.0.7"), 2).is_some(), "slot back");
+        assert_eq!(source_key(ip("fd00:1:2:3:4:5:6:7")), ip("fd00:1:2:3::"));
+        let _c = t.take(ip("fd00::1"), 1).expect("v6");
+        assert!(t.take(ip("fd00::2"), 1).is_none(), "same /64");
+        assert!(t.take(ip("fd00:0:0:1::1"), 1).is_some(), "another /64");
+    }
 
     /// Issue 14, finding 8: the exit's local-address filter must catch
     /// IPv4-mapped IPv6 spellings of local addresses too.
