@@ -12,9 +12,9 @@
 use thiserror::Error;
 
 /// The protocol version this build speaks best.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 /// The oldest protocol version this build still speaks.
-pub const MIN_PROTOCOL_VERSION: u16 = 4;
+pub const MIN_PROTOCOL_VERSION: u16 = 5;
 /// Magic bytes at the start of both handshake messages.
 pub const MAGIC: [u8; 4] = *b"WRNP";
 /// Length of either handshake message.

@@ -5,7 +5,7 @@
 //! (`serde(try_from)`), so the helper never sees an invalid value, whatever
 //! bytes a client sends.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -513,7 +513,15 @@ pub struct HostTunnelSpec {
     /// tunnel's own encrypted traffic), and anything arriving for the
     /// tunnel's addresses on other interfaces.
     pub kill_switch: bool,
+    /// The peers' endpoints (protocol version 5). Under the kill switch,
+    /// the marked UDP socket may send only to these (issue 14, finding 6):
+    /// the mark bypasses the tunnel, so to anywhere else it would be a way
+    /// out in the clear.
+    pub endpoints: Vec<SocketAddr>,
 }
+
+/// Most endpoints a host tunnel lists.
+pub const MAX_ENDPOINTS: usize = 64;
 
 #[derive(Deserialize)]
 struct RawHostTunnelSpec {
@@ -524,13 +532,15 @@ struct RawHostTunnelSpec {
     dns: Vec<IpAddr>,
     search: Vec<String>,
     kill_switch: bool,
+    endpoints: Vec<SocketAddr>,
 }
 
 impl TryFrom<RawHostTunnelSpec> for HostTunnelSpec {
     type Error = Invalid;
     fn try_from(r: RawHostTunnelSpec) -> Result<Self, Invalid> {
         HostTunnelSpec::new(r.name, r.mtu, r.addresses, r.routes, r.dns, r.kill_switch)?
-            .with_search(r.search)
+            .with_search(r.search)?
+            .with_endpoints(r.endpoints)
     }
 }
 
@@ -559,7 +569,27 @@ impl HostTunnelSpec {
             dns: checked.dns,
             search: Vec::new(),
             kill_switch,
+            endpoints: Vec::new(),
         })
+    }
+
+    /// The same spec with these peer endpoints: at most
+    /// [`MAX_ENDPOINTS`], each with a port and a specific address.
+    pub fn with_endpoints(mut self, endpoints: Vec<SocketAddr>) -> Result<Self, Invalid> {
+        if endpoints.len() > MAX_ENDPOINTS {
+            return Err(invalid("endpoints", format!("at most {MAX_ENDPOINTS}")));
+        }
+        if let Some(e) = endpoints
+            .iter()
+            .find(|e| e.port() == 0 || e.ip().is_unspecified() || e.ip().is_multicast())
+        {
+            return Err(invalid(
+                "endpoints",
+                format!("{e}: needs a port and a unicast address"),
+            ));
+        }
+        self.endpoints = endpoints;
+        Ok(self)
     }
 
     /// The same spec with these search domains (checked).

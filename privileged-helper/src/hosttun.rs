@@ -366,10 +366,6 @@ fn kill_switch_batch(
             {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "lo"}}, {"accept": null}]}))}}),
         json!({"add": {"rule": t(json!({"chain": "output", "expr": [
             {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": ifname}}, {"accept": null}]}))}}),
-        // Only UDP: the marked socket is the tunnel's UDP socket.
-        json!({"add": {"rule": t(json!({"chain": "output", "expr": [
-            {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "udp"}},
-            {"match": {"op": "==", "left": {"meta": {"key": "mark"}}, "right": mark}}, {"accept": null}]}))}}),
         // Forwarded traffic (containers, VMs) leaves only through the tunnel.
         json!({"add": {"chain": t(json!({"name": "forward", "type": "filter", "hook": "forward", "prio": 0, "policy": "drop"}))}}),
         json!({"add": {"rule": t(json!({"chain": "forward", "expr": [
@@ -378,6 +374,24 @@ fn kill_switch_batch(
             {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": ifname}}, {"accept": null}]}))}}),
         json!({"add": {"chain": t(json!({"name": "input", "type": "filter", "hook": "input", "prio": 0, "policy": "accept"}))}}),
     ]);
+    // The tunnel's own encrypted traffic: the marked socket's UDP to the
+    // peers' endpoints, nothing else. The mark bypasses the tunnel, so to
+    // any other address or port it would be a way out in the clear (issue
+    // 14, finding 6).
+    for e in &spec.endpoints {
+        let (proto, ip) = match e.ip() {
+            std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => ("ip", v4.to_string()),
+                None => ("ip6", v6.to_string()),
+            },
+            std::net::IpAddr::V4(v4) => ("ip", v4.to_string()),
+        };
+        cmds.push(json!({"add": {"rule": t(json!({"chain": "output", "expr": [
+            {"match": {"op": "==", "left": {"meta": {"key": "mark"}}, "right": mark}},
+            {"match": {"op": "==", "left": {"payload": {"protocol": proto, "field": "daddr"}}, "right": ip}},
+            {"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}}, "right": e.port()}},
+            {"accept": null}]}))}}));
+    }
     // CVE-2019-14899: nothing addressed to the tunnel's inner addresses may
     // arrive through another interface.
     for a in &spec.addresses {

@@ -916,6 +916,18 @@ fn udp_arrives(
     dst: &str,
     port: u16,
 ) -> bool {
+    let send = format!("echo x >/dev/udp/{dst}/{port}");
+    udp_arrives_from(to, port, || {
+        let _ = run_limited(
+            from.exec("bash").args(["-c", &send]),
+            Duration::from_secs(5),
+        );
+    })
+}
+
+/// Whether a listener on `port` in namespace `to` (bound before the first
+/// is sent) receives one of the few datagrams `send` sends.
+fn udp_arrives_from(to: &warren_tests::TestNs, port: u16, send: impl Fn()) -> bool {
     let code = format!(
         "import socket\ns=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.bind(('0.0.0.0', {port}))\nprint('READY', flush=True)\ns.settimeout(3)\ntry:\n  s.recvfrom(64)\n  print('GOT')\nexcept OSError:\n  print('NONE')\n"
     );
@@ -928,12 +940,8 @@ fn udp_arrives(
     let mut out = listener.stdout.take().expect("stdout");
     let mut ready = [0u8; 6];
     let _ = out.read_exact(&mut ready);
-    let send = format!("echo x >/dev/udp/{dst}/{port}");
     for _ in 0..5 {
-        let _ = run_limited(
-            from.exec("bash").args(["-c", &send]),
-            Duration::from_secs(5),
-        );
+        send();
         std::thread::sleep(Duration::from_millis(100));
     }
     let mut rest = String::new();
@@ -1506,5 +1514,41 @@ fn finding_5_host_tunnels_that_would_undo_each_other_are_refused_with_the_reason
             .await
             .expect("without DNS or kill switch it fits");
         drop(t);
+    });
+}
+
+#[test]
+fn finding_6_the_marked_socket_reaches_only_the_peer_endpoints_under_the_kill_switch() {
+    if !require_root(
+        "finding_6_the_marked_socket_reaches_only_the_peer_endpoints_under_the_kill_switch",
+    ) {
+        return;
+    }
+    let lab = HostLab::new("e");
+    let n = name("he");
+    rt().block_on(async {
+        let mut c = HelperClient::connect(&lab.sock).await.expect("connect");
+        let spec = host_spec(&n, true)
+            .with_endpoints(vec!["198.18.52.2:9996".parse().expect("endpoint")])
+            .expect("endpoints");
+        let (_info, _tun, udp) = c.create_host_tunnel(spec).await.expect("host tunnel");
+        let send_to = |port: u16| {
+            let dst = nix::sys::socket::SockaddrIn::new(198, 18, 52, 2, port);
+            let _ = nix::sys::socket::sendto(
+                std::os::fd::AsRawFd::as_raw_fd(&udp),
+                b"wg",
+                &dst,
+                nix::sys::socket::MsgFlags::empty(),
+            );
+        };
+        assert!(
+            udp_arrives_from(&lab.other, 9996, || send_to(9996)),
+            "the tunnel's own traffic reaches its peer's endpoint"
+        );
+        assert!(
+            !udp_arrives_from(&lab.other, 9995, || send_to(9995)),
+            "the marked socket cannot reach anything else in the clear"
+        );
+        c.destroy_instance(&n).await.expect("down");
     });
 }

@@ -1290,6 +1290,7 @@ fn prepare_host(args: &UpArgs) -> Result<HostPrepared, (u8, String)> {
         args.kill_switch,
     )
     .and_then(|s| s.with_search(wg.interface.dns_search.clone()))
+    .and_then(|s| s.with_endpoints(endpoints.iter().flatten().copied().collect()))
     .map_err(|e| (exit::CONFIG, format!("{}: {}", args.wg.display(), e)))?;
     let listen_port = wg.interface.listen_port;
     let unused: SocketAddr = (Ipv4Addr::LOCALHOST, 0).into();
