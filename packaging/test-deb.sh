@@ -82,7 +82,7 @@ DESTDIR=$stage packaging/install.sh >/dev/null 2>&1
 check "install.sh installs binaries, units, sudoers, man pages, completions" bash -c "
   test -x $stage/usr/local/bin/warren -a -x $stage/usr/local/bin/warren-helper &&
   test -f $stage/etc/systemd/system/warren-helper.socket &&
-  grep -q '^ExecStart=/usr/local/bin/warren-helper serve$' $stage/etc/systemd/system/warren-helper.service &&
+  grep -q '^ExecStart=/usr/local/bin/warren-helper serve --user-cgroups$' $stage/etc/systemd/system/warren-helper.service &&
   grep -q 'WARREN_HELPER = /usr/local/bin/warren-helper serve --autostarted$' $stage/etc/sudoers.d/warren &&
   [[ \$(stat -c %a $stage/etc/sudoers.d/warren) = 440 ]] &&
   test -f $stage/usr/local/share/man/man8/warren-helper.8 &&

@@ -11,6 +11,8 @@
 //! idle_timeout_secs = 60         # exit when idle (autostarted / socket-activated)
 //! # where server tunnels' addresses may lie (replaces the default pools)
 //! server_tunnel_pools = ["100.64.0.0/10", "fd00::/8"]
+//! # tasks one user's programs may have (with `serve --user-cgroups`)
+//! user_tasks_max = 256
 //! ```
 
 use std::os::unix::fs::MetadataExt;
@@ -38,6 +40,9 @@ pub struct HelperConfig {
     /// Networks that server tunnels' subnets must lie in (replaces
     /// [`DEFAULT_SERVER_TUNNEL_POOLS`]; empty: no server tunnels).
     pub server_tunnel_pools: Option<Vec<String>>,
+    /// Tasks one user's programs may have together (`pids.max` of their
+    /// cgroup, with `serve --user-cgroups`).
+    pub user_tasks_max: Option<u64>,
 }
 
 /// Where server tunnels' subnets may lie unless the config says otherwise:
@@ -153,6 +158,9 @@ impl HelperConfig {
         if let Some(pools) = &config.server_tunnel_pools {
             parse_pools(pools)?;
         }
+        if config.user_tasks_max == Some(0) {
+            return Err("user_tasks_max: at least 1 (a user's programs could not start)".into());
+        }
         Ok(config)
     }
 }
@@ -213,9 +221,11 @@ mod tests {
     #[test]
     fn parses_all_keys() {
         let c = HelperConfig::parse(
-            "group = \"vpn\"\nmax_connections = 10\nmax_connections_per_uid = 2\nidle_timeout_secs = 5\n",
+            "group = \"vpn\"\nmax_connections = 10\nmax_connections_per_uid = 2\nidle_timeout_secs = 5\nuser_tasks_max = 128\n",
         )
         .expect("valid");
+        assert_eq!(c.user_tasks_max, Some(128));
+        assert!(HelperConfig::parse("user_tasks_max = 0\n").is_err());
         assert_eq!(c.group.as_deref(), Some("vpn"));
         assert_eq!(c.max_connections, Some(10));
         assert_eq!(c.max_connections_per_uid, Some(2));

@@ -806,30 +806,40 @@ impl Registry {
         };
         let name = spec.instance.clone();
         let peer2 = peer.clone();
+        // Outer error: the user's cgroup (the helper's fault or the host's);
+        // inner: the program could not be started.
         let spawned = tokio::task::spawn_blocking(move || {
             let etc = spec.private_resolv.then(|| netns::paths(&spec.instance).1);
-            runas::spawn(
-                &ns,
-                etc.as_deref(),
-                &peer2,
-                &spec.argv,
-                &spec.env,
-                &spec.cwd,
-                fds,
-                spec.controlling_tty,
+            let cgroup = crate::cgroups::procs_for(peer2.uid).transpose()?;
+            Ok::<_, std::io::Error>(
+                runas::spawn(
+                    cgroup.as_ref(),
+                    &ns,
+                    etc.as_deref(),
+                    &peer2,
+                    &spec.argv,
+                    &spec.env,
+                    &spec.cwd,
+                    fds,
+                    spec.controlling_tty,
+                )
+                .map(|s| (s, spec.bind_lease)),
             )
-            .map(|s| (s, spec.bind_lease))
         })
         .await;
         let (sp, bind) = match spawned {
-            Ok(Ok(x)) => x,
-            Ok(Err(e)) => {
+            Ok(Ok(Ok(x))) => x,
+            Ok(Ok(Err(e))) => {
                 // The program could not be started (not found, cwd not
                 // accessible to the user...): say so, it is the caller's.
                 return Err(HelperError::InvalidArgument {
                     field: "argv".into(),
                     reason: format!("cannot start the program: {e}"),
                 });
+            }
+            Ok(Err(e)) => {
+                let mut st = self.lock();
+                return Err(internal(&mut st, "the user's cgroup", &e));
             }
             Err(e) => {
                 let mut st = self.lock();

@@ -7,6 +7,7 @@
 //! examples can drive them; the binary is a thin shell.
 
 pub mod auth;
+pub mod cgroups;
 pub mod closer;
 pub mod config;
 pub mod hosttun;

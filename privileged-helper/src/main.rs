@@ -98,6 +98,13 @@ struct ServeArgs {
     /// `ExecStartPre=+`), else that of the process that started the helper.
     #[arg(long)]
     own_mount_ns: bool,
+    /// Run each user's programs in a cgroup of their own under the
+    /// helper's, limited to `user_tasks_max` tasks (config; default 256),
+    /// so no member can use up the helper's task limit. Needs the pids
+    /// controller delegated to the helper's cgroup (the shipped unit's
+    /// `Delegate=pids`).
+    #[arg(long)]
+    user_cgroups: bool,
     /// Log more (repeat for even more).
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -396,6 +403,18 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         info!("running in a private mount namespace: named namespaces are published to the host's");
     }
     let registry = warren_helper::instances::Registry::open(journal_path(&args.socket)?)?;
+    if args.user_cgroups {
+        let limit = config
+            .user_tasks_max
+            .unwrap_or(warren_helper::cgroups::DEFAULT_USER_TASKS_MAX);
+        // Where it is impossible (no pids controller delegated; a
+        // container's read-only controller hierarchies), the helper still
+        // serves, saying loudly what is missing: programs are then limited
+        // in number per user (64), but what they fork shares its task limit.
+        if let Err(e) = warren_helper::cgroups::setup(limit) {
+            tracing::warn!(error = %e, "per-user task limits unavailable: programs' forks share the helper's task limit");
+        }
+    }
     let dropped = drop_privileges()?;
     info!(kept = ?dropped.kept, "capabilities dropped to what the helper needs; no_new_privs set");
 

@@ -53,6 +53,8 @@ struct PrivateEtc {
 
 /// Everything the child needs, prepared before fork.
 struct Prepared {
+    /// The user's `cgroup.procs` (see [`crate::cgroups`]).
+    cgroup: Option<RawFd>,
     host_mnt: Option<RawFd>,
     netns: RawFd,
     etc: Option<PrivateEtc>,
@@ -71,6 +73,7 @@ struct Prepared {
 /// the host's name-service sockets.
 #[allow(clippy::too_many_arguments)]
 pub fn spawn(
+    cgroup: Option<&OwnedFd>,
     netns: &File,
     private_etc: Option<&std::path::Path>,
     peer: &PeerCred,
@@ -82,6 +85,7 @@ pub fn spawn(
 ) -> io::Result<Spawned> {
     let cs = |s: &str| CString::new(s).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput));
     let prep = Prepared {
+        cgroup: cgroup.map(AsRawFd::as_raw_fd),
         host_mnt: crate::netns::host_mount_ns().map(AsRawFd::as_raw_fd),
         netns: netns.as_raw_fd(),
         etc: match private_etc {
@@ -153,6 +157,14 @@ fn child_setup(p: &Prepared) -> io::Result<()> {
     // SAFETY: each call is an async-signal-safe system call
     // whose pointer arguments point into `p`, which lives until exec.
     unsafe {
+        // First of all into the user's own task-limited cgroup, so nothing
+        // it ever forks counts against the helper's.
+        if let Some(c) = p.cgroup {
+            let n = libc::write(c, c"0".as_ptr().cast(), 1);
+            if n != 1 {
+                return Err(io::Error::last_os_error());
+            }
+        }
         // The user's programs see the host's file system, not the helper's
         // sandbox (ProtectHome, PrivateTmp... of its systemd unit).
         if let Some(m) = p.host_mnt {

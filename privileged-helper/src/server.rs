@@ -312,6 +312,7 @@ pub async fn serve(
     }
     if let Some(r) = &shared.opts.registry {
         r.remove_all().await;
+        crate::cgroups::remove_empty();
     }
     reason
 }

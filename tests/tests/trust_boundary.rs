@@ -1046,3 +1046,183 @@ fn finding_8_spawned_programs_are_limited_per_uid() {
         m2.destroy_instance(&b).await.expect("destroy b");
     });
 }
+
+/// A throwaway cgroup holding the pids controller (the v1 `pids`
+/// hierarchy on a hybrid host, else the unified one), limited to `max`
+/// tasks: it plays the helper unit's `TasksMax=`. Dropped, it ends the
+/// processes left in it (all started by the test) and removes it.
+struct TestCgroup {
+    dir: std::path::PathBuf,
+}
+
+impl TestCgroup {
+    fn new(tag: &str, max: u32) -> TestCgroup {
+        let v1 = std::path::Path::new("/sys/fs/cgroup/pids");
+        let root = if v1.join("cgroup.procs").exists() {
+            v1.to_path_buf()
+        } else {
+            let root = std::path::PathBuf::from("/sys/fs/cgroup");
+            let _ = std::fs::write(root.join("cgroup.subtree_control"), "+pids");
+            root
+        };
+        let dir = root.join(format!("warren-test-{tag}{}", pid()));
+        std::fs::create_dir(&dir).expect("test cgroup");
+        std::fs::write(dir.join("pids.max"), max.to_string()).expect("pids.max");
+        TestCgroup { dir }
+    }
+
+    fn procs(dir: &std::path::Path) -> Vec<i32> {
+        std::fs::read_to_string(dir.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+
+    /// Its sub-cgroups.
+    fn children(&self) -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(&self.dir)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.path().is_dir())
+                    .map(|e| e.path())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            let mut dirs = self.children();
+            dirs.push(self.dir.clone());
+            let left: Vec<i32> = dirs.iter().flat_map(|d| TestCgroup::procs(d)).collect();
+            if left.is_empty() {
+                break;
+            }
+            for p in left {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(p),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        for d in self.children() {
+            let _ = std::fs::remove_dir(d);
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// Finding 8: what a member's programs fork counts against their own
+/// share, not the helper's. The helper runs in a cgroup limited to 48 tasks
+/// (playing its unit's `TasksMax=`) with `--user-cgroups` and
+/// `user_tasks_max = 16`: one member's program forking 40 sleepers fills
+/// only its own 16, and another member's program still starts, in its own
+/// cgroup, while the helper keeps answering.
+#[test]
+fn finding_8_a_members_forks_fill_only_their_own_task_share() {
+    if !require_root("finding_8_a_members_forks_fill_only_their_own_task_share") {
+        return;
+    }
+    let cg = TestCgroup::new("f8", 48);
+    let dir = TestDir::new("trust-cgroup");
+    let sock = dir.join("helper.sock");
+    let config = warren_tests::write_helper_config(&dir, "user_tasks_max = 16\n");
+    let procs = std::fs::OpenOptions::new()
+        .write(true)
+        .open(cg.dir.join("cgroup.procs"))
+        .expect("cgroup.procs");
+    let mut cmd = Command::new(warren_tests::bin("warren-helper"));
+    cmd.args(["serve", "--user-cgroups", "--group", "60100", "--socket"])
+        .arg(&sock)
+        .arg("--config")
+        .arg(&config)
+        .stderr(std::fs::File::create(dir.join("helper.log")).expect("log"));
+    let procs_fd = std::os::fd::AsRawFd::as_raw_fd(&procs);
+    // SAFETY: one write(2) of a static buffer between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            if libc::write(procs_fd, c"0".as_ptr().cast(), 1) == 1 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    let helper = Proc::new(cmd.spawn().expect("helper"), Some(dir.join("helper.log")));
+    assert!(
+        warren_tests::wait_for(Duration::from_secs(10), || {
+            StdUnixStream::connect(&sock).is_ok()
+        }),
+        "{}",
+        helper.log()
+    );
+    let user_dir = |uid: u32| {
+        cg.children()
+            .into_iter()
+            .find(|d| d.ends_with(format!("user-{uid}")))
+    };
+    let current = |d: &std::path::Path| -> u32 {
+        std::fs::read_to_string(d.join("pids.current"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let (a, b) = (name(&format!("ca{}", pid())), name(&format!("cb{}", pid())));
+    rt().block_on(async {
+        let g = warren_tests::ids::GROUP;
+        let mut m1 = connect_as(&sock, warren_tests::ids::MEMBER, g, &[]).await;
+        let mut m2 = connect_as(&sock, warren_tests::ids::SUPPLEMENTARY, g, &[g]).await;
+        let (_, _ta) = m1.create_instance(small_instance(&a, 4)).await.expect("a");
+        let (_, _tb) = m2.create_instance(small_instance(&b, 5)).await.expect("b");
+        spawn_quiet(
+            &mut m1,
+            &a,
+            &["sh", "-c", "for i in $(seq 40); do sleep 30 & done; wait"],
+        )
+        .await
+        .expect("the forking program starts");
+        let mine = user_dir(warren_tests::ids::MEMBER).expect("the member's own cgroup");
+        assert_eq!(
+            std::fs::read_to_string(mine.join("pids.max"))
+                .expect("pids.max")
+                .trim(),
+            "16"
+        );
+        // The kernel counts the forks it refused at the limit.
+        let refused = || {
+            std::fs::read_to_string(mine.join("pids.events"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .nth(1)
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        assert!(
+            warren_tests::wait_for(Duration::from_secs(10), || refused() > 0),
+            "the member's forks reach their share's limit ({} tasks)",
+            current(&mine)
+        );
+        assert!(
+            (10..=16).contains(&current(&mine)),
+            "their share holds them: {}",
+            current(&mine)
+        );
+        let other = spawn_quiet(&mut m2, &b, &["sleep", "5"])
+            .await
+            .expect("another member's program still starts");
+        let where_ = std::fs::read_to_string(format!("/proc/{other}/cgroup")).expect("cgroup");
+        assert!(
+            where_.contains(&format!("user-{}", warren_tests::ids::SUPPLEMENTARY)),
+            "in its own user's cgroup: {where_}"
+        );
+        let mut root = HelperClient::connect(&sock).await.expect("connect");
+        root.status().await.expect("the helper still answers");
+        m1.destroy_instance(&a).await.expect("destroy a");
+        m2.destroy_instance(&b).await.expect("destroy b");
+    });
+    drop(helper);
+}
