@@ -20,9 +20,18 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use thiserror::Error;
-
+pub use crate::helper_client::AutostartError;
 use crate::helper_client::{ClientError, HelperClient};
+
+/// How a command reaches the helper: its socket, and whether and how to
+/// start it there.
+#[derive(Debug, Clone)]
+pub struct HelperTarget {
+    /// Socket path.
+    pub path: PathBuf,
+    /// Autostart policy.
+    pub policy: AutostartPolicy,
+}
 
 /// How to autostart.
 #[derive(Debug, Clone)]
@@ -54,70 +63,6 @@ impl AutostartPolicy {
             timeout: Duration::from_secs(10),
             interactive: std::io::IsTerminal::is_terminal(&std::io::stdin()),
             sudo: PathBuf::from("sudo"),
-        }
-    }
-}
-
-/// Why the helper could not be autostarted.
-#[derive(Debug, Error)]
-pub enum AutostartError {
-    /// Turned off in the configuration or on the command line.
-    #[error("the helper is not running and autostart is turned off")]
-    Disabled,
-    /// Only the default socket is covered by the sudoers whitelist.
-    #[error("cannot autostart a helper for {0}: autostart only serves the default socket")]
-    NotDefaultSocket(PathBuf),
-    /// sudo is not installed.
-    #[error("cannot autostart the helper: sudo is not installed")]
-    NoSudo,
-    /// sudo wants a password and there is no terminal to ask on.
-    #[error(
-        "cannot autostart the helper: sudo needs a password and there is no terminal to ask for it"
-    )]
-    PasswordRequired,
-    /// sudo refused the command (not whitelisted for this user).
-    #[error("cannot autostart the helper: sudo refused to run {0} for this user")]
-    Refused(PathBuf),
-    /// sudo failed another way.
-    #[error("cannot autostart the helper: sudo failed: {0}")]
-    SudoFailed(String),
-    /// The helper did not answer in time.
-    #[error("the helper was started but its socket did not answer within {0:?}")]
-    Timeout(Duration),
-    /// The start lock could not be taken.
-    #[error("cannot take the autostart lock {path}")]
-    Lock {
-        /// The lock file.
-        path: PathBuf,
-        /// Cause.
-        #[source]
-        source: io::Error,
-    },
-}
-
-impl AutostartError {
-    /// What the user can do about it.
-    pub fn hint(&self) -> &'static str {
-        match self {
-            AutostartError::Disabled => {
-                "start it with `sudo systemctl start warren-helper.socket` or `sudo warren-helper serve`, or enable autostart (`[helper] autostart = true` in ~/.config/warren/config.toml, and no --no-autostart)"
-            }
-            AutostartError::NotDefaultSocket(_) => {
-                "start the helper on that socket yourself: `sudo warren-helper serve --socket PATH`"
-            }
-            AutostartError::NoSudo => {
-                "install sudo and the sudoers snippet (/etc/sudoers.d/warren), or use the socket unit: `sudo systemctl enable --now warren-helper.socket`"
-            }
-            AutostartError::PasswordRequired => {
-                "install /etc/sudoers.d/warren (shipped with warren) so the helper starts without a password, run warren once from a terminal, or use the socket unit"
-            }
-            AutostartError::Refused(_) => {
-                "the sudoers snippet allows members of group 'warren': `sudo usermod -aG warren $USER`, then log in again"
-            }
-            AutostartError::SudoFailed(_) | AutostartError::Timeout(_) => {
-                "look at the helper's log (journalctl -t sudo; the helper logs to stderr), or start it by hand: `sudo warren-helper serve`"
-            }
-            AutostartError::Lock { .. } => "check the permissions of $XDG_RUNTIME_DIR/warren",
         }
     }
 }

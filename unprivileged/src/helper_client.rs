@@ -6,6 +6,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use thiserror::Error;
 use tokio::net::UnixStream;
@@ -52,7 +53,7 @@ pub enum ClientError {
     UnexpectedReply,
     /// The helper was not running and could not be started.
     #[error(transparent)]
-    Autostart(#[from] crate::autostart::AutostartError),
+    Autostart(#[from] AutostartError),
 }
 
 impl ClientError {
@@ -70,9 +71,7 @@ impl ClientError {
             ClientError::Transport(e) if !e.is_disconnect() => exit::PROTOCOL,
             ClientError::Transport(_) => exit::HELPER_UNAVAILABLE,
             ClientError::Helper(_) => exit::FAILURE,
-            ClientError::Autostart(crate::autostart::AutostartError::Refused(_)) => {
-                exit::NOT_AUTHORIZED
-            }
+            ClientError::Autostart(AutostartError::Refused(_)) => exit::NOT_AUTHORIZED,
             ClientError::Autostart(_) => exit::HELPER_UNAVAILABLE,
         }
     }
@@ -330,6 +329,87 @@ impl HelperClient {
         match self.call(Request::Status).await? {
             Response::Status(info) => Ok(info),
             _ => Err(ClientError::UnexpectedReply),
+        }
+    }
+}
+
+/// Prints a helper error with its cause chain and hint; returns its exit code.
+pub fn report_client_error(e: &ClientError) -> std::process::ExitCode {
+    let mut msg = format!("warren: {e}");
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        msg.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    eprintln!("{msg}");
+    if let Some(h) = e.hint() {
+        for line in h.lines() {
+            eprintln!("  {line}");
+        }
+    }
+    exit::code(e.exit_code())
+}
+
+/// Why the helper could not be autostarted.
+#[derive(Debug, Error)]
+pub enum AutostartError {
+    /// Turned off in the configuration or on the command line.
+    #[error("the helper is not running and autostart is turned off")]
+    Disabled,
+    /// Only the default socket is covered by the sudoers whitelist.
+    #[error("cannot autostart a helper for {0}: autostart only serves the default socket")]
+    NotDefaultSocket(PathBuf),
+    /// sudo is not installed.
+    #[error("cannot autostart the helper: sudo is not installed")]
+    NoSudo,
+    /// sudo wants a password and there is no terminal to ask on.
+    #[error(
+        "cannot autostart the helper: sudo needs a password and there is no terminal to ask for it"
+    )]
+    PasswordRequired,
+    /// sudo refused the command (not whitelisted for this user).
+    #[error("cannot autostart the helper: sudo refused to run {0} for this user")]
+    Refused(PathBuf),
+    /// sudo failed another way.
+    #[error("cannot autostart the helper: sudo failed: {0}")]
+    SudoFailed(String),
+    /// The helper did not answer in time.
+    #[error("the helper was started but its socket did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The start lock could not be taken.
+    #[error("cannot take the autostart lock {path}")]
+    Lock {
+        /// The lock file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl AutostartError {
+    /// What the user can do about it.
+    pub fn hint(&self) -> &'static str {
+        match self {
+            AutostartError::Disabled => {
+                "start it with `sudo systemctl start warren-helper.socket` or `sudo warren-helper serve`, or enable autostart (`[helper] autostart = true` in ~/.config/warren/config.toml, and no --no-autostart)"
+            }
+            AutostartError::NotDefaultSocket(_) => {
+                "start the helper on that socket yourself: `sudo warren-helper serve --socket PATH`"
+            }
+            AutostartError::NoSudo => {
+                "install sudo and the sudoers snippet (/etc/sudoers.d/warren), or use the socket unit: `sudo systemctl enable --now warren-helper.socket`"
+            }
+            AutostartError::PasswordRequired => {
+                "install /etc/sudoers.d/warren (shipped with warren) so the helper starts without a password, run warren once from a terminal, or use the socket unit"
+            }
+            AutostartError::Refused(_) => {
+                "the sudoers snippet allows members of group 'warren': `sudo usermod -aG warren $USER`, then log in again"
+            }
+            AutostartError::SudoFailed(_) | AutostartError::Timeout(_) => {
+                "look at the helper's log (journalctl -t sudo; the helper logs to stderr), or start it by hand: `sudo warren-helper serve`"
+            }
+            AutostartError::Lock { .. } => "check the permissions of $XDG_RUNTIME_DIR/warren",
         }
     }
 }

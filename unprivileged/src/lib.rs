@@ -13,6 +13,7 @@ pub mod demo;
 pub mod exit;
 pub mod helper_client;
 pub mod instance;
+pub mod logging;
 pub mod proxy;
 pub mod rules;
 pub mod transport;

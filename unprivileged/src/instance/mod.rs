@@ -28,7 +28,6 @@
 //! worker ends, the connection closes and the helper restores the host's
 //! routes, rules, DNS and firewall.
 
-pub mod cli;
 pub mod dns;
 pub mod forward;
 pub mod net;

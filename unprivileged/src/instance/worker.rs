@@ -210,7 +210,7 @@ pub fn run() -> ExitCode {
             return exit::code(exit::FAILURE);
         }
     };
-    crate::cli::init_logging(cfg.verbose);
+    crate::logging::init_logging(cfg.verbose);
     // The forwards' host-side sockets and the reverse connector, if any.
     let n_extra = cfg.forwards.len() + usize::from(!cfg.reverses.is_empty());
     let extra = if n_extra > 0 {
@@ -686,8 +686,8 @@ fn spawn_status(
     snap: impl Fn() -> crate::proxy::status::Snapshot + Send + 'static,
     stop: &CancellationToken,
 ) -> Option<tokio::task::JoinHandle<()>> {
-    match crate::proxy::cli::control_socket(&crate::config::ProcessEnv) {
-        Ok((l, path)) => Some(tokio::spawn(crate::proxy::cli::control_loop(
+    match crate::proxy::status::control_socket(&crate::config::ProcessEnv) {
+        Ok((l, path)) => Some(tokio::spawn(crate::proxy::status::control_loop(
             l,
             path,
             snap,

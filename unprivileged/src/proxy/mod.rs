@@ -3,7 +3,6 @@
 //! ([`socks5`], [`http`]); [`server`] is the async shell; where connections
 //! go is an [`server::Egress`] (direct today; tunnels later).
 
-pub mod cli;
 pub mod http;
 pub mod server;
 pub mod socks5;

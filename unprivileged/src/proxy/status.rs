@@ -216,6 +216,42 @@ fn render_instance(p: &Snapshot, i: &crate::instance::InstanceStatus) -> String 
     s
 }
 
+/// Binds this process's control socket (mode 0600 in a 0700 directory).
+pub fn control_socket(
+    env: &dyn Env,
+) -> std::io::Result<(tokio::net::UnixListener, std::path::PathBuf)> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = runtime_dir(env);
+    ensure_private_dir(&dir)?;
+    let path = dir.join(format!("proxy-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let l = tokio::net::UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    Ok((l, path))
+}
+
+/// Answers each connection on the control socket with one JSON snapshot
+/// of the counters; removes the socket on shutdown.
+pub async fn control_loop(
+    l: tokio::net::UnixListener,
+    path: std::path::PathBuf,
+    snapshot: impl Fn() -> Snapshot + Send,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use tokio::io::AsyncWriteExt;
+    loop {
+        let r = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = l.accept() => r,
+        };
+        let Ok((mut s, _)) = r else { continue };
+        let snap = snapshot();
+        let body = serde_json::to_vec(&snap).unwrap_or_default();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), s.write_all(&body)).await;
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

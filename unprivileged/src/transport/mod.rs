@@ -5,9 +5,7 @@
 //! See docs/transports.md.
 
 pub mod auth;
-pub mod cli;
 pub mod client;
-pub mod client_cli;
 pub mod http;
 pub mod io;
 pub mod server;

@@ -21,9 +21,9 @@ use zeroize::Zeroizing;
 
 use super::conf::{self, Key, PublicKey32, WgConfig};
 use super::engine::{Engine, EngineConfig, PeerSpec};
-use crate::cli::report_client_error;
+use crate::autostart::HelperTarget;
 use crate::exit;
-use crate::instance::cli::HelperTarget;
+use crate::helper_client::report_client_error;
 
 /// `warren server wg ...`
 #[derive(Debug, clap::Subcommand)]

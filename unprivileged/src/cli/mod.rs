@@ -1,5 +1,10 @@
 //! The `warren` command line.
 
+pub mod client;
+pub mod instance;
+pub mod proxy;
+pub mod server;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -8,12 +13,15 @@ use clap::{CommandFactory, Parser, Subcommand};
 use serde_json::json;
 use warren_ipc::msg::{Activation, StatusInfo};
 
+use self::instance as instance_cli;
+use self::proxy as proxy_cli;
+use self::server as transport_cli;
+use crate::autostart::HelperTarget;
 use crate::autostart::{AutostartPolicy, connect_or_autostart};
 use crate::exit;
+use crate::helper_client::report_client_error;
 use crate::helper_client::{ClientError, HelperClient, socket_path};
-use crate::instance::cli::{self as instance_cli, HelperTarget};
-use crate::proxy::cli as proxy_cli;
-use crate::transport::cli as transport_cli;
+pub use crate::logging::init_logging;
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -116,7 +124,7 @@ pub enum Command {
     Server(transport_cli::ServerArgs),
     /// A local SOCKS5 + HTTP proxy whose traffic goes through a `warren
     /// server` over TLS or multiplexed TLS (rules pick proxy/direct/block).
-    Client(crate::transport::client_cli::ClientArgs),
+    Client(self::client::ClientArgs),
     /// Write a self-signed certificate and key for `warren server`, and print its pin.
     Cert(transport_cli::CertArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -297,7 +305,7 @@ pub fn main() -> ExitCode {
             Err(c) => c,
         },
         Command::Cert(args) => transport_cli::run_cert(args),
-        Command::Client(args) => crate::transport::client_cli::run_client(args),
+        Command::Client(args) => self::client::run_client(args),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "warren", &mut std::io::stdout());
             exit::code(exit::OK)
@@ -314,37 +322,6 @@ pub fn main() -> ExitCode {
             }
         }
     }
-}
-
-/// Logs to stderr without colours (journald and scripts read it), at debug
-/// level when `verbose`.
-pub fn init_logging(verbose: bool) {
-    use tracing_subscriber::filter::{LevelFilter, Targets};
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-    let level = if verbose {
-        LevelFilter::DEBUG
-    } else {
-        LevelFilter::INFO
-    };
-    // boringtun reports routine re-handshakes after idle periods as
-    // warnings; warren's engine logs what matters about peers itself.
-    let filter = Targets::new().with_default(level).with_target(
-        "boringtun",
-        if verbose {
-            LevelFilter::DEBUG
-        } else {
-            LevelFilter::ERROR
-        },
-    );
-    let _ = tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_ansi(false),
-        )
-        .with(filter)
-        .try_init();
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
@@ -384,23 +361,6 @@ fn run_helper(path: PathBuf, policy: &AutostartPolicy, cmd: HelperCommand) -> Ex
         Ok(()) => exit::code(exit::OK),
         Err(e) => report_client_error(&e),
     }
-}
-
-/// Prints a helper error with its cause chain and hint; returns its exit code.
-pub fn report_client_error(e: &ClientError) -> ExitCode {
-    let mut msg = format!("warren: {e}");
-    let mut src = std::error::Error::source(e);
-    while let Some(s) = src {
-        msg.push_str(&format!(": {s}"));
-        src = s.source();
-    }
-    eprintln!("{msg}");
-    if let Some(h) = e.hint() {
-        for line in h.lines() {
-            eprintln!("  {line}");
-        }
-    }
-    exit::code(e.exit_code())
 }
 
 async fn helper_status(

@@ -9,11 +9,11 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::auth::{AuthKey, Mode};
-use super::http::Decoy;
-use super::server::{ServerSettings, serve};
-use super::tlsconf;
 use crate::exit;
+use crate::transport::auth::{AuthKey, Mode};
+use crate::transport::http::Decoy;
+use crate::transport::server::{ServerSettings, serve};
+use crate::transport::tlsconf;
 
 /// Transport modes on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -145,8 +145,8 @@ pub fn read_secret(file: Option<&Path>, env: Option<String>) -> Result<Vec<u8>, 
 }
 
 /// Runs `warren server`.
-pub fn run_server(args: ServerArgs, target: crate::instance::cli::HelperTarget) -> ExitCode {
-    crate::cli::init_logging(args.verbose);
+pub fn run_server(args: ServerArgs, target: crate::autostart::HelperTarget) -> ExitCode {
+    crate::logging::init_logging(args.verbose);
     let fail = |msg: String| {
         eprintln!("warren server: {msg}");
         exit::code(exit::CONFIG)

@@ -12,10 +12,10 @@ use warren_ipc::instance::{ExitStatus, InstanceName, InstanceSpec, SpawnSpec};
 use warren_ipc::msg::Event;
 use zeroize::Zeroizing;
 
-use super::{WorkerConfig, WorkerReport};
-use crate::autostart::{AutostartPolicy, connect_or_autostart};
+use crate::autostart::connect_or_autostart;
 use crate::exit;
 use crate::helper_client::{ClientError, HelperClient};
+use crate::instance::{WorkerConfig, WorkerReport};
 use crate::wg::conf;
 use warren_ipc::HelperError;
 
@@ -143,14 +143,7 @@ pub struct ExecArgs {
     pub command: Vec<String>,
 }
 
-/// How `up`, `down` and `exec` reach the helper.
-#[derive(Debug, Clone)]
-pub struct HelperTarget {
-    /// Socket path.
-    pub path: PathBuf,
-    /// Autostart policy.
-    pub policy: AutostartPolicy,
-}
+pub use crate::autostart::HelperTarget;
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
@@ -556,7 +549,7 @@ async fn up(args: UpArgs, target: HelperTarget, p: Prepared, started: Instant) -
                 );
                 None
             }
-            Err(e) => return crate::cli::report_client_error(&e),
+            Err(e) => return crate::helper_client::report_client_error(&e),
         }
     };
     let Some(mut helper) = helper else {
@@ -564,7 +557,7 @@ async fn up(args: UpArgs, target: HelperTarget, p: Prepared, started: Instant) -
     };
     let (_info, tun) = match helper.create_instance(p.spec.clone()).await {
         Ok(x) => x,
-        Err(e) => return crate::cli::report_client_error(&e),
+        Err(e) => return crate::helper_client::report_client_error(&e),
     };
     // From here on, any failure must take the instance down again.
     match launch(&args, &mut helper, &p, tun).await {
@@ -938,7 +931,7 @@ async fn foreground(helper: &mut HelperClient, name: &InstanceName, pid: i32) ->
                     return exit::code(exit::FAILURE);
                 }
                 Ok(_) => {}
-                Err(e) => return crate::cli::report_client_error(&e),
+                Err(e) => return crate::helper_client::report_client_error(&e),
             }
         }
     }
@@ -947,7 +940,7 @@ async fn foreground(helper: &mut HelperClient, name: &InstanceName, pid: i32) ->
             eprintln!("warren up: {name} is down");
             exit::code(exit::OK)
         }
-        Err(e) => crate::cli::report_client_error(&e),
+        Err(e) => crate::helper_client::report_client_error(&e),
     }
 }
 
@@ -981,12 +974,12 @@ pub fn run_down(args: DownArgs, target: HelperTarget) -> ExitCode {
                     return code;
                 }
                 Err(ClientError::Helper(HelperError::NotFound { .. })) => {}
-                Err(e) => return crate::cli::report_client_error(&e),
+                Err(e) => return crate::helper_client::report_client_error(&e),
             },
             (Ok(mut helper), None) => {
                 let list = match helper.list_instances().await {
                     Ok(l) => l,
-                    Err(e) => return crate::cli::report_client_error(&e),
+                    Err(e) => return crate::helper_client::report_client_error(&e),
                 };
                 let me = nix::unistd::getuid().as_raw();
                 for i in list.iter().filter(|i| i.owner_uid == me) {
@@ -1000,12 +993,12 @@ pub fn run_down(args: DownArgs, target: HelperTarget) -> ExitCode {
                             }
                             println!("{} is down", i.name);
                         }
-                        Err(e) => code = crate::cli::report_client_error(&e),
+                        Err(e) => code = crate::helper_client::report_client_error(&e),
                     }
                 }
             }
             (Err(ClientError::NoSocket(_) | ClientError::NotListening(_)), _) => {}
-            (Err(e), _) => return crate::cli::report_client_error(&e),
+            (Err(e), _) => return crate::helper_client::report_client_error(&e),
         }
         for (pid, n) in rootless_workers() {
             if wanted.as_ref().is_none_or(|w| w.as_str() == n) {
@@ -1133,10 +1126,10 @@ pub fn run_exec(args: ExecArgs, target: HelperTarget) -> ExitCode {
         .take(warren_ipc::instance::MAX_ARGS)
         .collect();
     let (i, o, e) = (std::io::stdin(), std::io::stdout(), std::io::stderr());
-    let pty = if args.no_tty || !super::pty::is_tty(i.as_fd()) {
+    let pty = if args.no_tty || !crate::instance::pty::is_tty(i.as_fd()) {
         None
     } else {
-        match super::pty::open_like(i.as_fd()) {
+        match crate::instance::pty::open_like(i.as_fd()) {
             Ok(p) => Some(p),
             Err(err) => return fail("exec", format!("cannot open a pseudo-terminal: {err}")),
         }
@@ -1164,14 +1157,14 @@ pub fn run_exec(args: ExecArgs, target: HelperTarget) -> ExitCode {
                     format!("no instance {name}: the helper is not running"),
                 );
             }
-            Err(e) => return crate::cli::report_client_error(&e),
+            Err(e) => return crate::helper_client::report_client_error(&e),
         };
         // With a pty, the program's 0 is its terminal side, and so are 1
         // and 2 where ours are terminals (redirections stay as they are).
         let fds = match &pty {
             Some(p) => {
                 let pick = |fd| {
-                    if super::pty::is_tty(fd) {
+                    if crate::instance::pty::is_tty(fd) {
                         p.slave.as_fd()
                     } else {
                         fd
@@ -1183,13 +1176,15 @@ pub fn run_exec(args: ExecArgs, target: HelperTarget) -> ExitCode {
         };
         let pid = match helper.spawn(spec, &fds).await {
             Ok(pid) => pid,
-            Err(err) => return crate::cli::report_client_error(&err),
+            Err(err) => return crate::helper_client::report_client_error(&err),
         };
         // The pty's program side is the program's alone now: when it (and
         // whatever it started) closes it, the output relay sees the end.
         let (term, mut output_done) = match pty {
             Some(p) => {
-                let out = if super::pty::is_tty(o.as_fd()) || !super::pty::is_tty(e.as_fd()) {
+                let out = if crate::instance::pty::is_tty(o.as_fd())
+                    || !crate::instance::pty::is_tty(e.as_fd())
+                {
                     o.as_fd()
                 } else {
                     e.as_fd()
@@ -1200,8 +1195,8 @@ pub fn run_exec(args: ExecArgs, target: HelperTarget) -> ExitCode {
                     Ok(f) => f,
                     Err(err) => return fail("exec", format!("pseudo-terminal: {err}")),
                 };
-                let raw = super::pty::RawMode::enter(i.as_fd()).ok();
-                match super::pty::relay(master, i.as_fd(), out) {
+                let raw = crate::instance::pty::RawMode::enter(i.as_fd()).ok();
+                match crate::instance::pty::relay(master, i.as_fd(), out) {
                     Ok(rx) => (Some((raw, winch_fd)), Some(rx)),
                     Err(err) => return fail("exec", format!("pseudo-terminal relay: {err}")),
                 }
@@ -1239,7 +1234,7 @@ pub fn run_exec(args: ExecArgs, target: HelperTarget) -> ExitCode {
                 }
                 Some(()) = async { winch.as_mut()?.recv().await } => {
                     if let Some((_, m)) = &term {
-                        super::pty::copy_winsize(i.as_fd(), m.as_fd());
+                        crate::instance::pty::copy_winsize(i.as_fd(), m.as_fd());
                     }
                 }
                 ev = helper.next_event() => match ev {
@@ -1262,7 +1257,7 @@ pub fn run_exec(args: ExecArgs, target: HelperTarget) -> ExitCode {
                         return fail("exec", format!("instance {name} went away"));
                     }
                     Ok(_) => {}
-                    Err(err) => return crate::cli::report_client_error(&err),
+                    Err(err) => return crate::helper_client::report_client_error(&err),
                 }
             }
         }
@@ -1335,12 +1330,12 @@ fn run_up_host(args: UpArgs, target: HelperTarget) -> ExitCode {
     rt.block_on(async move {
         let mut helper = match connect_or_autostart(&target.path, &target.policy).await {
             Ok(h) => h,
-            Err(e) => return crate::cli::report_client_error(&e),
+            Err(e) => return crate::helper_client::report_client_error(&e),
         };
         let name = p.spec.name.clone();
         let (_info, tun, udp) = match helper.create_host_tunnel(p.spec.clone()).await {
             Ok(x) => x,
-            Err(e) => return crate::cli::report_client_error(&e),
+            Err(e) => return crate::helper_client::report_client_error(&e),
         };
         match launch_host(&args, &helper, &p, tun, udp).await {
             Ok((pid, ready)) => {

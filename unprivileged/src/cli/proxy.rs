@@ -8,9 +8,9 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::server::{Access, Direct, Protocol, Settings, serve_with_slots};
 use crate::config::Env as _;
 use crate::exit;
+use crate::proxy::server::{Access, Direct, Protocol, Settings, serve_with_slots};
 
 /// Arguments of `warren proxy`.
 #[derive(Debug, clap::Args)]
@@ -165,7 +165,7 @@ const MAX_INTAKE_THREADS: usize = 4;
 /// listeners, rules (reloaded on SIGHUP and file change), the control
 /// socket for `warren status`, and graceful shutdown; `egress` builds where
 /// connections go from the direct egress (with its connect timeout).
-pub fn run_intake<E: super::server::Egress>(
+pub fn run_intake<E: crate::proxy::server::Egress>(
     args: ProxyArgs,
     cmd: &str,
     egress: impl FnOnce(Direct) -> Result<Arc<E>, String>,
@@ -179,7 +179,7 @@ type Intake = (std::net::TcpListener, Protocol, Arc<tokio::sync::Semaphore>);
 
 /// Serves `listeners` on a thread of its own with a single-threaded
 /// runtime until `stop`, then waits for its live connections.
-fn spawn_intake_thread<E: super::server::Egress>(
+fn spawn_intake_thread<E: crate::proxy::server::Egress>(
     n: usize,
     listeners: Vec<Intake>,
     settings: Arc<Settings>,
@@ -221,13 +221,13 @@ fn spawn_intake_thread<E: super::server::Egress>(
         })
 }
 
-fn run_intake_on<E: super::server::Egress>(
+fn run_intake_on<E: crate::proxy::server::Egress>(
     args: ProxyArgs,
     cmd: &str,
     egress: impl FnOnce(Direct) -> Result<Arc<E>, String>,
     runtime: Runtime,
 ) -> ExitCode {
-    crate::cli::init_logging(args.verbose);
+    crate::logging::init_logging(args.verbose);
     let usage = |m: String| {
         eprintln!("warren {cmd}: {m}");
         exit::code(exit::USAGE)
@@ -388,11 +388,11 @@ fn run_intake_on<E: super::server::Egress>(
                 Err(e) => warn!(error = %e, "cannot start an intake thread; using fewer"),
             }
         }
-        let control = match control_socket(&env) {
+        let control = match crate::proxy::status::control_socket(&env) {
             Ok((l, path)) => {
                 let counters = settings.counters.clone();
                 let snap = move || counters.snapshot(std::process::id(), names.clone());
-                Some(tokio::spawn(control_loop(l, path, snap, stop.clone())))
+                Some(tokio::spawn(crate::proxy::status::control_loop(l, path, snap, stop.clone())))
             }
             Err(e) => {
                 warn!(error = %e, "no control socket; `warren status` will not see this proxy");
@@ -422,42 +422,6 @@ fn run_intake_on<E: super::server::Egress>(
     })
 }
 
-/// Binds this process's control socket (mode 0600 in a 0700 directory).
-pub(crate) fn control_socket(
-    env: &dyn crate::config::Env,
-) -> std::io::Result<(tokio::net::UnixListener, std::path::PathBuf)> {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = super::status::runtime_dir(env);
-    super::status::ensure_private_dir(&dir)?;
-    let path = dir.join(format!("proxy-{}.sock", std::process::id()));
-    let _ = std::fs::remove_file(&path);
-    let l = tokio::net::UnixListener::bind(&path)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    Ok((l, path))
-}
-
-/// Answers each connection on the control socket with one JSON snapshot
-/// of the counters; removes the socket on shutdown.
-pub(crate) async fn control_loop(
-    l: tokio::net::UnixListener,
-    path: std::path::PathBuf,
-    snapshot: impl Fn() -> super::status::Snapshot + Send,
-    stop: CancellationToken,
-) {
-    use tokio::io::AsyncWriteExt;
-    loop {
-        let r = tokio::select! {
-            _ = stop.cancelled() => break,
-            r = l.accept() => r,
-        };
-        let Ok((mut s, _)) = r else { continue };
-        let snap = snapshot();
-        let body = serde_json::to_vec(&snap).unwrap_or_default();
-        let _ = tokio::time::timeout(Duration::from_secs(2), s.write_all(&body)).await;
-    }
-    let _ = std::fs::remove_file(&path);
-}
-
 /// Arguments of `warren status`.
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
@@ -479,8 +443,8 @@ pub struct Leftovers {
 /// of this user and their counters, and what the helper holds for this user
 /// without a live owner (`left`).
 pub fn run_status(args: StatusArgs, left: &Leftovers) -> ExitCode {
-    let dir = super::status::runtime_dir(&crate::config::ProcessEnv);
-    let snaps = super::status::query_all(&dir);
+    let dir = crate::proxy::status::runtime_dir(&crate::config::ProcessEnv);
+    let snaps = crate::proxy::status::query_all(&dir);
     if args.json {
         let (instances, proxies): (Vec<_>, Vec<_>) =
             snaps.into_iter().partition(|s| s.instance.is_some());
@@ -493,7 +457,7 @@ pub fn run_status(args: StatusArgs, left: &Leftovers) -> ExitCode {
         println!("{v}");
     } else {
         if !snaps.is_empty() || (left.orphans.is_empty() && left.kill_switches.is_empty()) {
-            print!("{}", super::status::render(&snaps));
+            print!("{}", crate::proxy::status::render(&snaps));
         }
         for n in &left.orphans {
             println!(

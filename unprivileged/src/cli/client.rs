@@ -8,14 +8,14 @@ use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 
-use super::auth::AuthKey;
-use super::cli::{ModeArg, read_secret};
-use super::client::{Client, ClientSettings, TransportError};
-use super::tlsconf::{self, Trust};
-use super::wire::{Command, Target};
-use crate::proxy::cli::{ProxyArgs, run_intake};
+use super::proxy::{ProxyArgs, run_intake};
+use super::server::{ModeArg, read_secret};
 use crate::proxy::server::{Direct, Egress, Outbound, UdpTunnel};
 use crate::rules::Action;
+use crate::transport::auth::AuthKey;
+use crate::transport::client::{Client, ClientSettings, TransportError};
+use crate::transport::tlsconf::{self, Trust};
+use crate::transport::wire::{Command, Target};
 
 /// Arguments of `warren client`.
 #[derive(Debug, clap::Args)]
