@@ -10,6 +10,7 @@ pub mod cli;
 pub mod client_config;
 pub mod config;
 pub mod demo;
+pub mod dns;
 pub mod exit;
 pub mod helper_client;
 pub mod instance;

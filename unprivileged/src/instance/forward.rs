@@ -170,7 +170,7 @@ pub fn start_forwards<E: crate::proxy::server::Egress>(
     specs: &[Forward],
     fds: Vec<OwnedFd>,
     egress: Arc<E>,
-    dns: super::dns::Resolver,
+    dns: crate::dns::Resolver,
     net: &Net,
 ) {
     for (spec, fd) in specs.iter().zip(fds) {
@@ -234,7 +234,7 @@ async fn tcp_forward<E: crate::proxy::server::Egress>(
 }
 
 /// The first address of `target` (names through the tunnel's DNS).
-pub(crate) async fn resolve(target: &Target, dns: &super::dns::Resolver) -> Option<SocketAddr> {
+pub(crate) async fn resolve(target: &Target, dns: &crate::dns::Resolver) -> Option<SocketAddr> {
     match target {
         Target::Addr(a) => Some(*a),
         Target::Domain(d, p) => dns
@@ -248,7 +248,7 @@ pub(crate) async fn resolve(target: &Target, dns: &super::dns::Resolver) -> Opti
 
 /// Datagrams from each client source go out of a socket of their own on
 /// the tunnel side (so answers find their way back).
-async fn udp_forward(host: Arc<UdpSocket>, target: Target, dns: super::dns::Resolver, net: Net) {
+async fn udp_forward(host: Arc<UdpSocket>, target: Target, dns: crate::dns::Resolver, net: Net) {
     type Flows = std::collections::HashMap<SocketAddr, (Arc<Datagram>, SocketAddr)>;
     let flows: Arc<tokio::sync::Mutex<Flows>> = Arc::default();
     let mut buf = vec![0u8; 65_536];

@@ -28,12 +28,10 @@
 //! worker ends, the connection closes and the helper restores the host's
 //! routes, rules, DNS and firewall.
 
-pub mod dns;
 pub mod forward;
 pub mod net;
 pub mod pty;
 pub mod rootless;
-pub mod udpmux;
 pub mod userstack;
 pub mod worker;
 
@@ -149,61 +147,4 @@ pub enum WorkerReport {
     },
 }
 
-/// What `warren status` shows of an instance.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct InstanceStatus {
-    /// Its name.
-    pub name: String,
-    /// A full-host tunnel rather than a namespace instance.
-    #[serde(default)]
-    pub host: bool,
-    /// Runs without the helper, in the worker's own user namespace.
-    #[serde(default)]
-    pub rootless: bool,
-    /// The TCP/IP stack carrying its traffic: "kernel" or "userspace".
-    #[serde(default)]
-    pub stack: String,
-    /// SOCKS5 listener.
-    pub socks: String,
-    /// HTTP listener.
-    pub http: String,
-    /// Its peers.
-    pub peers: Vec<PeerStatus>,
-    /// The TUN side's offloads.
-    #[serde(default)]
-    pub tun: TunStatus,
-}
-
-/// TUN offloads of an instance, in [`InstanceStatus`].
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct TunStatus {
-    /// The TUN carries virtio headers (TSO in, merged TCP segments out).
-    pub offload: bool,
-    /// Writes of merged TCP segments to the TUN.
-    pub gso_writes: u64,
-    /// Packets merged into those writes.
-    pub coalesced: u64,
-    /// Large (TSO) packets read from the TUN.
-    pub gso_reads: u64,
-    /// Segments cut from them.
-    pub segments: u64,
-    /// Reads dropped as malformed or unsupported.
-    pub bad_reads: u64,
-}
-
-/// A peer in [`InstanceStatus`].
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct PeerStatus {
-    /// Public key (base64).
-    pub public_key: String,
-    /// Current endpoint.
-    pub endpoint: Option<String>,
-    /// Seconds since the last completed handshake; none yet if absent.
-    pub last_handshake_secs: Option<u64>,
-    /// Inner bytes received from the peer.
-    pub rx_bytes: u64,
-    /// Inner bytes sent to the peer.
-    pub tx_bytes: u64,
-    /// No handshake for 90 s: the peer is unreachable.
-    pub unreachable: bool,
-}
+pub use crate::proxy::status::{InstanceStatus, PeerStatus, TunStatus};

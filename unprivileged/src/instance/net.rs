@@ -131,3 +131,30 @@ pub async fn relay(
         }
     }
 }
+
+impl crate::dns::DnsSocket for Datagram {
+    fn send_to<'a>(
+        &'a self,
+        b: &'a [u8],
+        to: SocketAddr,
+    ) -> crate::dns::BoxFuture<'a, io::Result<usize>> {
+        Box::pin(Datagram::send_to(self, b, to))
+    }
+    fn recv_from<'a>(
+        &'a self,
+        b: &'a mut [u8],
+    ) -> crate::dns::BoxFuture<'a, io::Result<(usize, SocketAddr)>> {
+        Box::pin(Datagram::recv_from(self, b))
+    }
+}
+
+impl crate::dns::DnsNet for Net {
+    fn udp(
+        &self,
+        to: IpAddr,
+    ) -> crate::dns::BoxFuture<'_, io::Result<Box<dyn crate::dns::DnsSocket>>> {
+        Box::pin(async move {
+            Ok(Box::new(Net::udp(self, to).await?) as Box<dyn crate::dns::DnsSocket>)
+        })
+    }
+}

@@ -20,10 +20,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 use zeroize::{Zeroize, Zeroizing};
 
-use super::dns::Resolver;
 use super::net::{Datagram, Net};
 use super::userstack::UserStack;
 use super::{InstanceStatus, PeerStatus, StackChoice, WorkerConfig, WorkerReport, fds};
+use crate::dns::Resolver;
 use crate::exit;
 use crate::proxy::server::{Access, Egress, Protocol, Settings, serve_with_slots};
 use crate::transport::wire::Target;
@@ -471,7 +471,7 @@ async fn serve_instance(
             return fail_report(&mut ctl, reason);
         }
     };
-    let relay = match super::udpmux::UdpMux::from_fd(relay) {
+    let relay = match crate::proxy::udpmux::UdpMux::from_fd(relay) {
         Ok(m) => Some(m),
         Err(e) => {
             warn!(error = %e, "no UDP relay socket: SOCKS5 UDP ASSOCIATE is refused");

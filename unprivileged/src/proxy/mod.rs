@@ -8,3 +8,4 @@ pub mod server;
 pub mod socks5;
 pub mod splice;
 pub mod status;
+pub mod udpmux;

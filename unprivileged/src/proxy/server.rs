@@ -206,9 +206,9 @@ pub struct Settings {
     pub access_log: bool,
     /// A shared host-side UDP relay (namespace instances); otherwise each
     /// association binds its own.
-    pub udp_relay: Option<Arc<crate::instance::udpmux::UdpMux>>,
+    pub udp_relay: Option<Arc<super::udpmux::UdpMux>>,
     /// Resolver for UDP targets given by name (otherwise the system's).
-    pub resolver: Option<crate::instance::dns::Resolver>,
+    pub resolver: Option<crate::dns::Resolver>,
 }
 
 fn rule_host(t: &Target) -> crate::rules::Host<'_> {
@@ -464,7 +464,7 @@ async fn relay(
 /// the instance's shared host-side relay.
 enum RelayEnd {
     Own(UdpSocket),
-    Shared(crate::instance::udpmux::Association),
+    Shared(super::udpmux::Association),
 }
 
 impl RelayEnd {

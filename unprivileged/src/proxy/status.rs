@@ -50,7 +50,7 @@ pub struct Snapshot {
     pub bytes_down: u64,
     /// Set when this process is a namespace instance's worker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub instance: Option<crate::instance::InstanceStatus>,
+    pub instance: Option<InstanceStatus>,
 }
 
 impl Counters {
@@ -181,7 +181,7 @@ pub fn render(snaps: &[Snapshot]) -> String {
     s
 }
 
-fn render_instance(p: &Snapshot, i: &crate::instance::InstanceStatus) -> String {
+fn render_instance(p: &Snapshot, i: &InstanceStatus) -> String {
     let kind = match (i.host, i.rootless, i.stack.as_str()) {
         (true, _, _) => ", host tunnel",
         (_, true, "userspace") => ", rootless, userspace TCP/IP stack",
@@ -250,6 +250,65 @@ pub async fn control_loop(
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), s.write_all(&body)).await;
     }
     let _ = std::fs::remove_file(&path);
+}
+
+/// What `warren status` shows of an instance.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InstanceStatus {
+    /// Its name.
+    pub name: String,
+    /// A full-host tunnel rather than a namespace instance.
+    #[serde(default)]
+    pub host: bool,
+    /// Runs without the helper, in the worker's own user namespace.
+    #[serde(default)]
+    pub rootless: bool,
+    /// The TCP/IP stack carrying its traffic: "kernel" or "userspace".
+    #[serde(default)]
+    pub stack: String,
+    /// SOCKS5 listener.
+    pub socks: String,
+    /// HTTP listener.
+    pub http: String,
+    /// Its peers.
+    pub peers: Vec<PeerStatus>,
+    /// The TUN side's offloads.
+    #[serde(default)]
+    pub tun: TunStatus,
+}
+
+/// TUN offloads of an instance, in [`InstanceStatus`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TunStatus {
+    /// The TUN carries virtio headers (TSO in, merged TCP segments out).
+    pub offload: bool,
+    /// Writes of merged TCP segments to the TUN.
+    pub gso_writes: u64,
+    /// Packets merged into those writes.
+    pub coalesced: u64,
+    /// Large (TSO) packets read from the TUN.
+    pub gso_reads: u64,
+    /// Segments cut from them.
+    pub segments: u64,
+    /// Reads dropped as malformed or unsupported.
+    pub bad_reads: u64,
+}
+
+/// A peer in [`InstanceStatus`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PeerStatus {
+    /// Public key (base64).
+    pub public_key: String,
+    /// Current endpoint.
+    pub endpoint: Option<String>,
+    /// Seconds since the last completed handshake; none yet if absent.
+    pub last_handshake_secs: Option<u64>,
+    /// Inner bytes received from the peer.
+    pub rx_bytes: u64,
+    /// Inner bytes sent to the peer.
+    pub tx_bytes: u64,
+    /// No handshake for 90 s: the peer is unreachable.
+    pub unreachable: bool,
 }
 
 #[cfg(test)]

@@ -678,8 +678,8 @@ impl Engine {
             }
             let ids = (rand_u16(), rand_u16());
             let (Ok(qa), Ok(qaaaa)) = (
-                crate::instance::dns::query(ids.0, host, 1),
-                crate::instance::dns::query(ids.1, host, 28),
+                crate::dns::query(ids.0, host, 1),
+                crate::dns::query(ids.1, host, 28),
             ) else {
                 continue;
             };
@@ -708,7 +708,7 @@ impl Engine {
             if id == 0 || (id != p.lookup_ids.0 && id != p.lookup_ids.1) {
                 continue;
             }
-            let Ok(addrs) = crate::instance::dns::parse_response(dg, id) else {
+            let Ok(addrs) = crate::dns::parse_response(dg, id) else {
                 return;
             };
             let Some(ip) = addrs.iter().find(|a| a.is_ipv4()).or(addrs.first()) else {

@@ -1,5 +1,8 @@
-//! A small DNS stub resolver for the worker: A and AAAA queries over UDP
-//! to the tunnel's DNS servers (the wg-quick file's `DNS =`).
+//! The DNS message codec (queries, responses) and a small stub resolver:
+//! A and AAAA queries over UDP to fixed servers (an instance's: the
+//! wg-quick file's `DNS =`), through a [`DnsNet`] (the kernel's sockets by
+//! default; an instance's userspace stack implements it too). Depends on
+//! nothing else of warren's.
 //!
 //! The worker resolves SOCKS5 domain targets and HTTP host names itself
 //! rather than through libc: libc follows `/etc/nsswitch.conf`, which may
@@ -11,7 +14,53 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
-use super::net::Net;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+/// A boxed future, as the [`DnsNet`] methods return.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A datagram socket a resolver asks through.
+pub trait DnsSocket: Send + Sync {
+    /// Sends one datagram.
+    fn send_to<'a>(&'a self, b: &'a [u8], to: SocketAddr) -> BoxFuture<'a, io::Result<usize>>;
+    /// The next datagram and its source.
+    fn recv_from<'a>(&'a self, b: &'a mut [u8]) -> BoxFuture<'a, io::Result<(usize, SocketAddr)>>;
+}
+
+/// Where a resolver's datagram sockets come from.
+pub trait DnsNet: Send + Sync + std::fmt::Debug {
+    /// A socket for talking to addresses of `to`'s family.
+    fn udp(&self, to: IpAddr) -> BoxFuture<'_, io::Result<Box<dyn DnsSocket>>>;
+}
+
+/// The kernel's sockets, in the calling process's namespace.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct KernelNet;
+
+impl DnsSocket for tokio::net::UdpSocket {
+    fn send_to<'a>(&'a self, b: &'a [u8], to: SocketAddr) -> BoxFuture<'a, io::Result<usize>> {
+        Box::pin(tokio::net::UdpSocket::send_to(self, b, to))
+    }
+    fn recv_from<'a>(&'a self, b: &'a mut [u8]) -> BoxFuture<'a, io::Result<(usize, SocketAddr)>> {
+        Box::pin(tokio::net::UdpSocket::recv_from(self, b))
+    }
+}
+
+impl DnsNet for KernelNet {
+    fn udp(&self, to: IpAddr) -> BoxFuture<'_, io::Result<Box<dyn DnsSocket>>> {
+        Box::pin(async move {
+            let bind: SocketAddr = if to.is_ipv4() {
+                (Ipv4Addr::UNSPECIFIED, 0).into()
+            } else {
+                (Ipv6Addr::UNSPECIFIED, 0).into()
+            };
+            let s = tokio::net::UdpSocket::bind(bind).await?;
+            Ok(Box::new(s) as Box<dyn DnsSocket>)
+        })
+    }
+}
 
 /// Answers per query kept.
 const MAX_ANSWERS: usize = 16;
@@ -22,7 +71,7 @@ pub struct Resolver {
     servers: Vec<IpAddr>,
     search: Vec<String>,
     timeout: Duration,
-    net: Net,
+    net: Arc<dyn DnsNet>,
 }
 
 /// Builds a query for `name` of type `qtype` (1 = A, 28 = AAAA).
@@ -123,14 +172,14 @@ impl Resolver {
             servers,
             search,
             timeout: Duration::from_secs(2),
-            net: Net::Kernel,
+            net: Arc::new(KernelNet),
         }
     }
 
     /// Sends its queries through `net` (the userspace stack, when the
     /// instance has one).
-    pub fn with_net(mut self, net: Net) -> Resolver {
-        self.net = net;
+    pub fn with_net(mut self, net: impl DnsNet + 'static) -> Resolver {
+        self.net = Arc::new(net);
         self
     }
 
