@@ -10,7 +10,7 @@ pub mod cli;
 pub mod client_config;
 pub mod config;
 pub mod demo;
-pub mod dns;
+pub use warren_dns as dns;
 pub mod exit;
 pub mod helper_client;
 pub mod instance;

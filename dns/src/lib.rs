@@ -3,6 +3,8 @@
 //! wg-quick file's `DNS =`), through a [`DnsNet`] (the kernel's sockets by
 //! default; an instance's userspace stack implements it too). Depends on
 //! nothing else of warren's.
+
+#![forbid(unsafe_code)]
 //!
 //! The worker resolves SOCKS5 domain targets and HTTP host names itself
 //! rather than through libc: libc follows `/etc/nsswitch.conf`, which may
