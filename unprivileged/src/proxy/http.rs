@@ -4,7 +4,7 @@
 
 use thiserror::Error;
 
-use crate::transport::wire::Target;
+use super::target::Target;
 
 /// Largest request head accepted.
 pub const MAX_HEAD: usize = 16 * 1024;

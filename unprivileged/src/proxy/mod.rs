@@ -4,8 +4,10 @@
 //! go is an [`server::Egress`] (direct today; tunnels later).
 
 pub mod http;
+pub mod io;
 pub mod server;
 pub mod socks5;
 pub mod splice;
 pub mod status;
+pub mod target;
 pub mod udpmux;

@@ -16,9 +16,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::http::{self, HttpError};
+use super::io::{Prefixed, UdpFrames, read_until};
 use super::socks5::{self, Cmd, Reply};
-use crate::transport::io::{Prefixed, UdpFrames, read_until};
-use crate::transport::wire::Target;
+use super::target::Target;
 
 /// A connection an egress made: a TCP socket (relayed with splice), or a
 /// stream of a transport (relayed by copying).
@@ -26,7 +26,7 @@ pub enum Outbound {
     /// A plain TCP connection.
     Tcp(TcpStream),
     /// A stream of a tunnel transport.
-    Stream(crate::transport::io::BoxStream),
+    Stream(super::io::BoxStream),
 }
 
 impl std::fmt::Debug for Outbound {
@@ -107,7 +107,7 @@ impl Outbound {
 
 /// A datagram channel an egress opened for a SOCKS5 UDP association
 /// (frames of [`crate::transport::wire::udp_frame`] over a stream).
-pub type UdpTunnel = crate::transport::io::BoxStream;
+pub type UdpTunnel = super::io::BoxStream;
 
 /// Where proxied connections go.
 pub trait Egress: Send + Sync + 'static {

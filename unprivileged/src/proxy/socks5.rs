@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use thiserror::Error;
 
-use crate::transport::wire::Target;
+use super::target::Target;
 
 /// Authentication methods.
 pub const NO_AUTH: u8 = 0x00;

@@ -7,7 +7,7 @@
 pub mod auth;
 pub mod client;
 pub mod http;
-pub mod io;
+pub use crate::proxy::io;
 pub mod server;
 pub mod tlsconf;
 pub mod wire;

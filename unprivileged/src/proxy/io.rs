@@ -1,4 +1,4 @@
-//! Small I/O pieces shared by the transport's client and server.
+//! Small I/O pieces shared by the proxy intake and the transports.
 
 use std::io;
 use std::pin::Pin;
@@ -132,7 +132,7 @@ mod tests {
     }
 }
 
-/// Datagrams as [`super::wire::udp_frame`]s over a stream, both ways (one
+/// Datagrams as [`super::target::udp_frame`]s over a stream, both ways (one
 /// UDP association: the SOCKS5 side of a tunnel, the transport server's
 /// relay, the userspace stack's).
 #[derive(Debug)]
@@ -154,18 +154,18 @@ impl<S: AsyncRead + AsyncWrite> UdpFrames<S> {
     }
 
     /// Sends one datagram for (or from) `target`.
-    pub async fn send(&mut self, target: &super::wire::Target, payload: &[u8]) -> io::Result<()> {
+    pub async fn send(&mut self, target: &super::target::Target, payload: &[u8]) -> io::Result<()> {
         use tokio::io::AsyncWriteExt;
-        let f = super::wire::udp_frame(target, payload)
+        let f = super::target::udp_frame(target, payload)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
         self.wr.write_all(&f).await
     }
 
     /// The next datagram: its target (or source) and payload. Cancel-safe:
     /// bytes read stay buffered for the next call.
-    pub async fn recv(&mut self) -> io::Result<(super::wire::Target, Vec<u8>)> {
+    pub async fn recv(&mut self) -> io::Result<(super::target::Target, Vec<u8>)> {
         loop {
-            match super::wire::parse_udp_frame(&self.buf) {
+            match super::target::parse_udp_frame(&self.buf) {
                 Ok(Some(((t, payload), n))) => {
                     let p = payload.to_vec();
                     self.buf.drain(..n);
