@@ -106,7 +106,7 @@ impl Outbound {
 }
 
 /// A datagram channel an egress opened for a SOCKS5 UDP association
-/// (frames of [`crate::transport::wire::udp_frame`] over a stream).
+/// (frames of [`super::target::udp_frame`] over a stream).
 pub type UdpTunnel = super::io::BoxStream;
 
 /// Where proxied connections go.

@@ -1,8 +1,8 @@
 //! Where a connection or datagram goes ([`Target`]: an address, or a name
 //! and port), and its codec: the SOCKS5 address form (`type | addr | port`)
 //! and datagram frames (`len | address | payload`) that carry UDP over a
-//! stream. Pure; no I/O. The proxy's UDP relay and warren's transports
-//! ([`crate::transport::wire`]) share it.
+//! stream. Pure; no I/O. The proxy's UDP relay uses it, and warren's
+//! transports build their stream request and reply around it.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
