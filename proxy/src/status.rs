@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Env;
+use crate::env::Env;
 
 /// Live counters, updated by the connection tasks.
 #[derive(Debug, Default)]

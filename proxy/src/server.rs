@@ -257,7 +257,7 @@ pub async fn serve<E: Egress>(
 
 /// [`serve`] with a connection limit shared with other listeners or
 /// threads (`slots` holds one permit per allowed connection).
-pub(crate) async fn serve_with_slots<E: Egress>(
+pub async fn serve_with_slots<E: Egress>(
     listener: TcpListener,
     protocol: Protocol,
     settings: Arc<Settings>,
