@@ -17,5 +17,5 @@ pub mod instance;
 pub mod logging;
 pub use warren_proxy as proxy;
 pub use warren_proxy::rules;
-pub mod transport;
+pub use warren_transport as transport;
 pub mod wg;

@@ -17,7 +17,7 @@
 //! UDP frames: `len u16 BE | address | payload`, where `len` counts address
 //! and payload, at most [`MAX_UDP_FRAME`].
 
-pub use crate::proxy::target::{
+pub use warren_proxy::target::{
     MAX_DOMAIN, MAX_UDP_FRAME, Parsed, Target, WireError, get_target, parse_udp_frame, put_target,
     udp_frame,
 };

@@ -379,7 +379,7 @@ async fn relay_udp<S: Duplex>(io: S, peer: SocketAddr, s: &ServerSettings) {
     {
         return;
     }
-    let mut frames = crate::transport::io::UdpFrames::new(io);
+    let mut frames = crate::io::UdpFrames::new(io);
     let mut dgram = vec![0u8; 64 * 1024];
     loop {
         tokio::select! {
