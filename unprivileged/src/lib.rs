@@ -18,4 +18,4 @@ pub mod logging;
 pub use warren_proxy as proxy;
 pub use warren_proxy::rules;
 pub use warren_transport as transport;
-pub mod wg;
+pub use warren_wg as wg;

@@ -4,6 +4,7 @@ pub mod client;
 pub mod instance;
 pub mod proxy;
 pub mod server;
+pub mod wg_server;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

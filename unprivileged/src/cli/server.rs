@@ -102,7 +102,7 @@ pub struct ServerArgs {
 pub enum ServerTool {
     /// WireGuard exit files: `keygen`, `add-peer`.
     #[command(subcommand)]
-    Wg(crate::wg::server::WgTool),
+    Wg(super::wg_server::WgTool),
 }
 
 /// Arguments of `warren cert`.
@@ -152,14 +152,14 @@ pub fn run_server(args: ServerArgs, target: crate::autostart::HelperTarget) -> E
         exit::code(exit::CONFIG)
     };
     if let Some(ServerTool::Wg(tool)) = args.tool {
-        return crate::wg::server::run_tool(tool);
+        return super::wg_server::run_tool(tool);
     }
     let Some(mode) = args.mode else {
         return fail("--mode is required".into());
     };
     let Some(mode) = mode.transport() else {
         return match &args.wg {
-            Some(f) => crate::wg::server::run(f, &args.name, target),
+            Some(f) => super::wg_server::run(f, &args.name, target),
             None => {
                 fail("--mode wg needs --wg FILE (make one with `warren server wg keygen`)".into())
             }

@@ -19,11 +19,11 @@ use tracing::{error, info};
 use warren_ipc::instance::{InstanceName, IpPrefix, ServerTunnelSpec};
 use zeroize::Zeroizing;
 
-use super::conf::{self, Key, PublicKey32, WgConfig};
-use super::engine::{Engine, EngineConfig, PeerSpec};
 use crate::autostart::HelperTarget;
 use crate::exit;
 use crate::helper_client::report_client_error;
+use crate::wg::conf::{self, Key, PublicKey32, WgConfig};
+use crate::wg::engine::{Engine, EngineConfig, PeerSpec};
 
 /// `warren server wg ...`
 #[derive(Debug, clap::Subcommand)]
